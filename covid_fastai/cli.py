@@ -1,0 +1,97 @@
+"""Command line: `python -m covid_fastai {list,recipe,sweep}` (python-fire).
+
+Overrides are recipe fields as flags: `--epochs 2 --lr 3e-4 --bs 32 --size 128 --data DIR --pretrained false
+--seed 1 --out DIR`. Problems a user can fix print one line (`error: ...`) and exit with status 2; add
+`--debug` for the traceback.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import fire
+
+from .errors import UserError
+
+__all__ = ["main", "script_main", "Commands"]
+
+
+def _summary(run_dir: Path) -> str:
+    m = json.loads((run_dir / "metrics.json").read_text())
+    f1 = ", ".join(f"F1 {c} {v['f1']:.3f}" for c, v in m["per_class"].items())
+    return (f"{run_dir}: {m['split']} accuracy {m['accuracy']:.4f}, {f1}; "
+            f"trained {m['train_seconds']:.0f} s at {m['train_images_per_s']:.1f} images/s")
+
+
+class Commands:
+    "fastai + timm experiments on chest X-ray folders. Commands: list, recipe, sweep."
+
+    def list(self):
+        "Show the recipes with a one-line description each."
+        from .recipes import list_recipes
+        recs = list_recipes()
+        w = max(len(r.name) for r in recs)
+        for r in recs: print(f"{r.name:<{w}}  {r.describe()}")
+
+    def recipe(self, name: str, out: str | None = None, **overrides):
+        """Run one recipe: NAME (see `list`) or a recipe file, e.g. `recipe vgg16_partial --data DIR --epochs 2`.
+
+        Args:
+          name: recipe name or path to a recipe .py file
+          out: folder for run folders (default ./outputs)
+          overrides: any recipe field, e.g. --epochs --lr --bs --size --data --pretrained --weights --seed --aug
+        """
+        from .train import run_recipe
+        run_dir = run_recipe(name, out=out, **overrides)
+        print(_summary(run_dir))
+
+    def sweep(self, pattern: str, out: str | None = None, **overrides):
+        """Run every recipe matching PATTERN (glob, or comma-separated names) and write a comparison table.
+
+        Writes <out>/sweeps/<timestamp>/comparison.{md,csv}; the same overrides apply to every recipe.
+        """
+        from .recipes import match_recipes, with_overrides
+        from .report import sweep_row, write_sweep
+        from .train import OUTPUTS, new_run_dir, run
+        recs = [with_overrides(r, **overrides) for r in match_recipes(str(pattern))]  # check all before running any
+        root = Path(out) if out is not None else OUTPUTS
+        rows = []
+        for r in recs:
+            print(f"== {r.name}: {r.describe()}", flush=True)
+            run_dir = run(r, out=root)
+            print(_summary(run_dir), flush=True)
+            rows.append(sweep_row(run_dir, json.loads((run_dir / "config.json").read_text()),
+                                  json.loads((run_dir / "metrics.json").read_text())))
+        sweep_dir = new_run_dir(root, "sweeps")
+        stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        md, csv = write_sweep(sweep_dir, rows, f"Sweep {pattern} ({stamp})")
+        print(f"comparison: {md} and {csv}")
+
+
+def _fire(component, argv):
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        fire.Fire(component, command=argv, name="covid_fastai")
+    except UserError as e:
+        if debug: raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main(argv=None):
+    "Entry point of `python -m covid_fastai`."
+    _fire(Commands, list(sys.argv[1:] if argv is None else argv))
+
+
+def script_main(recipe, argv=None):
+    "Entry point of a recipe file run with python: `python recipes/vgg16_partial.py --epochs 2`."
+    from .train import run
+    from .recipes import with_overrides
+
+    def _run(out: str | None = None, **overrides):
+        print(_summary(run(with_overrides(recipe, **overrides), out=out)))
+
+    _fire(_run, list(sys.argv[1:] if argv is None else argv))

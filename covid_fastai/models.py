@@ -1,0 +1,141 @@
+"""timm bodies, heads and layer groups, assembled into a fastai `Learner`.
+
+`xray_learner` builds the timm model itself (with `pretrained=False`) and loads ImageNet weights through
+`covid_fastai.weights.load_pretrained`, so every run records where its weights came from; fastai's
+`vision_learner` would call the hub directly and give only two layer groups for a timm name.
+"""
+from __future__ import annotations
+
+import re
+from functools import partial
+
+import timm
+import torch
+from fastai.vision.all import (SGD, Adam, CrossEntropyLossFlat, Flatten, Learner, Normalize, TimmBody, accuracy,
+                               add_head, create_head, params, skm_to_fastai)
+from sklearn import metrics as skm
+from timm.models import group_parameters
+from torch import nn
+
+from .errors import UserError
+
+__all__ = ["create_body", "seed_head", "layer_groups", "xray_learner", "class_f1", "OPTIMIZERS", "family"]
+
+
+def family(arch: str) -> str:
+    "Architecture family of a timm name: 'vgg16.tv_in1k' -> 'vgg'."
+    name = arch.split(".")[0]
+    for fam in ("vgg", "resnet", "efficientnet", "convnext"):
+        if fam in name: return fam
+    return name
+
+
+def create_body(arch: str) -> nn.Module:
+    "A randomly initialised timm model without its classifier (weights are loaded separately)."
+    try:
+        model = timm.create_model(arch, pretrained=False, num_classes=0)
+    except RuntimeError as e:  # timm: "Unknown model (...)"
+        close = timm.list_models(f"*{arch.split('.')[0]}*")[:10]
+        raise UserError(f"unknown timm architecture {arch!r}: {e}; similar names: {close}") from None
+    if family(arch) == "vgg":
+        # timm keeps torchvision's fc6/fc7 as `pre_logits` (a 7x7 conv of 103M parameters); the seed replaced
+        # the whole classifier with its own head, and `forward_features` never calls it, so drop it.
+        model.pre_logits = nn.Identity()
+    return model
+
+
+def seed_head(nf: int, n_out: int, hidden: int = 380, p: float = 0.5, pool: int = 1) -> nn.Sequential:
+    """The assignment's head: [pool] -> flatten -> Linear(nf*pool*pool, hidden) -> ReLU -> Dropout(p) -> Linear.
+
+    `pool=7` keeps VGG's 7x7x512 = 25088 flattened features (torchvision's AdaptiveAvgPool2d((7, 7)));
+    `pool=1` is ResNet's global average pool (512 features).
+    """
+    return nn.Sequential(nn.AdaptiveAvgPool2d(pool), Flatten(), nn.Linear(nf * pool * pool, hidden),
+                         nn.ReLU(inplace=True), nn.Dropout(p), nn.Linear(hidden, n_out))
+
+
+def _vgg_stage(name: str):
+    "VGG layer groups: one per stage, stages end at the max-pools (features.4, 9, 16, 23, 30)."
+    i = int(re.match(r"features\.(\d+)", name).group(1))
+    return sum(i > p for p in (4, 9, 16, 23))
+
+
+# Layer grouping per family, as timm group matchers; others use the model's own coarse `group_matcher`
+# (ResNet: stem + one group per stage; EfficientNet: stem + one group per block stage + head conv).
+GROUP_MATCHERS = {"vgg": lambda model: _vgg_stage}
+
+
+def layer_groups(body: nn.Module, arch: str) -> list[tuple[str, list[str]]]:
+    "[(group label, [parameter names])] for the body, in forward order, from timm's group matchers."
+    matcher = GROUP_MATCHERS.get(family(arch), lambda m: m.group_matcher(coarse=True))(body)
+    groups = group_parameters(body, matcher)
+    out = []
+    for _, names in sorted(groups.items()):
+        units = []  # top-level module names; two levels inside numbered containers (features.10, blocks.3)
+        for n in names:
+            parts = n.split(".")
+            unit = ".".join(parts[:2]) if len(parts) > 2 and parts[1].isdigit() else parts[0]
+            if unit not in units: units.append(unit)
+        out.append((", ".join(units), names))
+    return out
+
+
+def class_f1(i: int, name: str):
+    "F1 of class index `i` (one-vs-rest), as a fastai metric named `f1_<name>`."
+    m = skm_to_fastai(skm.f1_score, labels=[i], average="macro", zero_division=0)
+    m.name = f"f1_{name}"
+    return m
+
+
+OPTIMIZERS = {
+    # the seed: torch SGD with momentum 0.9, no weight decay (fastai's SGD steps identically)
+    "sgd": lambda mom, wd: partial(SGD, mom=mom, wd=wd),
+    "adamw": lambda mom, wd: partial(Adam, mom=mom, wd=wd, decouple_wd=True),
+}
+
+
+def _splitter(groups):
+    names = [set(ns) for _, ns in groups]
+
+    def split(model):
+        body = dict(model[0].model.named_parameters())
+        return [[body[n] for n in sorted(ns, key=list(body).index)] for ns in names] + [params(model[1])]
+    return split
+
+
+def xray_learner(dls, arch: str, pretrained: bool = True, weights=None, head: str = "seed", hidden: int = 380,
+                 dropout: float = 0.5, opt: str = "sgd", mom: float = 0.9, wd: float = 0.0, train_bn: bool = True,
+                 lr: float = 1e-3, cbs=None, path=None, **kwargs) -> Learner:
+    """A fastai `Learner` around timm `arch`, ImageNet weights when `pretrained`.
+
+    head: 'seed' (the assignment's Linear-380-ReLU-Dropout-Linear) or 'fastai' (`create_head` with
+    `lin_ftrs=[hidden]`). Layer groups: one per stage of the body, then the head (`learn.group_names`).
+    """
+    body = create_body(arch)
+    if pretrained:
+        from .weights import load_pretrained
+        provenance = load_pretrained(body, arch, weights=weights)
+    else:
+        provenance = {"source": "random-init", "note": "pretrained=False: no ImageNet weights"}
+    nf, n_out = body.num_features, dls.c
+    if head == "seed":
+        head_mod = seed_head(nf, n_out, hidden, dropout, pool=7 if family(arch) == "vgg" else 1)
+    elif head == "fastai":
+        head_mod = create_head(nf, n_out, lin_ftrs=[hidden], ps=dropout)
+    else:
+        raise UserError(f"unknown head {head!r}: choose 'seed' or 'fastai'")
+    model = add_head(TimmBody(body), nf, n_out, head=head_mod)
+    # Normalise with the statistics the weights were trained with (timm's pretrained config), always, so
+    # random-init and pretrained runs see the same inputs.
+    cfg = body.pretrained_cfg
+    if not dls.after_batch.fs.filter(lambda t: isinstance(t, Normalize)):
+        dls.add_tfms([Normalize.from_stats(cfg["mean"], cfg["std"])], "after_batch")
+    groups = layer_groups(body, arch)
+    if opt not in OPTIMIZERS: raise UserError(f"unknown optimiser {opt!r}: choose one of {sorted(OPTIMIZERS)}")
+    metrics = [accuracy] + [class_f1(i, c) for i, c in enumerate(dls.vocab)]
+    learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), opt_func=OPTIMIZERS[opt](mom, wd), lr=lr,
+                    splitter=_splitter(groups), metrics=metrics, cbs=cbs, path=path, train_bn=train_bn,
+                    wd=wd, **kwargs)
+    learn.arch, learn.weights_provenance = arch, provenance
+    learn.group_names = [g for g, _ in groups] + ["head"]
+    return learn

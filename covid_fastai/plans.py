@@ -1,0 +1,97 @@
+"""Fine-tune plans: which parameters of a Learner train.
+
+A plan is a small value a recipe names:
+
+- `head()`            body frozen, only the new head trains (the seed's "FC layers only");
+- `layers(*patterns)` the body modules matching the patterns (module names such as `features.10`,
+                      `layer1`, or globs like `layer3.*`) plus the head;
+- `full()`            everything trains;
+- `freeze_to(n)`      fastai's `freeze_to` over the layer groups (one per body stage, then the head).
+
+BatchNorm is explicit: with `train_bn=True` (fastai's default) the affine parameters of normalisation layers
+in frozen parts still train; the seed froze them (`train_bn=False`). Running statistics update in
+training mode either way, as in the seed.
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+from .errors import UserError
+
+__all__ = ["Plan", "head", "layers", "full", "freeze_to", "apply_plan", "trainable_names", "body_module_names"]
+
+
+@dataclass(frozen=True)
+class Plan:
+    kind: str                  # 'head' | 'layers' | 'full' | 'freeze_to'
+    patterns: tuple = ()       # for 'layers': body module-name patterns
+    n: int | None = None       # for 'freeze_to': number of frozen layer groups
+
+    def describe(self) -> str:
+        if self.kind == "head": return "head only"
+        if self.kind == "full": return "entire network"
+        if self.kind == "layers": return " + ".join(self.patterns) + " + head"
+        return f"layer groups {self.n}.. + head"
+
+
+def head() -> Plan: return Plan("head")
+def full() -> Plan: return Plan("full")
+def layers(*patterns: str) -> Plan: return Plan("layers", tuple(patterns))
+def freeze_to(n: int) -> Plan: return Plan("freeze_to", n=int(n))
+
+
+def body_module_names(body) -> list[str]:
+    "Names of the body's modules that hold parameters (what a `layers` pattern may name)."
+    return [n for n, m in body.named_modules() if n and any(True for _ in m.parameters(recurse=False))]
+
+
+def _containers(names):
+    "Every prefix of a module name, so `layer1` names the whole stage."
+    out = []
+    for n in names:
+        parts = n.split(".")
+        for i in range(1, len(parts) + 1):
+            p = ".".join(parts[:i])
+            if p not in out: out.append(p)
+    return out
+
+
+def _match(pattern: str, param_name: str) -> bool:
+    mod = param_name.rsplit(".", 1)[0]
+    parts = mod.split(".")
+    return any(fnmatch.fnmatchcase(".".join(parts[:i]), pattern) for i in range(1, len(parts) + 1))
+
+
+def apply_plan(learn, plan: Plan) -> list[str]:
+    "Set `requires_grad` for `plan` (through fastai's optimizer freeze logic); returns the trainable names."
+    if learn.opt is None: learn.create_opt()
+    if plan.kind == "full": learn.unfreeze()
+    elif plan.kind == "head": learn.freeze()
+    elif plan.kind == "freeze_to":
+        n_groups = len(learn.opt.param_lists)
+        if not 0 <= plan.n < n_groups:
+            raise UserError(f"freeze_to({plan.n}) is out of range: this model has {n_groups} layer groups "
+                            f"({', '.join(learn.group_names)}); use 0..{n_groups - 1}")
+        learn.freeze_to(plan.n)
+    elif plan.kind == "layers":
+        learn.freeze()
+        body = learn.model[0].model
+        named = dict(body.named_parameters())
+        valid = _containers(body_module_names(body))
+        for pat in plan.patterns:
+            hits = [n for n in named if _match(pat, n)]
+            if not hits:
+                raise UserError(f"layer pattern {pat!r} matches no module of {learn.arch}: valid names are "
+                                f"{', '.join(v for v in valid if v.count('.') <= 1)} (deeper names and globs "
+                                f"like 'layer3.*' work too)")
+            for n in hits: named[n].requires_grad_(True)
+    else:
+        raise UserError(f"unknown plan kind {plan.kind!r}: use head(), layers(...), full() or freeze_to(n)")
+    return trainable_names(learn)
+
+
+def trainable_names(learn) -> list[str]:
+    "Trainable parameter names, body ones as `body.<timm name>`, head ones as `head.<index>`."
+    body = [f"body.{n}" for n, p in learn.model[0].model.named_parameters() if p.requires_grad]
+    return body + [f"head.{n}" for n, p in learn.model[1].named_parameters() if p.requires_grad]

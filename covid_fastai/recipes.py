@@ -1,0 +1,168 @@
+"""Recipes: one named experiment each, as plain data, kept one per file in `recipes/`.
+
+A recipe file is a short Python file that defines `recipe = Recipe(...)` and ends with
+`if __name__ == "__main__": main(recipe)`, so it runs with python. The CLI finds recipe files by name
+in `./recipes`, in the `recipes/` beside this package (a source checkout), and in the folders listed in
+`$COVID_FASTAI_RECIPES` (separated by `os.pathsep`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import fnmatch
+import importlib.util
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import plans
+from .errors import UserError
+
+__all__ = ["Recipe", "SEED_POLICY", "recipe_dirs", "recipe_files", "find_recipe", "load_recipe", "list_recipes",
+           "match_recipes", "with_overrides"]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str                       # what the CLI and the output folder call it
+    arch: str                       # timm name with pretrained tag, e.g. 'vgg16.tv_in1k'
+    plan: plans.Plan                # which parameters train (see covid_fastai.plans)
+    description: str = ""           # one line for `list` and the reports
+    # data
+    data: str = "demo"              # a folder in ImageFolder layout, or 'demo' (synthetic)
+    size: int = 224                 # network input size (crop)
+    resize: int | None = None       # short side before cropping (default size*256/224, the seed's 256 at 224)
+    aug: str = "seed"               # augmentation policy: see covid_fastai.data.AUGMENTATIONS
+    bs: int = 128                   # batch size
+    valid_pct: float = 0.2          # held-out part of train when the data has no valid/ folder
+    # model
+    pretrained: bool = True         # ImageNet weights (covid_fastai.weights) or random init
+    weights: str | None = None      # explicit weights file (.pth / .safetensors) to load
+    head: str = "seed"              # 'seed' (Linear-hidden-ReLU-Dropout-Linear) or 'fastai' (create_head)
+    hidden: int = 380               # hidden units of the head
+    dropout: float = 0.5            # dropout before the last Linear
+    train_bn: bool = False          # train BatchNorm affine params in frozen parts (fastai default True)
+    # optimisation
+    opt: str = "sgd"                # 'sgd' or 'adamw'
+    lr: float = 1e-3                # learning rate (the head's; body groups get lr_mult of it under 'discriminative')
+    lr_mult: float = 1.0            # lowest group's lr = lr / lr_mult (1 = one rate, as the seed)
+    mom: float = 0.9                # SGD momentum / Adam beta1
+    wd: float = 0.0                 # weight decay
+    schedule: str = "constant"      # 'constant' (learn.fit, the seed) or 'one_cycle' (fit_one_cycle)
+    epochs: int = 10
+    seed: int = 42                  # fastai set_seed for weights init, splits, shuffling, augmentation
+    # speed
+    bf16: bool = True               # bf16 autocast where the CPU/GPU supports it
+    channels_last: bool = True      # channels-last memory format
+    workers: int | None = None      # DataLoader workers (None: 0 on <=2 cores)
+    source: str = field(default="", compare=False)  # the file the recipe came from (filled in on load)
+
+    def describe(self) -> str: return self.description or f"{self.arch}: {self.plan.describe()}"
+
+
+# The assignment's training policy, for faithful reproduction (see ../shared/seed/NOTES.md).
+SEED_POLICY = dict(head="seed", hidden=380, dropout=0.5, opt="sgd", lr=1e-3, mom=0.9, wd=0.0, schedule="constant",
+                   epochs=10, bs=128, size=224, aug="seed", train_bn=False)
+
+# What a command-line override may set, with checks; everything else in Recipe is fixed by the recipe file.
+_POSITIVE_INT = ("epochs", "bs", "size", "hidden")
+_POSITIVE_FLOAT = ("lr", "lr_mult")
+_BOOL = ("pretrained", "bf16", "channels_last", "train_bn")
+
+
+def _to_bool(key, v):
+    if isinstance(v, bool): return v
+    s = str(v).strip().lower()
+    if s in ("1", "true", "yes", "on"): return True
+    if s in ("0", "false", "no", "off", "none"): return False
+    raise UserError(f"--{key} must be true or false, got {v!r}")
+
+
+def _check(key, v):
+    if key in _BOOL: return _to_bool(key, v)
+    if key in _POSITIVE_INT:
+        try: iv = int(str(v))
+        except ValueError: raise UserError(f"--{key} must be a positive whole number, got {v!r}") from None
+        if iv <= 0: raise UserError(f"--{key} must be a positive whole number, got {v!r}")
+        return iv
+    if key in _POSITIVE_FLOAT:
+        try: fv = float(str(v))
+        except ValueError: raise UserError(f"--{key} must be a positive number, got {v!r}") from None
+        if not fv > 0: raise UserError(f"--{key} must be a positive number, got {v!r}")
+        return fv
+    if key in ("seed", "workers"):
+        try: return int(str(v))
+        except ValueError: raise UserError(f"--{key} must be a whole number, got {v!r}") from None
+    if key in ("dropout", "valid_pct", "wd", "mom"):
+        try: fv = float(str(v))
+        except ValueError: raise UserError(f"--{key} must be a number, got {v!r}") from None
+        if not 0 <= fv < (1 if key != "wd" else float("inf")):
+            raise UserError(f"--{key} out of range: {v!r}")
+        return fv
+    return None if v is None else str(v)
+
+
+OVERRIDABLE = [f.name for f in dataclasses.fields(Recipe) if f.name not in ("name", "plan", "description", "source")]
+
+
+def with_overrides(recipe: Recipe, **overrides) -> Recipe:
+    "A copy of `recipe` with command-line style overrides checked and applied (`epochs='3'` works)."
+    bad = [k for k in overrides if k not in OVERRIDABLE]
+    if bad:
+        hint = difflib.get_close_matches(bad[0], OVERRIDABLE, n=3)
+        raise UserError(f"unknown option --{bad[0]}" + (f" (did you mean {', '.join('--' + h for h in hint)}?)"
+                        if hint else f": options are {', '.join('--' + o for o in OVERRIDABLE)}"))
+    return dataclasses.replace(recipe, **{k: _check(k, v) for k, v in overrides.items()})
+
+
+def recipe_dirs() -> list[Path]:
+    dirs = [Path.cwd() / "recipes", Path(__file__).resolve().parent.parent / "recipes"]
+    dirs += [Path(p) for p in os.environ.get("COVID_FASTAI_RECIPES", "").split(os.pathsep) if p]
+    out = []
+    for d in dirs:
+        if d.is_dir() and d.resolve() not in [o.resolve() for o in out]: out.append(d)
+    return out
+
+
+def recipe_files() -> dict[str, Path]:
+    "{recipe name: file}; a name found in several folders comes from the first (cwd wins)."
+    found = {}
+    for d in recipe_dirs():
+        for f in sorted(d.glob("*.py")):
+            if not f.name.startswith("_"): found.setdefault(f.stem, f)
+    return found
+
+
+def find_recipe(name: str) -> Path:
+    "The file of recipe `name` (or `name` itself if it is a path to a .py file)."
+    if name.endswith(".py") and Path(name).is_file(): return Path(name)
+    files = recipe_files()
+    if name in files: return files[name]
+    close = difflib.get_close_matches(name, list(files), n=3, cutoff=0.5)
+    hint = f"did you mean {', '.join(close)}?" if close else "see `python -m covid_fastai list`"
+    raise UserError(f"unknown recipe {name!r}: {hint}")
+
+
+def load_recipe(name_or_path) -> Recipe:
+    "Execute a recipe file (its `__main__` block does not run) and return its `recipe`."
+    path = find_recipe(str(name_or_path))
+    spec = importlib.util.spec_from_file_location(f"covid_fastai_recipe_{path.stem}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rec = getattr(mod, "recipe", None)
+    if not isinstance(rec, Recipe):
+        raise UserError(f"{path} defines no `recipe = Recipe(...)`: see recipes/vgg16_partial.py for the shape")
+    return dataclasses.replace(rec, source=str(path))
+
+
+def list_recipes() -> list[Recipe]:
+    return [load_recipe(f) for f in recipe_files().values()]
+
+
+def match_recipes(pattern: str) -> list[Recipe]:
+    "Recipes whose name matches a glob (`vgg16_*`) or a comma-separated list of names/globs."
+    pats = [p.strip() for p in pattern.split(",") if p.strip()]
+    names = [n for n in recipe_files() if any(fnmatch.fnmatchcase(n, p) for p in pats)]
+    if not names:
+        raise UserError(f"no recipe matches {pattern!r}: see `python -m covid_fastai list`")
+    return [load_recipe(n) for n in names]

@@ -1,0 +1,202 @@
+"""Running a recipe: data -> Learner -> plan -> fit -> evaluation -> run folder.
+
+Each run writes `outputs/<recipe>/<run-id>/`: config.json, history.csv, curves.png, confusion_matrix.png,
+best/worst grids per class, metrics.json, report.md and model.safetensors. A new run never overwrites an
+earlier one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+import torch
+from fastai.vision.all import ProgressCallback, set_seed
+from safetensors.torch import save_file
+
+from . import __version__
+from .callbacks import BF16Autocast, ChannelsLast, FitOnlyCallback, TrainThroughput, bf16_supported
+from .data import find_xray_folders, make_aug, xray_dls
+from .demo import demo_data
+from .errors import UserError
+from .interpret import Evaluation, plot_confusion_matrix, plot_curves, plot_extremes
+from .models import xray_learner
+from .plans import apply_plan
+from .recipes import Recipe, load_recipe, with_overrides
+from .report import SYNTHETIC_BANNER, write_report
+
+__all__ = ["run", "run_recipe", "recipe_learner", "new_run_dir", "resolve_data", "HistoryCSV", "OUTPUTS"]
+
+OUTPUTS = Path(os.environ.get("COVID_FASTAI_OUTPUTS", "outputs"))
+
+
+def resolve_data(data: str) -> Path:
+    "'demo' -> the synthetic set in the user cache; anything else is a folder path."
+    return demo_data() if str(data) == "demo" else Path(data).expanduser().resolve()
+
+
+def new_run_dir(root, name: str) -> Path:
+    "A fresh `root/name/<UTC timestamp>[-k]/`; `mkdir` without exist_ok makes concurrent runs distinct."
+    base = Path(root) / name
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create output folder {base}: {e.strerror}; pass --out DIR somewhere writable") from None
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    for k in range(1000):
+        d = base / (stamp if k == 0 else f"{stamp}-{k}")
+        try:
+            d.mkdir()
+            return d
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise UserError(f"cannot create run folder {d}: {e.strerror}; pass --out DIR somewhere writable") from None
+    raise UserError(f"too many runs of {name} in the same second under {base}")
+
+
+class HistoryCSV(FitOnlyCallback):
+    "history.csv, one row per epoch as it finishes: losses, metrics (train and valid), seconds."
+    order = 60  # after Recorder (50) has logged the epoch
+
+    def __init__(self, fname): self.fname = Path(fname)
+
+    def before_fit(self):
+        names = [n for n in self.recorder.metric_names if n != "time"]
+        self.cols = names
+        self.fname.write_text(",".join(names + ["train_seconds", "epoch_seconds"]) + "\n")
+        self.t0 = time.perf_counter()
+
+    def after_epoch(self):
+        vals = dict(zip(self.recorder.metric_names, self.recorder.log))
+        tp = getattr(self.learn, "train_throughput", None)
+        train_s = tp.epoch_times[-1] if tp and tp.epoch_times else float("nan")
+        now = time.perf_counter()
+        row = [vals.get(c, "") for c in self.cols] + [f"{train_s:.3f}", f"{now - self.t0:.3f}"]
+        self.t0 = now
+        with self.fname.open("a") as f: f.write(",".join(str(v) for v in row) + "\n")
+
+
+def _versions() -> dict:
+    import fastai
+    import sklearn
+    import timm
+    import torchvision
+    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "fastai": fastai.__version__, "timm": timm.__version__, "scikit-learn": sklearn.__version__,
+            "covid_fastai": __version__}
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                              text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _write_json(path, obj):
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    tmp.replace(path)  # never leave a half-written file behind
+
+
+def recipe_learner(recipe: Recipe, path=None, cbs=None):
+    "(Learner with the recipe's plan applied, XrayFolders) — for REPL use; `run` adds the run folder."
+    folders = find_xray_folders(resolve_data(recipe.data))
+    set_seed(recipe.seed)
+    dls = xray_dls(folders, make_aug(recipe.aug, recipe.size, recipe.resize), bs=recipe.bs, seed=recipe.seed,
+                   valid_pct=recipe.valid_pct, num_workers=recipe.workers)
+    use_bf16 = recipe.bf16 and bf16_supported("cuda" if torch.cuda.is_available() else "cpu")
+    speed = ([ChannelsLast()] if recipe.channels_last else []) + ([BF16Autocast()] if use_bf16 else [])
+    learn = xray_learner(dls, recipe.arch, pretrained=recipe.pretrained, weights=recipe.weights, head=recipe.head,
+                         hidden=recipe.hidden, dropout=recipe.dropout, opt=recipe.opt, mom=recipe.mom, wd=recipe.wd,
+                         train_bn=recipe.train_bn, lr=recipe.lr, cbs=speed + list(cbs or []), path=path)
+    learn.bf16_used = use_bf16
+    learn.trainable = apply_plan(learn, recipe.plan)
+    return learn, folders
+
+
+def _fit(learn, recipe: Recipe):
+    lr = slice(recipe.lr / recipe.lr_mult, recipe.lr) if recipe.lr_mult > 1 else recipe.lr
+    if recipe.schedule == "constant": learn.fit(recipe.epochs, lr)  # the seed: no schedule
+    elif recipe.schedule == "one_cycle": learn.fit_one_cycle(recipe.epochs, lr)
+    else: raise UserError(f"unknown schedule {recipe.schedule!r}: choose 'constant' or 'one_cycle'")
+
+
+def _plain_epoch_log(learn):
+    "One plain line per epoch (for logs and pipes, where fastprogress's redrawn bars are noise)."
+    def log(vals):
+        pairs = zip(learn.recorder.metric_names, vals)
+        print("  ".join(f"{n} {v:.4f}" if isinstance(v, float) else f"{n} {v}" for n, v in pairs), flush=True)
+    return log
+
+
+def run(recipe: Recipe, out=None) -> Path:
+    "Train and evaluate `recipe`; returns the new run folder."
+    out = Path(out) if out is not None else OUTPUTS
+    t_start = time.perf_counter()
+    data_path = resolve_data(recipe.data)
+    tp = TrainThroughput()
+    learn, folders = recipe_learner(recipe, cbs=[tp])
+    run_dir = new_run_dir(out, recipe.name)
+    learn.path, learn.train_throughput = run_dir, tp
+    learn.add_cb(HistoryCSV(run_dir / "history.csv"))
+    learn.recorder.train_metrics = True
+    if not sys.stdout.isatty():
+        learn.remove_cb(ProgressCallback)
+        learn.logger = _plain_epoch_log(learn)
+    n_train = sum(p.numel() for p in learn.model.parameters() if p.requires_grad)
+    config = {
+        "recipe": {**dataclasses.asdict(recipe), "plan": {**dataclasses.asdict(recipe.plan),
+                                                          "description": recipe.plan.describe()}},
+        "status": "running", "run_dir": str(run_dir), "created": datetime.now(timezone.utc).isoformat(),
+        "data": {"path": str(data_path), "synthetic": folders.synthetic, "classes": folders.classes,
+                 "counts": folders.counts(),
+                 "valid": (f"folder {folders.valid_name}/" if folders.valid_name
+                           else f"random {recipe.valid_pct:.0%} of train (seed {recipe.seed})"),
+                 "test": "folder test/" if folders.has_test else None},
+        "weights": learn.weights_provenance,
+        "layer_groups": learn.group_names,
+        "trainable": {"parameters": n_train, "tensors": len(learn.trainable), "names": learn.trainable},
+        "speed": {"bf16_autocast": learn.bf16_used, "channels_last": recipe.channels_last,
+                  "torch_threads": torch.get_num_threads(), "loader_workers": learn.dls.train.fake_l.num_workers},
+        "versions": _versions(), "git_commit": _git_commit(), "command": sys.argv,
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()},
+    }
+    _write_json(run_dir / "config.json", config)
+    _fit(learn, recipe)
+    train_s = tp.seconds
+    save_file({k: v.detach().contiguous() for k, v in learn.model.state_dict().items()}, run_dir / "model.safetensors")
+
+    # Evaluate on test when there is one, else on valid (and say so).
+    split = "test" if folders.has_test else "valid"
+    dl = learn.dls.test_dl(folders.files("test"), with_labels=True) if folders.has_test else learn.dls.valid
+    ev = Evaluation.of(learn, dl, split)
+    note = f" {SYNTHETIC_BANNER}" if folders.synthetic else ""
+    metrics = {"split": split, **ev.metrics(), "train_seconds": train_s, "train_images_per_s": tp.images_per_s,
+               "wall_seconds": None}
+    history = pd.read_csv(run_dir / "history.csv")
+    files = {"curves": plot_curves(history, run_dir / "curves.png", f"{recipe.name}{note}"),
+             "confusion_matrix": plot_confusion_matrix(ev, run_dir / "confusion_matrix.png",
+                                                       f"{recipe.name}: {split} split{note}"),
+             **plot_extremes(ev, run_dir, note=note)}
+    metrics["wall_seconds"] = time.perf_counter() - t_start
+    _write_json(run_dir / "metrics.json", metrics)
+    config.update(status="complete", finished=datetime.now(timezone.utc).isoformat())
+    _write_json(run_dir / "config.json", config)
+    write_report(run_dir, config, metrics, history, files)
+    return run_dir
+
+
+def run_recipe(name_or_recipe, out=None, **overrides) -> Path:
+    "Run a recipe by name, path or value, with command-line style overrides (`epochs=2`, `data='DIR'`)."
+    rec = name_or_recipe if isinstance(name_or_recipe, Recipe) else load_recipe(name_or_recipe)
+    return run(with_overrides(rec, **overrides), out=out)

@@ -1,0 +1,19 @@
+"""ResNet-18: entire network, seed policy.
+
+Seed policy (../shared/seed/NOTES.md): head Linear-380-ReLU-Dropout(0.5)-Linear, SGD lr 1e-3 momentum 0.9,
+no weight decay or schedule, batch 128, 10 epochs, Resize 256 / RandomRotation 30 / RandomResizedCrop 224 /
+flip, BatchNorm frozen with the body. Run: python recipes/resnet18_full.py [--data DIR] [--epochs N] ...
+"""
+from covid_fastai import SEED_POLICY, Recipe, full
+from covid_fastai.cli import script_main
+
+recipe = Recipe(
+    name="resnet18_full",
+    description="ResNet-18: entire network, seed policy",
+    arch="resnet18.tv_in1k",
+    plan=full(),
+    **SEED_POLICY,
+)
+
+if __name__ == "__main__":
+    script_main(recipe)

