@@ -55,6 +55,7 @@ class Commands:
         from .recipes import match_recipes, with_overrides
         from .report import sweep_row, write_sweep
         from .train import OUTPUTS, new_run_dir, run
+        if isinstance(pattern, (tuple, list)): pattern = ",".join(map(str, pattern))  # fire parses a,b as a tuple
         recs = [with_overrides(r, **overrides) for r in match_recipes(str(pattern))]  # check all before running any
         root = Path(out) if out is not None else OUTPUTS
         rows = []

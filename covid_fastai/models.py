@@ -11,7 +11,7 @@ from functools import partial
 
 import timm
 import torch
-from fastai.vision.all import (SGD, Adam, CrossEntropyLossFlat, Flatten, Learner, Normalize, TimmBody, accuracy,
+from fastai.vision.all import (SGD, Adam, CrossEntropyLossFlat, Learner, Normalize, TimmBody, accuracy,
                                add_head, create_head, params, skm_to_fastai)
 from sklearn import metrics as skm
 from timm.models import group_parameters
@@ -50,7 +50,8 @@ def seed_head(nf: int, n_out: int, hidden: int = 380, p: float = 0.5, pool: int 
     `pool=7` keeps VGG's 7x7x512 = 25088 flattened features (torchvision's AdaptiveAvgPool2d((7, 7)));
     `pool=1` is ResNet's global average pool (512 features).
     """
-    return nn.Sequential(nn.AdaptiveAvgPool2d(pool), Flatten(), nn.Linear(nf * pool * pool, hidden),
+    # torch.nn.Flatten (not fastai's view-based Flatten): channels-last activations are not viewable.
+    return nn.Sequential(nn.AdaptiveAvgPool2d(pool), nn.Flatten(), nn.Linear(nf * pool * pool, hidden),
                          nn.ReLU(inplace=True), nn.Dropout(p), nn.Linear(hidden, n_out))
 
 

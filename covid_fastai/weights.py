@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .cache import cache_dir
 from .errors import UserError, WeightsUnavailable
 
 __all__ = [
@@ -232,9 +233,8 @@ OFFLINE_PROVIDERS: dict[str, OfflineProvider] = {
 
 
 def default_cache_dir() -> Path:
-    "Where offline providers' converted weights live: $COVID_FASTAI_CACHE or ~/.cache/covid_fastai/weights."
-    env = os.environ.get("COVID_FASTAI_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "covid_fastai" / "weights"
+    "Where offline providers' converted weights live: `weights/` in the library cache (covid_fastai.cache)."
+    return cache_dir() / "weights"
 
 
 def _sha256(path: Path) -> str:

@@ -1,0 +1,31 @@
+import os
+from pathlib import Path
+
+import pytest
+
+# Real data lives beside the project root, never inside it.
+REAL_DATA = Path(os.environ.get("COVID_FASTAI_REAL_DATA", Path(__file__).resolve().parents[1].parent / "shared/data/cxr"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    "Tests never depend on (or fill) the user's cache: demo data and weights go to a fresh folder."
+    old = os.environ.get("COVID_FASTAI_CACHE")
+    os.environ["COVID_FASTAI_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if old is None: os.environ.pop("COVID_FASTAI_CACHE", None)
+    else: os.environ["COVID_FASTAI_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    "A tiny synthetic ImageFolder set (train/valid/test x infected/normal), 64 px."
+    from covid_fastai.demo import make_demo_data
+    return make_demo_data(tmp_path_factory.mktemp("tiny"), counts={"train": 12, "valid": 6, "test": 6}, size=64)
+
+
+@pytest.fixture
+def real_data() -> Path:
+    if not (REAL_DATA / "train").is_dir():
+        pytest.skip(f"real X-ray data not found at {REAL_DATA} (set COVID_FASTAI_REAL_DATA to its folder)")
+    return REAL_DATA

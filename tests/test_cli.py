@@ -1,0 +1,143 @@
+"End to end: the CLI, recipe files run with python, sweeps, and every artifact of a run."
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from PIL import Image
+from safetensors.torch import load_file
+
+from covid_fastai.cli import main
+from covid_fastai.recipes import recipe_files
+from covid_fastai.train import run_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--pretrained", "false", "--size", "32", "--bs", "8"]
+
+
+def cli(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "covid_fastai", *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=600)
+
+
+def check_run(d: Path, epochs: int, synthetic: bool, split="test"):
+    "Every artifact of a run exists and is sane."
+    d = Path(d)
+    cfg = json.loads((d / "config.json").read_text())
+    assert cfg["status"] == "complete" and cfg["data"]["synthetic"] is synthetic
+    assert cfg["recipe"]["epochs"] == epochs and cfg["versions"]["fastai"] and cfg["weights"]["source"]
+    assert cfg["trainable"]["parameters"] > 0 and cfg["trainable"]["names"]
+    hist = pd.read_csv(d / "history.csv")
+    assert list(hist["epoch"]) == list(range(epochs))
+    for col in ("train_loss", "valid_loss", "train_accuracy", "valid_accuracy", "valid_f1_infected",
+                "valid_f1_normal", "train_seconds"):
+        assert hist[col].notna().all() and (hist[col] >= 0).all(), col
+    m = json.loads((d / "metrics.json").read_text())
+    assert m["split"] == split and 0 <= m["accuracy"] <= 1
+    cm = m["confusion_matrix"]
+    assert sum(map(sum, cm)) == m["n"] and m["accuracy"] == pytest.approx((cm[0][0] + cm[1][1]) / m["n"])
+    assert set(m["per_class"]) == {"infected", "normal"} and m["train_images_per_s"] > 0
+    for name in ("curves", "confusion_matrix", "best_infected", "worst_infected", "best_normal", "worst_normal"):
+        with Image.open(d / f"{name}.png") as im:
+            assert im.width > 200 and im.height > 100, name
+    rep = (d / "report.md").read_text()
+    assert ("SYNTHETIC" in rep) is synthetic and "confusion_matrix.png" in rep and "worst_normal.png" in rep
+    sd = load_file(d / "model.safetensors")
+    assert any(k.startswith("0.model.") for k in sd) and "1.5.weight" in sd
+    return cfg, m
+
+
+def test_recipe_end_to_end_and_never_overwrites(tiny_data, tmp_path):
+    runs = []
+    for _ in range(2):
+        r = cli("recipe", "resnet18_head", "--data", tiny_data, "--epochs", 2, *TINY, "--out", tmp_path)
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs.append(Path(r.stdout.strip().splitlines()[-1].split(":")[0]))
+    assert runs[0] != runs[1] and all(p.parent == tmp_path / "resnet18_head" for p in runs)
+    for d in runs: check_run(d, epochs=2, synthetic=True)
+    # same seed, same data, same machine: same results
+    m0, m1 = (json.loads((d / "metrics.json").read_text()) for d in runs)
+    assert m0["confusion_matrix"] == m1["confusion_matrix"]
+
+
+def test_list_shows_every_recipe():
+    r = cli("list")
+    assert r.returncode == 0
+    lines = r.stdout.strip().splitlines()
+    names = [ln.split()[0] for ln in lines]
+    assert names == sorted(recipe_files()) and len(names) >= 8
+    assert all(len(ln.split(None, 1)) == 2 for ln in lines)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["recipe", "vgg16_partail"], "unknown recipe 'vgg16_partail': did you mean vgg16_partial"),
+    (["recipe", "vgg16_head", "--epochs", "-3"], "--epochs must be a positive whole number"),
+    (["recipe", "vgg16_head", "--lr", "fast"], "--lr must be a positive number"),
+    (["recipe", "vgg16_head", "--bs", "0"], "--bs must be a positive whole number"),
+    (["recipe", "vgg16_head", "--epoch", "3"], "unknown option --epoch (did you mean --epochs"),
+    (["recipe", "vgg16_head", "--data", "/no/such/dir"], "data folder /no/such/dir does not exist"),
+    (["recipe", "vgg16_head", "--pretrained", "maybe"], "--pretrained must be true or false"),
+    (["sweep", "nothing_*"], "no recipe matches 'nothing_*'"),
+])
+def test_bad_input_is_one_line_exit_2(args, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([*args, "--out", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err == [err[0]] and err[0].startswith("error: ") and message in err[0], err
+    assert not any(tmp_path.iterdir())  # nothing half-made
+
+
+def test_bad_input_exit_code_from_the_shell(tmp_path):
+    r = cli("recipe", "vgg16_head", "--epochs", "many", "--out", tmp_path)
+    assert r.returncode == 2 and r.stderr.strip() == "error: --epochs must be a positive whole number, got 'many'"
+    assert r.stdout == ""
+
+
+def test_recipe_file_runs_with_python(tiny_data, tmp_path):
+    r = subprocess.run([sys.executable, "recipes/vgg16_partial.py", "--data", str(tiny_data), "--epochs", "1",
+                        *TINY, "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (d,) = (tmp_path / "vgg16_partial").iterdir()
+    cfg, _ = check_run(d, epochs=1, synthetic=True)
+    assert cfg["trainable"]["names"][:2] == ["body.features.10.weight", "body.features.10.bias"]
+
+
+def test_sweep_writes_comparison(tiny_data, tmp_path):
+    r = cli("sweep", "resnet18_head,resnet18_one", "--data", tiny_data, "--epochs", 1, *TINY, "--out", tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (sweep,) = (tmp_path / "sweeps").iterdir()
+    rows = list(csv.DictReader((sweep / "comparison.csv").open()))
+    assert [r["recipe"] for r in rows] == ["resnet18_head", "resnet18_one"]
+    for row in rows:
+        assert 0 <= float(row["accuracy"]) <= 1 and float(row["images/s"]) > 0
+        assert {"F1 (infected)", "F1 (normal)", "trainable layers", "confusion matrix (rows true)",
+                "train time (s)"} <= set(row)
+    assert rows[1]["trainable layers"] == "layer3.0.conv1 + head"
+    md = (sweep / "comparison.md").read_text()
+    assert "## Table 1: resnet18.tv_in1k" in md and "SYNTHETIC" in md
+
+
+@pytest.mark.parametrize("name", sorted(recipe_files()))
+def test_every_recipe_runs(tiny_data, tmp_path, name):
+    d = run_recipe(name, out=tmp_path, data=str(tiny_data), epochs=1, pretrained=False, size=32, bs=8)
+    check_run(d, epochs=1, synthetic=True)
+
+
+def test_demo_data_run_without_test_split_reports_valid(tmp_path, tiny_data):
+    import shutil
+    data = tmp_path / "notest"
+    shutil.copytree(tiny_data, data)
+    shutil.rmtree(data / "test")
+    d = run_recipe("resnet18_head", out=tmp_path / "o", data=str(data), epochs=1, pretrained=False, size=32, bs=8)
+    cfg, m = check_run(d, epochs=1, synthetic=True, split="valid")
+    assert cfg["data"]["test"] is None
+    assert "No test/ folder" in (d / "report.md").read_text()
+
+
+def test_demo_flag(tmp_path):
+    d = run_recipe("resnet18_head", out=tmp_path, data="demo", epochs=1, pretrained=False, size=32, bs=32)
+    cfg, m = check_run(d, epochs=1, synthetic=True)
+    assert cfg["data"]["counts"]["test"] == {"infected": 24, "normal": 24}

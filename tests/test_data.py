@@ -1,0 +1,99 @@
+import shutil
+
+import pytest
+import torch
+
+from covid_fastai.data import SeedAug, find_xray_folders, make_aug, xray_dls
+from covid_fastai.demo import demo_data, make_demo_data
+from covid_fastai.errors import UserError
+
+
+def test_folders_found(tiny_data):
+    f = find_xray_folders(tiny_data)
+    assert f.classes == ["infected", "normal"] and f.synthetic and f.has_test and f.valid_name == "valid"
+    assert f.counts() == {s: {"infected": n, "normal": n} for s, n in (("train", 12), ("valid", 6), ("test", 6))}
+
+
+@pytest.mark.parametrize("breakage, message", [
+    ("missing", "does not exist"),
+    ("no_train", "has no train/ folder"),
+    ("one_class", "at least 2 class folders"),
+    ("empty_class", "has no images"),
+    ("test_class_mismatch", "that train/ lacks"),
+])
+def test_bad_layouts_are_one_line_errors(tiny_data, tmp_path, breakage, message):
+    root = tmp_path / "d"
+    shutil.copytree(tiny_data, root)
+    if breakage == "missing": root = tmp_path / "nope"
+    if breakage == "no_train": shutil.rmtree(root / "train")
+    if breakage == "one_class": shutil.rmtree(root / "train" / "normal")
+    if breakage == "empty_class":
+        for p in (root / "valid" / "normal").iterdir(): p.unlink()
+    if breakage == "test_class_mismatch": (root / "test" / "normal").rename(root / "test" / "healthy")
+    with pytest.raises(UserError, match=message) as e:
+        find_xray_folders(root)
+    assert "\n" not in str(e.value) and str(root) in str(e.value)
+
+
+def test_dls_sizes_and_eval_pipeline(tiny_data):
+    f = find_xray_folders(tiny_data)
+    dls = xray_dls(f, make_aug("seed", 32), bs=8)
+    xb, yb = dls.train.one_batch()
+    assert xb.shape == (8, 3, 32, 32) and set(yb.tolist()) <= {0, 1}
+    assert dls.vocab == ["infected", "normal"]
+    # grayscale images become 3 identical channels
+    assert torch.equal(xb[:, 0], xb[:, 1]) and torch.equal(xb[:, 1], xb[:, 2])
+    # validation and test use the deterministic eval pipeline (Resize -> CenterCrop): same batch twice
+    v1, v2 = dls.valid.one_batch()[0], dls.valid.one_batch()[0]
+    assert torch.equal(v1, v2)
+    t = dls.test_dl(f.files("test"), with_labels=True).one_batch()[0]
+    assert t.shape[1:] == (3, 32, 32)
+    # training augmentation is random
+    assert not torch.equal(dls.train.one_batch()[0], dls.train.one_batch()[0])
+
+
+def test_seed_pipeline_is_the_assignments():
+    aug = SeedAug()
+    names = [type(t).__name__ for t in aug.train_tfm().transforms]
+    assert names == ["Resize", "RandomRotation", "RandomResizedCrop", "RandomHorizontalFlip"]
+    assert aug.resize_to == 256 and aug.train_tfm().transforms[1].degrees == [-30.0, 30.0]
+    assert [type(t).__name__ for t in aug.eval_tfm().transforms] == ["Resize", "CenterCrop"]
+    assert SeedAug(size=112).resize_to == 128
+    assert make_aug("none", 64).train_tfm().transforms[-1].__class__.__name__ == "CenterCrop"
+    with pytest.raises(UserError, match="unknown augmentation"):
+        make_aug("heavy", 64)
+
+
+def test_random_valid_split_without_valid_folder(tiny_data, tmp_path):
+    root = tmp_path / "d"
+    shutil.copytree(tiny_data, root)
+    shutil.rmtree(root / "valid")
+    f = find_xray_folders(root)
+    assert f.valid_name is None
+    a = xray_dls(f, make_aug("none", 32), bs=4, seed=1, valid_pct=0.25)
+    b = xray_dls(f, make_aug("none", 32), bs=4, seed=1, valid_pct=0.25)
+    assert len(a.valid_ds) == 6 and len(a.train_ds) == 18
+    assert list(a.valid.items) == list(b.valid.items)  # seeded
+
+
+def test_small_train_set_still_trains(tiny_data):
+    "A train set smaller than a batch keeps its one partial batch (fastai would drop it)."
+    f = find_xray_folders(tiny_data)
+    dls = xray_dls(f, make_aug("none", 32), bs=128)
+    assert len(dls.train) == 1 and len(dls.train.one_batch()[1]) == 24
+    dls = xray_dls(f, make_aug("none", 32), bs=23)  # 24 % 23 == 1: a lone image would break BatchNorm
+    assert len(dls.train) == 1 and len(dls.train.one_batch()[1]) == 23
+
+
+def test_demo_data_is_cached_and_marked(tmp_path):
+    d = demo_data()
+    assert (d / "SYNTHETIC.txt").exists() and demo_data() == d
+    f = find_xray_folders(d)
+    assert f.synthetic and f.counts()["train"] == {"infected": 80, "normal": 80}
+
+
+def test_demo_generator_is_deterministic(tmp_path):
+    a = make_demo_data(tmp_path / "a", counts={"train": 2}, size=64)
+    b = make_demo_data(tmp_path / "b", counts={"train": 2}, size=64)
+    fa = sorted((a / "train").rglob("*.png"))
+    assert [p.read_bytes() for p in fa] == [(b / p.relative_to(a)).read_bytes() for p in fa]

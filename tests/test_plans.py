@@ -1,0 +1,114 @@
+"For every recipe's plan, exactly which parameters train; plus freeze_to, train_bn, errors, discriminative lr."
+import re
+
+import pytest
+
+from covid_fastai import plans
+from covid_fastai.errors import UserError
+from covid_fastai.recipes import load_recipe, recipe_files, with_overrides
+from covid_fastai.train import recipe_learner
+
+HEAD = {"head.2.weight", "head.2.bias", "head.5.weight", "head.5.bias"}
+VGG_CONVS = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)
+VGG_ALL = {f"body.features.{i}.{w}" for i in VGG_CONVS for w in ("weight", "bias")}
+
+
+def _learner(tiny_data, name, **kw):
+    rec = with_overrides(load_recipe(name), data=str(tiny_data), pretrained=False, size=32, bs=8, **kw)
+    learn, _ = recipe_learner(rec)
+    return learn
+
+
+def _all_body(learn):
+    return {f"body.{n}" for n, _ in learn.model[0].model.named_parameters()}
+
+
+def _resnet(learn, *prefixes):
+    return {n for n in _all_body(learn) if any(n.startswith(f"body.{p}.") for p in prefixes)}
+
+
+EXPECTED = {
+    "vgg16_head": lambda l: HEAD,
+    "vgg16_partial": lambda l: {"body.features.10.weight", "body.features.10.bias"} | HEAD,
+    "vgg16_few": lambda l: {f"body.features.{i}.{w}" for i in (0, 5, 10, 12, 19, 21, 26, 28)
+                            for w in ("weight", "bias")} | HEAD,
+    "vgg16_full": lambda l: VGG_ALL | HEAD,
+    "resnet18_head": lambda l: HEAD,
+    "resnet18_one": lambda l: {"body.layer3.0.conv1.weight"} | HEAD,
+    "resnet18_few": lambda l: {"body.conv1.weight"} | _resnet(l, "layer1", "layer3") | HEAD,
+    "resnet18_full": lambda l: _all_body(l) | HEAD,
+}
+
+
+def test_every_recipe_has_an_expectation():
+    assert set(EXPECTED) <= set(recipe_files())
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_recipe_trainable_parameters(tiny_data, name):
+    learn = _learner(tiny_data, name)
+    trainable = {n for n, p in learn.model[0].model.named_parameters() if p.requires_grad}
+    trainable = {f"body.{n}" for n in trainable} | {f"head.{n}" for n, p in learn.model[1].named_parameters()
+                                                   if p.requires_grad}
+    assert trainable == EXPECTED[name](learn)
+    assert set(learn.trainable) == trainable  # what the run records in config.json
+    if name == "resnet18_few":  # the seed named conv1, not bn1; layer1/layer3 include their BatchNorms
+        assert "body.bn1.weight" not in trainable and "body.layer1.0.bn1.weight" in trainable
+
+
+def test_train_bn_keeps_frozen_batchnorm_trainable(tiny_data):
+    learn = _learner(tiny_data, "resnet18_head", train_bn=True)
+    bn = {n for n in _all_body(learn) if re.search(r"\.bn\d\.|downsample\.1\.|^body\.bn1\.", n)}
+    assert bn and set(learn.trainable) == bn | HEAD
+
+
+def test_freeze_to_over_layer_groups(tiny_data):
+    learn = _learner(tiny_data, "resnet18_full")
+    assert learn.group_names == ["conv1, bn1", "layer1.0, layer1.1", "layer2.0, layer2.1", "layer3.0, layer3.1",
+                                 "layer4.0, layer4.1", "head"]
+    names = set(plans.apply_plan(learn, plans.freeze_to(4)))
+    assert names == _resnet(learn, "layer4") | HEAD
+    names = set(plans.apply_plan(learn, plans.freeze_to(0)))
+    assert names == _all_body(learn) | HEAD
+    with pytest.raises(UserError, match="out of range.*6 layer groups"):
+        plans.apply_plan(learn, plans.freeze_to(6))
+
+
+def test_vgg_layer_groups_are_stages(tiny_data):
+    learn = _learner(tiny_data, "vgg16_head")
+    assert learn.group_names == ["features.0, features.2", "features.5, features.7",
+                                 "features.10, features.12, features.14", "features.17, features.19, features.21",
+                                 "features.24, features.26, features.28", "head"]
+    assert len(learn.opt.param_lists) == 6
+
+
+def test_unknown_pattern_lists_valid_names(tiny_data):
+    learn = _learner(tiny_data, "vgg16_head")
+    with pytest.raises(UserError) as e:
+        plans.apply_plan(learn, plans.layers("features.11"))
+    msg = str(e.value)
+    assert "'features.11' matches no module" in msg and "features.10" in msg and "features.28" in msg
+    assert "\n" not in msg
+
+
+def test_glob_patterns(tiny_data):
+    learn = _learner(tiny_data, "resnet18_head")
+    names = set(plans.apply_plan(learn, plans.layers("layer4.*.conv2")))
+    assert names == {"body.layer4.0.conv2.weight", "body.layer4.1.conv2.weight"} | HEAD
+
+
+def test_discriminative_learning_rates(tiny_data):
+    learn = _learner(tiny_data, "resnet18_full")
+    learn.fit(1, slice(1e-5, 1e-3))
+    lrs = [h["lr"] for h in learn.opt.hypers]
+    assert len(lrs) == 6 and lrs[0] == pytest.approx(1e-5) and lrs[-1] == pytest.approx(1e-3)
+    assert all(a < b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_frozen_parameters_do_not_change(tiny_data):
+    learn = _learner(tiny_data, "vgg16_partial")
+    before = {n: p.detach().clone() for n, p in learn.model.named_parameters()}
+    learn.fit(1, 1e-2)
+    changed = {n for n, p in learn.model.named_parameters() if not (p.detach() == before[n]).all()}
+    assert changed == {"0.model.features.10.weight", "0.model.features.10.bias", "1.2.weight", "1.2.bias",
+                       "1.5.weight", "1.5.bias"}
