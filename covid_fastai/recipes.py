@@ -55,6 +55,8 @@ class Recipe:
     bf16: bool = True               # bf16 autocast where the CPU/GPU supports it
     channels_last: bool = True      # channels-last memory format
     workers: int | None = None      # DataLoader workers (None: 0 on <=2 cores)
+    cache_features: bool = True     # frozen body: run it once per view, train the head on cached features
+    cache_views: int = 2            # augmented views of each training image in the feature cache
     source: str = field(default="", compare=False)  # the file the recipe came from (filled in on load)
 
     def describe(self) -> str: return self.description or f"{self.arch}: {self.plan.describe()}"
@@ -65,9 +67,9 @@ SEED_POLICY = dict(head="seed", hidden=380, dropout=0.5, opt="sgd", lr=1e-3, mom
                    epochs=10, bs=128, size=224, aug="seed", train_bn=False)
 
 # What a command-line override may set, with checks; everything else in Recipe is fixed by the recipe file.
-_POSITIVE_INT = ("epochs", "bs", "size", "hidden")
+_POSITIVE_INT = ("epochs", "bs", "size", "hidden", "cache_views")
 _POSITIVE_FLOAT = ("lr", "lr_mult")
-_BOOL = ("pretrained", "bf16", "channels_last", "train_bn")
+_BOOL = ("pretrained", "bf16", "channels_last", "train_bn", "cache_features")
 
 
 def _to_bool(key, v):

@@ -26,6 +26,7 @@ from .callbacks import BF16Autocast, ChannelsLast, FitOnlyCallback, TrainThrough
 from .data import find_xray_folders, make_aug, xray_dls
 from .demo import demo_data
 from .errors import UserError
+from .features import body_is_frozen, head_learner
 from .interpret import Evaluation, plot_confusion_matrix, plot_curves, plot_extremes
 from .models import xray_learner
 from .plans import apply_plan
@@ -139,21 +140,35 @@ def _plain_epoch_log(learn):
     return log
 
 
+def _trainer(learn, recipe: Recipe, folders, cbs):
+    "The Learner that fits: a head-only Learner on cached body features when the body is frozen, else `learn`."
+    if recipe.cache_features and body_is_frozen(learn):
+        t0 = time.perf_counter()
+        hl = head_learner(learn, recipe, folders, views=recipe.cache_views, bf16=learn.bf16_used, cbs=cbs)
+        hl.feature_seconds = time.perf_counter() - t0
+        return hl
+    learn.add_cbs(cbs)
+    learn.feature_seconds = 0.0
+    return learn
+
+
 def run(recipe: Recipe, out=None) -> Path:
     "Train and evaluate `recipe`; returns the new run folder."
     out = Path(out) if out is not None else OUTPUTS
     t_start = time.perf_counter()
     data_path = resolve_data(recipe.data)
-    tp = TrainThroughput()
-    learn, folders = recipe_learner(recipe, cbs=[tp])
+    learn, folders = recipe_learner(recipe)
     run_dir = new_run_dir(out, recipe.name)
-    learn.path, learn.train_throughput = run_dir, tp
-    learn.add_cb(HistoryCSV(run_dir / "history.csv"))
-    learn.recorder.train_metrics = True
+    learn.path = run_dir
+    tp = TrainThroughput()
+    trainer = _trainer(learn, recipe, folders, [tp, HistoryCSV(run_dir / "history.csv")])
+    trainer.train_throughput = tp
+    trainer.recorder.train_metrics = True
     if not sys.stdout.isatty():
-        learn.remove_cb(ProgressCallback)
-        learn.logger = _plain_epoch_log(learn)
+        for lrn in {id(learn): learn, id(trainer): trainer}.values(): lrn.remove_cb(ProgressCallback)
+        trainer.logger = _plain_epoch_log(trainer)
     n_train = sum(p.numel() for p in learn.model.parameters() if p.requires_grad)
+    cached = trainer is not learn
     config = {
         "recipe": {**dataclasses.asdict(recipe), "plan": {**dataclasses.asdict(recipe.plan),
                                                           "description": recipe.plan.describe()}},
@@ -167,13 +182,16 @@ def run(recipe: Recipe, out=None) -> Path:
         "layer_groups": learn.group_names,
         "trainable": {"parameters": n_train, "tensors": len(learn.trainable), "names": learn.trainable},
         "speed": {"bf16_autocast": learn.bf16_used, "channels_last": recipe.channels_last,
-                  "torch_threads": torch.get_num_threads(), "loader_workers": learn.dls.train.fake_l.num_workers},
+                  "torch_threads": torch.get_num_threads(), "loader_workers": learn.dls.train.fake_l.num_workers,
+                  "cached_features": ({"views": trainer.feature_views, "from_disk": trainer.features_from_disk,
+                                       "seconds": round(trainer.feature_seconds, 3)} if cached else None)},
         "versions": _versions(), "git_commit": _git_commit(), "command": sys.argv,
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()},
     }
     _write_json(run_dir / "config.json", config)
-    _fit(learn, recipe)
-    train_s = tp.seconds
+    _fit(trainer, recipe)
+    # Training time includes making (or loading) the feature cache, so cached and uncached runs compare fairly.
+    train_s = tp.seconds + trainer.feature_seconds
     save_file({k: v.detach().contiguous() for k, v in learn.model.state_dict().items()}, run_dir / "model.safetensors")
 
     # Evaluate on test when there is one, else on valid (and say so).
@@ -181,7 +199,8 @@ def run(recipe: Recipe, out=None) -> Path:
     dl = learn.dls.test_dl(folders.files("test"), with_labels=True) if folders.has_test else learn.dls.valid
     ev = Evaluation.of(learn, dl, split)
     note = f" {SYNTHETIC_BANNER}" if folders.synthetic else ""
-    metrics = {"split": split, **ev.metrics(), "train_seconds": train_s, "train_images_per_s": tp.images_per_s,
+    metrics = {"split": split, **ev.metrics(), "train_seconds": train_s,
+               "train_images_per_s": sum(tp.epoch_images) / max(train_s, 1e-9),
                "wall_seconds": None}
     history = pd.read_csv(run_dir / "history.csv")
     files = {"curves": plot_curves(history, run_dir / "curves.png", f"{recipe.name}{note}"),

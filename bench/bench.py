@@ -1,0 +1,253 @@
+"""Speed benchmarks (not tests): python bench/bench.py [--quick] [--only 1,2,3,4,5]
+
+Measures, side by side in one run, the library's defaults (bf16 autocast + channels-last, cached features for
+frozen bodies) against fastai's defaults (fp32, NCHW, no cache), and writes bench/results.md with the machine's
+description. Every figure is min / median over repeats; compare ratios, not absolute timings (the machine is
+shared and noisy).
+
+1. train-step images/s, default vs fastai defaults, same model and batch (synthetic batches)
+2. end-to-end epoch images/s (data loading included, real data) over pure train-step images/s
+3. wall time of a head-only recipe (10 epochs) with cached features vs without, and test accuracy of both
+4. achieved training GFLOP/s (torch's FLOP counter, 2 FLOPs per multiply-add) over the bf16 matmul peak
+5. wall time of the VGG-16 seed grid at the seed's settings, default vs fastai defaults: per-image times
+   measured on a subset of the shared data, extrapolated to the full split x 10 epochs
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("COVID_FASTAI_REAL_DATA", ROOT.parent / "shared/data/cxr"))
+OUT = ROOT / "bench" / "results.md"
+
+
+def mm(xs): return f"{min(xs):.1f} / {statistics.median(xs):.1f}"
+
+
+def machine() -> str:
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    flags = next((l for l in open("/proc/cpuinfo") if l.startswith("flags")), "")
+    isa = [f for f in ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f" {f}" in flags]
+    return (f"{platform.platform()}; CPU {cpu}; {os.cpu_count()} cores visible; ISA {', '.join(isa) or 'no avx512'}; "
+            f"torch {torch.__version__} ({torch.get_num_threads()} threads); "
+            f"bf16 via oneDNN: {torch.ops.mkldnn._is_mkldnn_bf16_supported()}")
+
+
+def matmul_peak(dtype, n=2048, reps=5) -> list[float]:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    out = []
+    for _ in range(reps):
+        t = time.perf_counter(); a @ b; out.append(2 * n ** 3 / (time.perf_counter() - t) / 1e9)
+    return out
+
+
+def make_model(arch):
+    from covid_fastai.models import create_body, seed_head, family
+    from fastai.vision.all import TimmBody, add_head
+    body = create_body(arch)
+    return add_head(TimmBody(body), body.num_features, 2,
+                    head=seed_head(body.num_features, 2, pool=7 if family(arch) == "vgg" else 1))
+
+
+def step_rate(model, bs, size, fast: bool, steps=4, warmup=2, reps=3) -> list[float]:
+    "Images/s of full training steps (forward, fp32 loss, backward, SGD step) on a synthetic batch."
+    model = model.train()
+    fmt = torch.channels_last if fast else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    x = torch.randn(bs, 3, size, size).contiguous(memory_format=fmt)
+    y = torch.randint(0, 2, (bs,))
+    amp = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if fast else nullcontext
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with amp(): out = model(x)
+        torch.nn.functional.cross_entropy(out.float(), y).backward()
+        opt.step()
+    for _ in range(warmup): step()
+    rates = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        for _ in range(steps): step()
+        rates.append(bs * steps / (time.perf_counter() - t))
+    return rates
+
+
+def train_flops_per_image(model, size) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+    x = torch.randn(2, 3, size, size)
+    with FlopCounterMode(display=False) as fc:
+        torch.nn.functional.cross_entropy(model.train()(x), torch.tensor([0, 1])).backward()
+    model.zero_grad(set_to_none=True)
+    return fc.get_total_flops() / 2
+
+
+def run_recipe_py(name, **kw) -> dict:
+    "Run a recipe in a fresh process (clean RNG and caches); returns its metrics and config."
+    out = Path(tempfile.mkdtemp(prefix="bench-"))
+    args = [sys.executable, "-m", "covid_fastai", "recipe", name, "--out", str(out)]
+    for k, v in kw.items(): args += [f"--{k}", str(v)]
+    t = time.perf_counter()
+    r = subprocess.run(args, capture_output=True, text=True, cwd=ROOT)
+    wall = time.perf_counter() - t
+    if r.returncode: raise RuntimeError(r.stderr[-2000:])
+    (d,) = (out / name).iterdir()
+    return {"wall": wall, "metrics": json.loads((d / "metrics.json").read_text()),
+            "config": json.loads((d / "config.json").read_text())}
+
+
+def bench1(quick):
+    rows = ["| model | batch | fastai defaults (fp32, NCHW) img/s | library default (bf16, channels-last) img/s | ratio (medians) | target |",
+            "|---|---|---|---|---|---|"]
+    for arch, bs, target in (("resnet18.tv_in1k", 32, 8), ("vgg16.tv_in1k", 16, 3)):
+        m = make_model(arch)
+        slow = step_rate(m, bs, 224, fast=False, steps=1 if "vgg" in arch else 2, reps=2 if quick else 3)
+        fast = step_rate(m, bs, 224, fast=True, steps=2 if "vgg" in arch else 4, reps=2 if quick else 3)
+        r = statistics.median(fast) / statistics.median(slow)
+        rows.append(f"| {arch} full fine-tune | {bs} | {mm(slow)} | {mm(fast)} | {r:.1f}x | >= {target}x |")
+        print(rows[-1], flush=True)
+    return "\n".join(rows)
+
+
+def bench2(quick):
+    from covid_fastai.recipes import load_recipe, with_overrides
+    from covid_fastai.train import recipe_learner
+    from covid_fastai.callbacks import TrainThroughput
+    rows = ["| model | batch | pure train step img/s | end-to-end epoch img/s (real data, loading included) | ratio | target |",
+            "|---|---|---|---|---|---|"]
+    bs = 32
+    pure = step_rate(make_model("resnet18.tv_in1k"), bs, 224, fast=True, reps=2 if quick else 3)
+    tp = TrainThroughput()
+    rec = with_overrides(load_recipe("resnet18_full"), data=str(DATA), pretrained=False, bs=bs)
+    learn, _ = recipe_learner(rec, cbs=[tp])
+    n = 8 if quick else 16  # batches per measured "epoch"
+    learn.dls.train.n = n * bs  # a subset epoch: the first n batches of a shuffled pass
+    e2e = []
+    with learn.no_bar(), learn.no_logging():
+        learn.fit(1 if quick else 3, 1e-3)
+    e2e = [i / t for i, t in zip(tp.epoch_images, tp.epoch_times)]
+    r = statistics.median(e2e) / statistics.median(pure)
+    rows.append(f"| resnet18 full fine-tune, seed augmentation, {learn.dls.train.fake_l.num_workers} loader workers | {bs} | "
+                f"{mm(pure)} | {mm(e2e)} | {r:.2f} | >= 0.9 |")
+    print(rows[-1], flush=True)
+    return "\n".join(rows)
+
+
+def bench3(quick):
+    rows = ["| recipe (10 epochs, seed policy, real data) | wall s | training s (incl. features) | test accuracy | weights |",
+            "|---|---|---|---|---|"]
+    name = "effnet_lite0_head"
+    kw = dict(data=DATA, epochs=3 if quick else 10)
+    res = {}
+    for label, extra in (("cached features (default)", {}), ("no cache", {"cache_features": "false"})):
+        r = run_recipe_py(name, **kw, **extra)
+        res[label] = r
+        m = r["metrics"]
+        rows.append(f"| {name}, {label} | {r['wall']:.0f} | {m['train_seconds']:.0f} | {m['accuracy']:.4f} | "
+                    f"{r['config']['weights']['source']} |")
+        print(rows[-1], flush=True)
+    a, b = res["cached features (default)"], res["no cache"]
+    rows.append(f"\nSpeed-up (wall): {b['wall'] / a['wall']:.1f}x (target >= 5x); training-time speed-up "
+                f"{b['metrics']['train_seconds'] / a['metrics']['train_seconds']:.1f}x; accuracy difference "
+                f"{100 * (a['metrics']['accuracy'] - b['metrics']['accuracy']):+.2f} points (target within 1).")
+    return "\n".join(rows)
+
+
+def bench4(quick):
+    m = make_model("resnet18.tv_in1k")
+    flops = train_flops_per_image(m, 224)
+    rows = ["| batch | train img/s (bf16, channels-last) | achieved GFLOP/s | bf16 matmul peak GFLOP/s (2048^2) | fraction of peak (medians) |",
+            "|---|---|---|---|---|"]
+    peak = matmul_peak(torch.bfloat16, reps=3 if quick else 7)
+    for bs in ((32,) if quick else (16, 32, 64)):
+        rates = step_rate(m, bs, 224, fast=True, reps=2 if quick else 3)
+        g = [r * flops / 1e9 for r in rates]
+        rows.append(f"| {bs} | {mm(rates)} | {mm(g)} | {mm(peak)} | {statistics.median(g) / statistics.median(peak):.0%} |")
+        print(rows[-1], flush=True)
+    rows.append(f"\nResNet-18 at 224 px: {flops / 1e9:.2f} GFLOP per training image (forward + backward, torch's "
+                f"FLOP counter, 2 FLOPs per multiply-add). fp32 matmul peak here: {mm(matmul_peak(torch.float32, reps=3))} GFLOP/s.")
+    return "\n".join(rows)
+
+
+def bench5(quick):
+    import shutil
+
+    import pandas as pd
+    from covid_fastai.data import find_xray_folders
+    counts = find_xray_folders(DATA).counts()
+    n_train, n_valid = sum(counts["train"].values()), sum(counts["valid"].values())
+    k = 16 if quick else 32  # images per class in each subset split
+    rows = [f"Seconds per image measured with 1 epoch on a subset ({2 * k} train and {2 * k} valid images of the "
+            f"shared data), extrapolated to {n_train} train + {n_valid} valid images x 10 epochs. With cached "
+            "features the body runs once per view (2) over train and once over valid; the head's epochs are "
+            "measured and scaled.", "",
+            "| recipe | mode | train s/img (body pass when cached) | valid s/img | extrapolated 10-epoch hours |",
+            "|---|---|---|---|---|"]
+    sub = Path(tempfile.mkdtemp(prefix="bench-subset-"))
+    for split in ("train", "valid"):
+        for c in ("infected", "normal"):
+            (sub / split / c).mkdir(parents=True)
+            for f in sorted((DATA / split / c).iterdir())[:k]: os.symlink(f, sub / split / c / f.name)
+    total = {"default": 0.0, "fastai defaults": 0.0}
+    for name in ("vgg16_head", "vgg16_partial", "vgg16_few", "vgg16_full"):
+        for mode, extra in (("default", {}), ("fastai defaults", {"bf16": "false", "channels_last": "false",
+                                                                    "cache_features": "false"})):
+            r = run_recipe_py(name, data=sub, epochs=1, **extra)
+            h = pd.read_csv(Path(r["config"]["run_dir"]) / "history.csv")
+            va = (h["epoch_seconds"].iloc[0] - h["train_seconds"].iloc[0]) / (2 * k)
+            cf = r["config"]["speed"]["cached_features"]
+            if cf:
+                tr = cf["seconds"] / (cf["views"] * 2 * k + 2 * k)  # one body pass over one image
+                head_epoch = h["train_seconds"].iloc[0] * n_train / (2 * k)
+                hours = (tr * (cf["views"] * n_train + n_valid) + 10 * (head_epoch + va * n_valid)) / 3600
+            else:
+                tr = h["train_seconds"].iloc[0] / (2 * k)
+                hours = 10 * (n_train * tr + n_valid * va) / 3600
+            total[mode] += hours
+            rows.append(f"| {name} | {mode} | {tr:.3f} | {va:.4f} | {hours:.2f} |")
+            print(rows[-1], flush=True)
+    shutil.rmtree(sub, ignore_errors=True)
+    rows.append(f"\nWhole VGG-16 grid, extrapolated: default {total['default']:.2f} h, fastai defaults "
+                f"{total['fastai defaults']:.2f} h ({total['fastai defaults'] / max(total['default'], 1e-9):.1f}x).")
+    return "\n".join(rows)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer repeats and smaller subsets (a smoke run)")
+    ap.add_argument("--only", default="1,2,3,4,5", help="which measurements, e.g. 1,4")
+    args = ap.parse_args()
+    which = [int(x) for x in args.only.split(",")]
+    os.environ.setdefault("COVID_FASTAI_CACHE", tempfile.mkdtemp(prefix="bench-cache-"))  # cold feature cache
+    titles = {1: "Train-step images/s: library default vs fastai defaults",
+              2: "End-to-end epoch vs pure train step", 3: "Head-only recipe: cached features vs none",
+              4: "Achieved training GFLOP/s vs bf16 matmul peak", 5: "VGG-16 seed grid wall time (extrapolated)"}
+    fns = {1: bench1, 2: bench2, 3: bench3, 4: bench4, 5: bench5}
+    parts = [f"# Benchmarks\n\nRun: `python bench/bench.py{' --quick' if args.quick else ''}"
+             f"{'' if args.only == '1,2,3,4,5' else ' --only ' + args.only}` on "
+             f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}.\n\nMachine: {machine()}\n\n"
+             "Figures are min / median over repeats.\n"]
+    for i in which:
+        print(f"== {i}. {titles[i]}", flush=True)
+        t = time.perf_counter()
+        parts.append(f"## {i}. {titles[i]}\n\n{fns[i](args.quick)}\n\n(took {time.perf_counter() - t:.0f} s)\n")
+        OUT.write_text("\n".join(parts))  # keep what is done if a later part fails
+    print(f"wrote {OUT}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""Cached body features: when a plan freezes the whole body, run it once per image view, train the head on
+the cache.
+
+Policy (documented in the README): the frozen body runs in eval mode (BatchNorm uses its running
+statistics: a frozen feature extractor). Training images get `views` augmented views (default 2, drawn with
+the recipe's training augmentation, seeded); epoch `e` trains on view `e % views`, so 10 epochs cost 2 body
+passes instead of 10. Validation gets its single deterministic view. With augmentation off one view is made.
+Parameter-free pooling at the start of the head (e.g. ResNet's global average pool) is applied before
+caching, so the cache holds 512 numbers per image instead of 512x7x7.
+
+Caches live in `<cache>/features/<key>.safetensors`; the key covers the architecture, the weights' sha256,
+every image's path, size and mtime, the split, input size, augmentation, views and seed, so a change to any
+of them makes a new cache.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from fastai.data.core import DataLoaders
+from fastai.data.load import DataLoader
+from fastai.vision.all import Callback, Learner, set_seed
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .cache import cache_dir
+
+__all__ = ["body_is_frozen", "feature_cache_key", "split_head", "body_features", "head_learner", "FeatureViews"]
+
+POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+
+
+def body_is_frozen(learn) -> bool:
+    "True when no body parameter trains (so the body is a fixed function of its input in eval mode)."
+    return not any(p.requires_grad for p in learn.model[0].parameters())
+
+
+def split_head(head: nn.Sequential) -> tuple[nn.Sequential, nn.Sequential]:
+    "(leading parameter-free pooling/flatten layers, the rest); the rest shares modules with `head`."
+    from fastai.layers import AdaptiveConcatPool2d
+    i = 0
+    while i < len(head) and isinstance(head[i], POOLS + (AdaptiveConcatPool2d, nn.Flatten)): i += 1
+    return head[:i], head[i:]
+
+
+def _files_digest(files) -> str:
+    h = hashlib.sha256()
+    for f in files:
+        st = os.stat(f)
+        h.update(f"{Path(f).resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def feature_cache_key(arch: str, weights_sha: str | None, train_files, valid_files, size: int, resize: int,
+                      aug: str, views: int, seed: int, pre_pool: str) -> str:
+    "A hash of everything the cached features depend on."
+    spec = {"arch": arch, "weights": weights_sha, "train": _files_digest(train_files),
+            "valid": _files_digest(valid_files), "size": size, "resize": resize, "aug": aug, "views": views,
+            "seed": seed, "pre_pool": pre_pool, "version": 1}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:24]
+
+
+@torch.no_grad()
+def body_features(learn, dl, pre_pool: nn.Module, bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    "Run the (frozen) body and the head's leading pooling over `dl` in eval mode: (features, targets)."
+    body = learn.model[0].eval()
+    device = next(body.parameters()).device
+    feats, targs = [], []
+    amp = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    for xb, yb in dl:
+        xb = xb.as_subclass(torch.Tensor).to(device).contiguous(memory_format=torch.channels_last)
+        with amp:
+            f = pre_pool(body(xb))
+        feats.append(f.cpu())  # bf16 when the body ran under autocast: half the cache
+        targs.append(yb.as_subclass(torch.Tensor).cpu())
+    return torch.cat(feats), torch.cat(targs)
+
+
+class FeatureViews:
+    "Indexable (feature, target) pairs from one of several cached views, switched per epoch."
+    def __init__(self, views: list[torch.Tensor], targs: torch.Tensor):
+        self.views, self.targs, self.view = views, targs, 0
+
+    def __len__(self): return len(self.targs)
+
+    def __getitem__(self, i): return self.views[self.view][i].float(), self.targs[i]
+
+
+class SwitchView(Callback):
+    "Train epoch `e` on cached view `e % n_views`."
+    def before_epoch(self):
+        ds = self.dls.train.dataset
+        if isinstance(ds, FeatureViews): ds.view = self.epoch % len(ds.views)
+
+
+def _compute_or_load(learn, recipe, folders, pre_pool, views: int, bf16: bool) -> tuple[dict, bool]:
+    "The cached tensors {'train_0'.., 'train_y', 'valid', 'valid_y'} and whether they came from disk."
+    from .data import make_aug
+    aug = make_aug(recipe.aug, recipe.size, recipe.resize)
+    key = feature_cache_key(recipe.arch, learn.weights_provenance.get("sha256"), learn.dls.train.items,
+                            learn.dls.valid.items, recipe.size, aug.resize_to, recipe.aug, views, recipe.seed,
+                            repr(pre_pool))
+    path = cache_dir() / "features" / f"{key}.safetensors"
+    if path.exists():
+        try: return load_file(path), True
+        except Exception: path.unlink(missing_ok=True)  # a torn or corrupt file: recompute
+    out = {}
+    for v in range(views):
+        set_seed(recipe.seed + v)  # each view's augmentation is reproducible
+        dl = learn.dls.train.new(shuffle=False, drop_last=False)
+        out[f"train_{v}"], out["train_y"] = body_features(learn, dl, pre_pool, bf16)
+    out["valid"], out["valid_y"] = body_features(learn, learn.dls.valid.new(shuffle=False, drop_last=False),
+                                                 pre_pool, bf16)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    save_file({k: v.contiguous() for k, v in out.items()}, tmp)
+    tmp.replace(path)
+    return out, False
+
+
+def head_learner(learn, recipe, folders, views: int = 2, bf16: bool = False, cbs=None) -> Learner:
+    """A Learner that trains `learn`'s head (shared modules) on cached body features.
+
+    Same loss, optimiser, lr, metrics and callbacks as `learn`; `learn.model` holds the trained head afterwards.
+    """
+    pre_pool, rest = split_head(learn.model[1])
+    views = 1 if recipe.aug == "none" else views
+    t, from_disk = _compute_or_load(learn, recipe, folders, pre_pool, views, bf16)
+    set_seed(recipe.seed)  # the head's training shuffles alike whether the cache was made now or loaded
+    train = FeatureViews([t[f"train_{v}"] for v in range(views)], t["train_y"])
+    valid = FeatureViews([t["valid"]], t["valid_y"])
+    bs = recipe.bs
+    dls = DataLoaders(DataLoader(train, bs=bs, shuffle=True, drop_last=len(train) % bs == 1),
+                      DataLoader(valid, bs=bs))
+    hl = Learner(dls, rest, loss_func=learn.loss_func, opt_func=learn.opt_func, lr=learn.lr, metrics=learn.metrics,
+                 cbs=[SwitchView()] + list(cbs or []), path=learn.path, train_bn=learn.train_bn, wd=learn.wd)
+    hl.features_from_disk, hl.feature_views = from_disk, views
+    return hl

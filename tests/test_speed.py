@@ -1,0 +1,116 @@
+"""Speed features behave as stated: bf16 autocast really casts, channels-last really applies, fp32 fallback, and
+the feature cache is used, reused and invalidated."""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+import covid_fastai.features as F
+import covid_fastai.train as T
+from covid_fastai.callbacks import BF16Autocast, ChannelsLast, bf16_supported
+from covid_fastai.recipes import load_recipe, with_overrides
+from covid_fastai.train import recipe_learner, run_recipe
+
+TINY = dict(pretrained=False, size=32, bs=8)
+
+
+def _fit_one_batch_recording(learn):
+    "Fit one batch; record dtype/format of the first conv's input and output and of pred and loss."
+    seen = {}
+    conv = learn.model[0].model.conv1
+
+    def hook(m, inp, out):
+        seen.setdefault("in_cl", inp[0].is_contiguous(memory_format=torch.channels_last))
+        seen.setdefault("out_dtype", out.dtype)
+    h = conv.register_forward_hook(hook)
+    from fastai.callback.core import Callback, CancelFitException
+
+    class Stop(Callback):
+        order = 99
+        def after_loss(self): seen.update(pred=self.pred.dtype, loss=self.loss.dtype)
+        def after_step(self): raise CancelFitException()
+    try:
+        with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3, cbs=[Stop()])
+    finally:
+        h.remove()
+    return seen
+
+
+@pytest.mark.skipif(not bf16_supported(), reason="this CPU has no bf16 support: the fp32 fallback test covers it")
+def test_bf16_autocast_and_channels_last_really_apply(tiny_data):
+    learn, _ = recipe_learner(with_overrides(load_recipe("resnet18_full"), data=str(tiny_data), **TINY))
+    assert learn.bf16_used and any(isinstance(c, BF16Autocast) for c in learn.cbs)
+    seen = _fit_one_batch_recording(learn)
+    assert seen["out_dtype"] == torch.bfloat16 and seen["in_cl"]
+    assert seen["pred"] == torch.float32 and seen["loss"] == torch.float32  # loss in fp32
+    assert learn.model[0].model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_fp32_fallback_and_switches_off(tiny_data, monkeypatch):
+    monkeypatch.setattr(T, "bf16_supported", lambda *a: False)  # a CPU without bf16
+    learn, _ = recipe_learner(with_overrides(load_recipe("resnet18_full"), data=str(tiny_data), **TINY))
+    assert not learn.bf16_used and not any(isinstance(c, BF16Autocast) for c in learn.cbs)
+    assert _fit_one_batch_recording(learn)["out_dtype"] == torch.float32
+    learn, _ = recipe_learner(with_overrides(load_recipe("resnet18_full"), data=str(tiny_data), bf16=False,
+                                             channels_last=False, **TINY))
+    assert not any(isinstance(c, (BF16Autocast, ChannelsLast)) for c in learn.cbs)
+    seen = _fit_one_batch_recording(learn)
+    assert seen["out_dtype"] == torch.float32 and not seen["in_cl"]
+
+
+@pytest.fixture
+def body_calls(monkeypatch):
+    calls = []
+    real = F.body_features
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+    monkeypatch.setattr(F, "body_features", counting)
+    return calls
+
+
+def _speed(d):
+    return json.loads((d / "config.json").read_text())["speed"]["cached_features"]
+
+
+def test_feature_cache_used_reused_and_invalidated(tiny_data, tmp_path, body_calls):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    kw = dict(out=tmp_path / "o", data=str(data), epochs=3, **TINY)
+    d1 = run_recipe("resnet18_head", **kw)
+    assert _speed(d1) == {"views": 2, "from_disk": False, "seconds": _speed(d1)["seconds"]}
+    assert len(body_calls) == 3  # 2 training views + validation, not 3 epochs x (train + valid)
+    d2 = run_recipe("resnet18_head", **kw)
+    assert _speed(d2)["from_disk"] and len(body_calls) == 3
+    m1, m2 = (json.loads((d / "metrics.json").read_text()) for d in (d1, d2))
+    assert m1["confusion_matrix"] == m2["confusion_matrix"]  # same results from the reused cache
+    run_recipe("resnet18_head", **{**kw, "size": 48})  # input size changed
+    assert len(body_calls) == 6
+    f = next((data / "train" / "normal").iterdir())  # data changed
+    f.write_bytes(next((data / "train" / "infected").iterdir()).read_bytes())
+    d4 = run_recipe("resnet18_head", **kw)
+    assert not _speed(d4)["from_disk"] and len(body_calls) == 9
+
+
+def test_feature_cache_only_for_frozen_bodies(tiny_data, tmp_path, body_calls):
+    kw = dict(out=tmp_path, data=str(tiny_data), epochs=1, **TINY)
+    assert _speed(run_recipe("resnet18_one", **kw)) is None  # a conv trains: no cache
+    assert _speed(run_recipe("resnet18_head", cache_features=False, **kw)) is None
+    assert _speed(run_recipe("resnet18_head", train_bn=True, **kw)) is None  # BatchNorm trains
+    assert body_calls == []
+    assert _speed(run_recipe("resnet18_head", aug="none", **kw))["views"] == 1
+
+
+def test_cached_head_is_the_models_head(tiny_data, tmp_path):
+    "The head trained on cached features is the head the saved model and the evaluation use."
+    from safetensors.torch import load_file
+    rec = with_overrides(load_recipe("resnet18_head"), data=str(tiny_data), epochs=2, **TINY)
+    learn, folders = recipe_learner(rec)
+    before = learn.model[1][5].weight.detach().clone()
+    hl = F.head_learner(learn, rec, folders)
+    with hl.no_bar(), hl.no_logging(): hl.fit(2, 1e-2)
+    assert not torch.equal(before, learn.model[1][5].weight)  # shared module was trained
+    assert F.split_head(learn.model[1])[0][0].__class__.__name__ == "AdaptiveAvgPool2d"
