@@ -9,9 +9,11 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torchvision.transforms as T
-from fastai.vision.all import (CategoryBlock, DataBlock, FuncSplitter, ImageBlock, PILImage, RandomSplitter,
-                               RandTransform, get_image_files, parent_label)
+from fastai.vision.all import (CategoryBlock, DataBlock, FuncSplitter, IntToFloatTensor, PILImage, RandomSplitter,
+                               RandTransform, Transform, TransformBlock, get_image_files, parent_label)
+from PIL import Image, ImageOps
 
 from .errors import UserError
 
@@ -91,7 +93,44 @@ class TorchvisionTfm(RandTransform):
         super().before_call(b, split_idx)
         self.tfm = self.train if split_idx == 0 else self.valid
 
-    def encodes(self, x: PILImage): return PILImage(self.tfm(x))
+    # Augment in the image's own mode (one channel for grayscale X-rays: a third of the work), then give the
+    # ImageNet body its 3 channels.
+    def encodes(self, x: PILImage): return PILImage(self.tfm(x).convert("RGB"))
+
+
+class DecodeOnce(Transform):
+    """Open an image file, resize its short side to the working size, and keep the result as compact uint8.
+
+    Later epochs (and later runs in the same process, e.g. a sweep) reuse the decoded pixels instead of decoding
+    the JPEG/PNG again. Grayscale stays one channel. The cache is per process and bounded
+    (`$COVID_FASTAI_DECODE_CACHE_MB`, default 4096); entries are keyed by file, size, mtime and resize.
+    """
+    def __init__(self, resize_to: int):
+        super().__init__()
+        self.resize = T.Resize(resize_to)  # the seed's first op, applied exactly once
+
+    def encodes(self, fn: Path):
+        st = os.stat(fn)
+        key = (str(fn), st.st_mtime_ns, st.st_size, self.resize.size)
+        arr = _DECODED.get(key)
+        if arr is None:
+            with Image.open(fn) as im:
+                im = ImageOps.exif_transpose(im)
+                im = im.convert("L" if im.mode == "L" else "RGB")
+                arr = np.asarray(self.resize(im))
+            _remember(key, arr)
+        return PILImage(Image.fromarray(arr))
+
+
+_DECODED: dict = {}
+_DECODED_BYTES = [0]
+
+
+def _remember(key, arr):
+    budget = int(os.environ.get("COVID_FASTAI_DECODE_CACHE_MB", 4096)) * 2 ** 20
+    if _DECODED_BYTES[0] + arr.nbytes <= budget:
+        _DECODED[key] = arr
+        _DECODED_BYTES[0] += arr.nbytes
 
 
 @dataclass(frozen=True)
@@ -122,7 +161,9 @@ class SeedAug:
         return T.Compose(tfms)
 
     def item_tfms(self):
-        return [TorchvisionTfm(self.train_tfm(), self.eval_tfm())]
+        "The pipelines after their first op, Resize, which `DecodeOnce` applies when it decodes."
+        tail = lambda c: T.Compose(c.transforms[1:])
+        return [TorchvisionTfm(tail(self.train_tfm()), tail(self.eval_tfm()))]
 
 
 # Named augmentation policies a recipe or `--aug` can pick.
@@ -147,8 +188,9 @@ def xray_datablock(folders: XrayFolders, aug: SeedAug, seed: int = 42, valid_pct
     else:
         splitter = RandomSplitter(valid_pct, seed=seed)
         get_items = lambda _: folders.files("train")
-    # PILImage opens every image as RGB, so grayscale X-rays become 3 identical channels for ImageNet bodies.
-    return DataBlock(blocks=(ImageBlock(PILImage), CategoryBlock(vocab=folders.classes)), get_items=get_items,
+    # Images are decoded (and resized) once; grayscale X-rays become 3 identical channels after augmentation.
+    images = TransformBlock(type_tfms=DecodeOnce(aug.resize_to), batch_tfms=IntToFloatTensor)
+    return DataBlock(blocks=(images, CategoryBlock(vocab=folders.classes)), get_items=get_items,
                      splitter=splitter, get_y=parent_label, item_tfms=aug.item_tfms())
 
 

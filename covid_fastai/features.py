@@ -65,14 +65,16 @@ def feature_cache_key(arch: str, weights_sha: str | None, train_files, valid_fil
 
 
 @torch.no_grad()
-def body_features(learn, dl, pre_pool: nn.Module, bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def body_features(learn, dl, pre_pool: nn.Module, bf16: bool,
+                  channels_last: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     "Run the (frozen) body and the head's leading pooling over `dl` in eval mode: (features, targets)."
-    body = learn.model[0].eval()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    body = learn.model[0].eval().to(memory_format=fmt)  # model and input in the same format (else: slow path)
     device = next(body.parameters()).device
     feats, targs = [], []
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     for xb, yb in dl:
-        xb = xb.as_subclass(torch.Tensor).to(device).contiguous(memory_format=torch.channels_last)
+        xb = xb.as_subclass(torch.Tensor).to(device).contiguous(memory_format=fmt)
         with amp:
             f = pre_pool(body(xb))
         feats.append(f.cpu())  # bf16 when the body ran under autocast: half the cache
@@ -112,9 +114,9 @@ def _compute_or_load(learn, recipe, folders, pre_pool, views: int, bf16: bool) -
     for v in range(views):
         set_seed(recipe.seed + v)  # each view's augmentation is reproducible
         dl = learn.dls.train.new(shuffle=False, drop_last=False)
-        out[f"train_{v}"], out["train_y"] = body_features(learn, dl, pre_pool, bf16)
+        out[f"train_{v}"], out["train_y"] = body_features(learn, dl, pre_pool, bf16, recipe.channels_last)
     out["valid"], out["valid_y"] = body_features(learn, learn.dls.valid.new(shuffle=False, drop_last=False),
-                                                 pre_pool, bf16)
+                                                 pre_pool, bf16, recipe.channels_last)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     save_file({k: v.contiguous() for k, v in out.items()}, tmp)

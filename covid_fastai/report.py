@@ -30,6 +30,14 @@ def _cm_text(cm, classes) -> str:
     return "; ".join(f"{c}: {row}" for c, row in zip(classes, cm))
 
 
+def _cache_note(config) -> str:
+    cf = config["speed"].get("cached_features")
+    if not cf: return ""
+    how = "loaded from the cache" if cf["from_disk"] else "computed"
+    return (f"; the frozen body ran on {cf['views']} cached view(s) per training image ({how} in "
+            f"{cf['seconds']:.1f} s, counted in the training time) and the head trained on those features")
+
+
 def write_report(run_dir, config: dict, metrics: dict, history: pd.DataFrame, files: dict) -> Path:
     "report.md tying config, curves, confusion matrix, metrics and the best/worst grids together."
     run_dir = Path(run_dir)
@@ -54,7 +62,8 @@ def write_report(run_dir, config: dict, metrics: dict, history: pd.DataFrame, fi
           f"test: {data['test'] or 'none'}",
           f"- Speed: bf16 autocast {config['speed']['bf16_autocast']}, channels_last "
           f"{config['speed']['channels_last']}; training {metrics['train_seconds']:.1f} s, "
-          f"{metrics['train_images_per_s']:.1f} images/s; whole run {metrics['wall_seconds']:.1f} s", ""]
+          f"{metrics['train_images_per_s']:.1f} images/s; whole run {metrics['wall_seconds']:.1f} s" + _cache_note(config),
+          ""]
     split = metrics["split"]
     if data["test"] is None:
         L += [f"**No test/ folder: the metrics below are on the validation split**, which also steered nothing "

@@ -114,3 +114,43 @@ def test_cached_head_is_the_models_head(tiny_data, tmp_path):
     with hl.no_bar(), hl.no_logging(): hl.fit(2, 1e-2)
     assert not torch.equal(before, learn.model[1][5].weight)  # shared module was trained
     assert F.split_head(learn.model[1])[0][0].__class__.__name__ == "AdaptiveAvgPool2d"
+
+
+def test_decode_once_cache(tiny_data, tmp_path, monkeypatch):
+    "Images are decoded once (per file, size and working size), then served from the uint8 cache."
+    import numpy as np
+    from PIL import Image
+
+    from covid_fastai import data as D
+    monkeypatch.setattr(D, "_DECODED", {})
+    monkeypatch.setattr(D, "_DECODED_BYTES", [0])
+    opened = []
+    real_open = Image.open
+    monkeypatch.setattr(D.Image, "open", lambda fp, *a, **k: (opened.append(str(fp)), real_open(fp, *a, **k))[1])
+    root = tmp_path / "d"
+    shutil.copytree(tiny_data, root)
+    f = D.find_xray_folders(root)
+    dls = D.xray_dls(f, D.make_aug("seed", 32), bs=8)
+    for _ in range(2): list(dls.train)
+    assert sorted(set(opened)) == sorted(map(str, f.files("train"))) and len(opened) == 24  # once each
+    assert all(v.dtype == np.uint8 and v.ndim == 2 and min(v.shape) == 37 for v in D._DECODED.values())
+    changed = f.files("train")[0]
+    changed.write_bytes(f.files("train")[1].read_bytes())  # new content, size and mtime: decoded again
+    list(dls.train)
+    assert len(opened) == 25 and opened[-1] == str(changed)
+
+
+def test_decoded_eval_pipeline_equals_the_seeds(tiny_data):
+    "Decode-once + CenterCrop gives exactly torchvision's Resize(256/224 ratio) + CenterCrop on the file."
+    import torchvision.transforms as TV
+    from PIL import Image
+
+    from covid_fastai import data as D
+    f = D.find_xray_folders(tiny_data)
+    dls = D.xray_dls(f, D.make_aug("seed", 32), bs=4)
+    xb = dls.valid.one_batch()[0]
+    ref = TV.Compose([TV.Resize(37), TV.CenterCrop(32), TV.PILToTensor()])
+    for i, fn in enumerate(dls.valid.items[:4]):
+        want = ref(Image.open(fn).convert("RGB")).float() / 255
+        got = dls.valid.after_batch.decode((xb[i:i + 1],))[0][0].float() / 255
+        assert torch.allclose(got, want, atol=1 / 255 + 1e-6)
