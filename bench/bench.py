@@ -1,4 +1,4 @@
-"""Speed benchmarks (not tests): python bench/bench.py [--quick] [--only 1,2,3,4,5]
+"""Speed benchmarks (not tests): python bench/bench.py [--quick] [--only 1,2,3,4,5,6]
 
 Measures, side by side in one run, the library's defaults (bf16 autocast + channels-last, cached features for
 frozen bodies) against fastai's defaults (fp32, NCHW, no cache), and writes bench/results.md with the machine's
@@ -11,6 +11,10 @@ shared and noisy).
 4. achieved training GFLOP/s (torch's FLOP counter, 2 FLOPs per multiply-add) over the bf16 matmul peak
 5. wall time of the VGG-16 seed grid at the seed's settings, default vs fastai defaults: per-image times
    measured on a subset of the shared data, extrapolated to the full split x 10 epochs
+6. the data path: loading images/s with the decode-once cache (first vs later passes) for 0/1/2 workers, and
+   per-item augmentation on PIL uint8 vs torchvision tensor kernels
+
+A full run takes about 25 minutes on 2 cores; `--only 1,4` runs some parts (written to results-only-1-4.md).
 """
 from __future__ import annotations
 
@@ -248,27 +252,62 @@ def bench5(quick):
     return "\n".join(rows)
 
 
+def bench6(quick):
+    "Data path: decode-once cache and loader workers; per-item augmentation on PIL uint8 vs torchvision tensors."
+    import numpy as np
+    import torchvision.transforms as TV
+    import torchvision.transforms.v2 as V2
+    from PIL import Image
+
+    from covid_fastai import data as D
+    f = D.find_xray_folders(DATA)
+    rows = ["| loader | pass | images/s (one full training epoch of loading, seed augmentation, 224 px) |", "|---|---|---|"]
+    for nw in (0, 1, 2):
+        D._DECODED.clear(); D._DECODED_BYTES[0] = 0
+        dls = D.xray_dls(f, D.make_aug("seed", 224), bs=64, num_workers=nw, persistent_workers=nw > 0)
+        for ep in range(1 if quick else 2):
+            t = time.perf_counter(); n = sum(len(yb) for _, yb in dls.train)
+            rows.append(f"| {nw} workers | {'first (decodes)' if ep == 0 else 'second (cached pixels)'} | "
+                        f"{n / (time.perf_counter() - t):.0f} |")
+            print(rows[-1], flush=True)
+    im = TV.Resize(256)(Image.open(f.files("train")[0]).convert("L"))
+    pil = TV.Compose([TV.RandomRotation(30), TV.RandomResizedCrop(224), TV.RandomHorizontalFlip()])
+    ten = V2.Compose([V2.RandomRotation(30), V2.RandomResizedCrop(224, antialias=True), V2.RandomHorizontalFlip()])
+    x = torch.from_numpy(np.asarray(im))[None]
+    for name, fn, inp in (("PIL, uint8 grayscale", pil, im), ("torchvision v2 on a uint8 tensor (1 channel)", ten, x)):
+        rates = []
+        for _ in range(3):
+            t = time.perf_counter()
+            for _ in range(200): fn(inp)
+            rates.append(200 / (time.perf_counter() - t))
+        rows.append(f"| augmentation only: {name} | - | {mm(rates)} |")
+        print(rows[-1], flush=True)
+    return "\n".join(rows)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer repeats and smaller subsets (a smoke run)")
-    ap.add_argument("--only", default="1,2,3,4,5", help="which measurements, e.g. 1,4")
+    ap.add_argument("--only", default="1,2,3,4,5,6", help="which measurements, e.g. 1,4")
     args = ap.parse_args()
     which = [int(x) for x in args.only.split(",")]
     os.environ.setdefault("COVID_FASTAI_CACHE", tempfile.mkdtemp(prefix="bench-cache-"))  # cold feature cache
     titles = {1: "Train-step images/s: library default vs fastai defaults",
               2: "End-to-end epoch vs pure train step", 3: "Head-only recipe: cached features vs none",
-              4: "Achieved training GFLOP/s vs bf16 matmul peak", 5: "VGG-16 seed grid wall time (extrapolated)"}
-    fns = {1: bench1, 2: bench2, 3: bench3, 4: bench4, 5: bench5}
+              4: "Achieved training GFLOP/s vs bf16 matmul peak", 5: "VGG-16 seed grid wall time (extrapolated)",
+              6: "Data path: decode-once cache, loader workers, augmentation kernels"}
+    fns = {1: bench1, 2: bench2, 3: bench3, 4: bench4, 5: bench5, 6: bench6}
+    out = OUT if args.only == "1,2,3,4,5,6" else OUT.with_name(f"results-only-{args.only.replace(',', '-')}.md")
     parts = [f"# Benchmarks\n\nRun: `python bench/bench.py{' --quick' if args.quick else ''}"
-             f"{'' if args.only == '1,2,3,4,5' else ' --only ' + args.only}` on "
+             f"{'' if out == OUT else ' --only ' + args.only}` on "
              f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}.\n\nMachine: {machine()}\n\n"
              "Figures are min / median over repeats.\n"]
     for i in which:
         print(f"== {i}. {titles[i]}", flush=True)
         t = time.perf_counter()
         parts.append(f"## {i}. {titles[i]}\n\n{fns[i](args.quick)}\n\n(took {time.perf_counter() - t:.0f} s)\n")
-        OUT.write_text("\n".join(parts))  # keep what is done if a later part fails
-    print(f"wrote {OUT}")
+        out.write_text("\n".join(parts))  # keep what is done if a later part fails
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

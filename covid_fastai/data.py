@@ -205,6 +205,8 @@ def xray_dls(folders: XrayFolders, aug: SeedAug, bs: int = 128, seed: int = 42, 
     "fastai `DataLoaders` for `folders` (train/valid); the test split is made later with `dls.test_dl`."
     dblock = xray_datablock(folders, aug, seed=seed, valid_pct=valid_pct)
     nw = default_workers() if num_workers is None else num_workers
+    # Workers that live across epochs keep their decode-once caches (fastai gives each worker 1 torch thread).
+    kwargs.setdefault("persistent_workers", nw > 0)
     dls = dblock.dataloaders(folders.root, bs=bs, num_workers=nw, **kwargs)
     # Keep the last partial batch, as the seed's torch DataLoader did (fastai drops it, and a data set smaller
     # than one batch would train on nothing); drop it only when it is a single image, which BatchNorm refuses.

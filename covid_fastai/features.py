@@ -1,10 +1,13 @@
 """Cached body features: when a plan freezes the whole body, run it once per image view, train the head on
 the cache.
 
-Policy (documented in the README): the frozen body runs in eval mode (BatchNorm uses its running
-statistics: a frozen feature extractor). Training images get `views` augmented views (default 2, drawn with
-the recipe's training augmentation, seeded); epoch `e` trains on view `e % views`, so 10 epochs cost 2 body
-passes instead of 10. Validation gets its single deterministic view. With augmentation off one view is made.
+Policy (documented in the README): the cache computes what the uncached fit would have computed. Training
+images get `views` augmented views (default 2, drawn with the recipe's training augmentation, seeded), made
+with the body in training mode as in an uncached fit of a frozen body: BatchNorm normalises with batch
+statistics and its running statistics move towards the X-ray data. Epoch `e` trains on view `e % views`, so 10
+epochs cost 2 body passes instead of 10. Validation gets its single deterministic view in eval mode, after
+the training views. The BatchNorm running statistics are stored with the cache and restored when it is reused,
+so later evaluation sees the same body either way. With augmentation off one view is made.
 Parameter-free pooling at the start of the head (e.g. ResNet's global average pool) is applied before
 caching, so the cache holds 512 numbers per image instead of 512x7x7.
 
@@ -60,16 +63,16 @@ def feature_cache_key(arch: str, weights_sha: str | None, train_files, valid_fil
     "A hash of everything the cached features depend on."
     spec = {"arch": arch, "weights": weights_sha, "train": _files_digest(train_files),
             "valid": _files_digest(valid_files), "size": size, "resize": resize, "aug": aug, "views": views,
-            "seed": seed, "pre_pool": pre_pool, "version": 1}
+            "seed": seed, "pre_pool": pre_pool, "version": 2}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:24]
 
 
 @torch.no_grad()
-def body_features(learn, dl, pre_pool: nn.Module, bf16: bool,
-                  channels_last: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    "Run the (frozen) body and the head's leading pooling over `dl` in eval mode: (features, targets)."
+def body_features(learn, dl, pre_pool: nn.Module, bf16: bool, channels_last: bool = True,
+                  train_mode: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    "Run the (frozen) body and the head's leading pooling over `dl`: (features, targets)."
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    body = learn.model[0].eval().to(memory_format=fmt)  # model and input in the same format (else: slow path)
+    body = learn.model[0].train(train_mode).to(memory_format=fmt)  # model and input in one format (else: slow)
     device = next(body.parameters()).device
     feats, targs = [], []
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
@@ -83,13 +86,13 @@ def body_features(learn, dl, pre_pool: nn.Module, bf16: bool,
 
 
 class FeatureViews:
-    "Indexable (feature, target) pairs from one of several cached views, switched per epoch."
-    def __init__(self, views: list[torch.Tensor], targs: torch.Tensor):
+    "Indexable (feature, target) pairs from one of several cached views (each in its own order), switched per epoch."
+    def __init__(self, views: list[torch.Tensor], targs: list[torch.Tensor]):
         self.views, self.targs, self.view = views, targs, 0
 
-    def __len__(self): return len(self.targs)
+    def __len__(self): return len(self.targs[0])
 
-    def __getitem__(self, i): return self.views[self.view][i].float(), self.targs[i]
+    def __getitem__(self, i): return self.views[self.view][i].float(), self.targs[self.view][i]
 
 
 class SwitchView(Callback):
@@ -100,23 +103,30 @@ class SwitchView(Callback):
 
 
 def _compute_or_load(learn, recipe, folders, pre_pool, views: int, bf16: bool) -> tuple[dict, bool]:
-    "The cached tensors {'train_0'.., 'train_y', 'valid', 'valid_y'} and whether they came from disk."
+    "The cached tensors {'train_<v>', 'train_<v>_y', 'valid', 'valid_y', 'buffer.<name>'}, and whether from disk."
     from .data import make_aug
     aug = make_aug(recipe.aug, recipe.size, recipe.resize)
     key = feature_cache_key(recipe.arch, learn.weights_provenance.get("sha256"), learn.dls.train.items,
                             learn.dls.valid.items, recipe.size, aug.resize_to, recipe.aug, views, recipe.seed,
                             repr(pre_pool))
     path = cache_dir() / "features" / f"{key}.safetensors"
+    buffers = dict(learn.model[0].named_buffers())  # BatchNorm running statistics (and counters)
     if path.exists():
-        try: return load_file(path), True
-        except Exception: path.unlink(missing_ok=True)  # a torn or corrupt file: recompute
+        try:
+            t = load_file(path)
+            for k, b in buffers.items(): b.copy_(t[f"buffer.{k}"])
+            return t, True
+        except Exception: path.unlink(missing_ok=True)  # a torn, corrupt or foreign file: recompute
     out = {}
     for v in range(views):
         set_seed(recipe.seed + v)  # each view's augmentation is reproducible
-        dl = learn.dls.train.new(shuffle=False, drop_last=False)
-        out[f"train_{v}"], out["train_y"] = body_features(learn, dl, pre_pool, bf16, recipe.channels_last)
+        # shuffled batches, as in training: BatchNorm's batch statistics must not see one class per batch
+        dl = learn.dls.train.new(shuffle=True, drop_last=False)
+        out[f"train_{v}"], out[f"train_{v}_y"] = body_features(learn, dl, pre_pool, bf16, recipe.channels_last,
+                                                               train_mode=True)
     out["valid"], out["valid_y"] = body_features(learn, learn.dls.valid.new(shuffle=False, drop_last=False),
                                                  pre_pool, bf16, recipe.channels_last)
+    out.update({f"buffer.{k}": b.detach().clone() for k, b in buffers.items()})
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     save_file({k: v.contiguous() for k, v in out.items()}, tmp)
@@ -133,8 +143,8 @@ def head_learner(learn, recipe, folders, views: int = 2, bf16: bool = False, cbs
     views = 1 if recipe.aug == "none" else views
     t, from_disk = _compute_or_load(learn, recipe, folders, pre_pool, views, bf16)
     set_seed(recipe.seed)  # the head's training shuffles alike whether the cache was made now or loaded
-    train = FeatureViews([t[f"train_{v}"] for v in range(views)], t["train_y"])
-    valid = FeatureViews([t["valid"]], t["valid_y"])
+    train = FeatureViews([t[f"train_{v}"] for v in range(views)], [t[f"train_{v}_y"] for v in range(views)])
+    valid = FeatureViews([t["valid"]], [t["valid_y"]])
     bs = recipe.bs
     dls = DataLoaders(DataLoader(train, bs=bs, shuffle=True, drop_last=len(train) % bs == 1),
                       DataLoader(valid, bs=bs))

@@ -80,8 +80,23 @@ def _to_bool(key, v):
     raise UserError(f"--{key} must be true or false, got {v!r}")
 
 
+def _choices(key):
+    "Allowed values of the fields that name a policy (looked up where each policy is defined)."
+    if key == "aug":
+        from .data import AUGMENTATIONS
+        return sorted(AUGMENTATIONS)
+    if key == "opt":
+        from .models import OPTIMIZERS
+        return sorted(OPTIMIZERS)
+    return {"schedule": ["constant", "one_cycle"], "head": ["fastai", "seed"]}.get(key)
+
+
 def _check(key, v):
     if key in _BOOL: return _to_bool(key, v)
+    if _choices(key) is not None:
+        if str(v) not in _choices(key):
+            raise UserError(f"--{key} must be one of {', '.join(_choices(key))}, got {v!r}")
+        return str(v)
     if key in _POSITIVE_INT:
         try: iv = int(str(v))
         except ValueError: raise UserError(f"--{key} must be a positive whole number, got {v!r}") from None

@@ -127,9 +127,8 @@ def recipe_learner(recipe: Recipe, path=None, cbs=None):
 
 def _fit(learn, recipe: Recipe):
     lr = slice(recipe.lr / recipe.lr_mult, recipe.lr) if recipe.lr_mult > 1 else recipe.lr
-    if recipe.schedule == "constant": learn.fit(recipe.epochs, lr)  # the seed: no schedule
-    elif recipe.schedule == "one_cycle": learn.fit_one_cycle(recipe.epochs, lr)
-    else: raise UserError(f"unknown schedule {recipe.schedule!r}: choose 'constant' or 'one_cycle'")
+    if recipe.schedule == "one_cycle": learn.fit_one_cycle(recipe.epochs, lr)
+    else: learn.fit(recipe.epochs, lr)  # 'constant', the seed: no schedule
 
 
 def _plain_epoch_log(learn):
@@ -156,7 +155,6 @@ def run(recipe: Recipe, out=None) -> Path:
     "Train and evaluate `recipe`; returns the new run folder."
     out = Path(out) if out is not None else OUTPUTS
     t_start = time.perf_counter()
-    data_path = resolve_data(recipe.data)
     learn, folders = recipe_learner(recipe)
     run_dir = new_run_dir(out, recipe.name)
     learn.path = run_dir
@@ -173,7 +171,7 @@ def run(recipe: Recipe, out=None) -> Path:
         "recipe": {**dataclasses.asdict(recipe), "plan": {**dataclasses.asdict(recipe.plan),
                                                           "description": recipe.plan.describe()}},
         "status": "running", "run_dir": str(run_dir), "created": datetime.now(timezone.utc).isoformat(),
-        "data": {"path": str(data_path), "synthetic": folders.synthetic, "classes": folders.classes,
+        "data": {"path": str(folders.root), "synthetic": folders.synthetic, "classes": folders.classes,
                  "counts": folders.counts(),
                  "valid": (f"folder {folders.valid_name}/" if folders.valid_name
                            else f"random {recipe.valid_pct:.0%} of train (seed {recipe.seed})"),

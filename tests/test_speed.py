@@ -87,6 +87,10 @@ def test_feature_cache_used_reused_and_invalidated(tiny_data, tmp_path, body_cal
     assert _speed(d2)["from_disk"] and len(body_calls) == 3
     m1, m2 = (json.loads((d / "metrics.json").read_text()) for d in (d1, d2))
     assert m1["confusion_matrix"] == m2["confusion_matrix"]  # same results from the reused cache
+    from safetensors.torch import load_file
+    bn = "0.model.layer1.0.bn1.running_mean"  # BatchNorm statistics from the training-mode pass, restored on reuse
+    s1, s2 = load_file(d1 / "model.safetensors"), load_file(d2 / "model.safetensors")
+    assert torch.equal(s1[bn], s2[bn]) and not torch.equal(s1[bn], torch.zeros_like(s1[bn]))
     run_recipe("resnet18_head", **{**kw, "size": 48})  # input size changed
     assert len(body_calls) == 6
     f = next((data / "train" / "normal").iterdir())  # data changed
