@@ -102,7 +102,7 @@ class SwitchView(Callback):
         if isinstance(ds, FeatureViews): ds.view = self.epoch % len(ds.views)
 
 
-def _compute_or_load(learn, recipe, folders, pre_pool, views: int, bf16: bool) -> tuple[dict, bool]:
+def _compute_or_load(learn, recipe, pre_pool, views: int, bf16: bool) -> tuple[dict, bool]:
     "The cached tensors {'train_<v>', 'train_<v>_y', 'valid', 'valid_y', 'buffer.<name>'}, and whether from disk."
     from .data import make_aug
     aug = make_aug(recipe.aug, recipe.size, recipe.resize)
@@ -134,14 +134,14 @@ def _compute_or_load(learn, recipe, folders, pre_pool, views: int, bf16: bool) -
     return out, False
 
 
-def head_learner(learn, recipe, folders, views: int = 2, bf16: bool = False, cbs=None) -> Learner:
+def head_learner(learn, recipe, views: int = 2, bf16: bool = False, cbs=None) -> Learner:
     """A Learner that trains `learn`'s head (shared modules) on cached body features.
 
     Same loss, optimiser, lr, metrics and callbacks as `learn`; `learn.model` holds the trained head afterwards.
     """
     pre_pool, rest = split_head(learn.model[1])
     views = 1 if recipe.aug == "none" else views
-    t, from_disk = _compute_or_load(learn, recipe, folders, pre_pool, views, bf16)
+    t, from_disk = _compute_or_load(learn, recipe, pre_pool, views, bf16)
     set_seed(recipe.seed)  # the head's training shuffles alike whether the cache was made now or loaded
     train = FeatureViews([t[f"train_{v}"] for v in range(views)], [t[f"train_{v}_y"] for v in range(views)])
     valid = FeatureViews([t["valid"]], [t["valid_y"]])

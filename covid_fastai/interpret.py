@@ -39,6 +39,7 @@ class Evaluation:
     probs: np.ndarray        # (n, n_classes) softmax probabilities
     targs: np.ndarray        # (n,) true class indices
     losses: np.ndarray       # (n,) per-image cross-entropy
+    preds: np.ndarray        # (n,) predicted class indices (argmax)
     interp: CachedInterpretation
 
     @classmethod
@@ -47,10 +48,7 @@ class Evaluation:
         decoded = probs.argmax(1)
         interp = CachedInterpretation(learn, dl, losses, decoded.numpy(), targs.numpy())
         return cls(split, list(dl.items), list(dl.vocab), probs.float().numpy(), targs.numpy(),
-                   losses.float().numpy(), interp)
-
-    @property
-    def preds(self) -> np.ndarray: return self.probs.argmax(1)
+                   losses.float().numpy(), decoded.numpy(), interp)
 
     def metrics(self) -> dict: return classification_metrics(self.targs, self.preds, self.classes)
 

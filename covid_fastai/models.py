@@ -10,7 +10,6 @@ import re
 from functools import partial
 
 import timm
-import torch
 from fastai.vision.all import (SGD, Adam, CrossEntropyLossFlat, Learner, Normalize, TimmBody, accuracy,
                                add_head, create_head, params, skm_to_fastai)
 from sklearn import metrics as skm

@@ -66,8 +66,8 @@ def write_report(run_dir, config: dict, metrics: dict, history: pd.DataFrame, fi
           ""]
     split = metrics["split"]
     if data["test"] is None:
-        L += [f"**No test/ folder: the metrics below are on the validation split**, which also steered nothing "
-              f"in training but is not an independent test.", ""]
+        L += ["**No test/ folder: the metrics below are on the validation split**, which also steered nothing "
+              "in training but is not an independent test.", ""]
     L += [f"## Results on the {split} split ({metrics['n']} images)", "",
           f"Accuracy **{metrics['accuracy']:.4f}**.", ""]
     per = pd.DataFrame([{"class": c, **v} for c, v in metrics["per_class"].items()])

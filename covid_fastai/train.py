@@ -139,11 +139,11 @@ def _plain_epoch_log(learn):
     return log
 
 
-def _trainer(learn, recipe: Recipe, folders, cbs):
+def _trainer(learn, recipe: Recipe, cbs):
     "The Learner that fits: a head-only Learner on cached body features when the body is frozen, else `learn`."
     if recipe.cache_features and body_is_frozen(learn):
         t0 = time.perf_counter()
-        hl = head_learner(learn, recipe, folders, views=recipe.cache_views, bf16=learn.bf16_used, cbs=cbs)
+        hl = head_learner(learn, recipe, views=recipe.cache_views, bf16=learn.bf16_used, cbs=cbs)
         hl.feature_seconds = time.perf_counter() - t0
         return hl
     learn.add_cbs(cbs)
@@ -159,7 +159,7 @@ def run(recipe: Recipe, out=None) -> Path:
     run_dir = new_run_dir(out, recipe.name)
     learn.path = run_dir
     tp = TrainThroughput()
-    trainer = _trainer(learn, recipe, folders, [tp, HistoryCSV(run_dir / "history.csv")])
+    trainer = _trainer(learn, recipe, [tp, HistoryCSV(run_dir / "history.csv")])
     trainer.train_throughput = tp
     trainer.recorder.train_metrics = True
     if not sys.stdout.isatty():

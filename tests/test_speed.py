@@ -1,7 +1,6 @@
 """Speed features behave as stated: bf16 autocast really casts, channels-last really applies, fp32 fallback, and
 the feature cache is used, reused and invalidated."""
 import json
-import os
 import shutil
 
 import pytest
@@ -110,11 +109,10 @@ def test_feature_cache_only_for_frozen_bodies(tiny_data, tmp_path, body_calls):
 
 def test_cached_head_is_the_models_head(tiny_data, tmp_path):
     "The head trained on cached features is the head the saved model and the evaluation use."
-    from safetensors.torch import load_file
     rec = with_overrides(load_recipe("resnet18_head"), data=str(tiny_data), epochs=2, **TINY)
     learn, folders = recipe_learner(rec)
     before = learn.model[1][5].weight.detach().clone()
-    hl = F.head_learner(learn, rec, folders)
+    hl = F.head_learner(learn, rec)
     with hl.no_bar(), hl.no_logging(): hl.fit(2, 1e-2)
     assert not torch.equal(before, learn.model[1][5].weight)  # shared module was trained
     assert F.split_head(learn.model[1])[0][0].__class__.__name__ == "AdaptiveAvgPool2d"
