@@ -171,24 +171,40 @@ def bench2(quick):
     return "\n".join(rows)
 
 
-def bench3(quick):
-    rows = ["| recipe (10 epochs, seed policy, real data) | wall s | training s (incl. features) | test accuracy | weights |",
-            "|---|---|---|---|---|"]
+# Configurations of measurement 3: (label, recipe overrides). The head-only recipe under the seed policy (training-
+# mode BatchNorm in the frozen body, the assignment's heavy augmentation), the same with fastai's BnFreeze, and
+# under the modern policy (BnFreeze, mild X-ray augmentation, lr_find, one-cycle AdamW).
+B3_CONFIGS = {"seed": ("seed policy", {}), "bn_freeze": ("seed policy + bn_freeze", {"bn_freeze": "true"}),
+              "modern": ("modern policy", {"policy": "modern"})}
+
+
+def bench3(quick, configs=("seed", "bn_freeze", "modern"), seeds=(42,)):
+    rows = ["| recipe (10 epochs, real data) | seed | cached: wall s / training s / test accuracy | "
+            "uncached: wall s / training s / test accuracy | wall speed-up | accuracy difference (points) |",
+            "|---|---|---|---|---|---|"]
     name = "effnet_lite0_head"
     kw = dict(data=DATA, epochs=3 if quick else 10)
-    res = {}
-    for label, extra in (("cached features (default)", {}), ("no cache", {"cache_features": "false"})):
-        r = run_recipe_py(name, **kw, **extra)
-        res[label] = r
-        m = r["metrics"]
-        rows.append(f"| {name}, {label} | {r['wall']:.0f} | {m['train_seconds']:.0f} | {m['accuracy']:.4f} | "
-                    f"{r['config']['weights']['source']} |")
-        print(rows[-1], flush=True)
-    a, b = res["cached features (default)"], res["no cache"]
-    rows.append(f"\nSpeed-up (wall): {b['wall'] / a['wall']:.1f}x (target >= 5x); training-time speed-up "
-                f"{b['metrics']['train_seconds'] / a['metrics']['train_seconds']:.1f}x; accuracy difference "
-                f"{100 * (a['metrics']['accuracy'] - b['metrics']['accuracy']):+.2f} points (target within 1).")
-    return "\n".join(rows)
+    summary = []
+    for cfg in configs:
+        label, extra = B3_CONFIGS[cfg]
+        acc = {"cached": [], "uncached": []}
+        speed = []
+        for seed in seeds:
+            a = run_recipe_py(name, **kw, **extra, seed=seed)
+            b = run_recipe_py(name, **kw, **extra, seed=seed, cache_features="false")
+            ma, mb = a["metrics"], b["metrics"]
+            acc["cached"].append(ma["accuracy"])
+            acc["uncached"].append(mb["accuracy"])
+            speed.append(b["wall"] / a["wall"])
+            rows.append(f"| {name}, {label} | {seed} | {a['wall']:.0f} / {ma['train_seconds']:.0f} / {ma['accuracy']:.4f} | "
+                        f"{b['wall']:.0f} / {mb['train_seconds']:.0f} / {mb['accuracy']:.4f} | {speed[-1]:.1f}x | "
+                        f"{100 * (ma['accuracy'] - mb['accuracy']):+.2f} |")
+            print(rows[-1], flush=True)
+        ca, ua = statistics.mean(acc["cached"]), statistics.mean(acc["uncached"])
+        summary.append(f"- {label}: wall speed-up min/median {mm(speed)}x (target >= 5x); mean test accuracy cached "
+                       f"{ca:.4f} vs uncached {ua:.4f}, {100 * (ca - ua):+.2f} points over {len(seeds)} seed(s) "
+                       f"(target within 1); uncached seed-to-seed range {100 * (max(acc['uncached']) - min(acc['uncached'])):.2f} points.")
+    return "\n".join(rows + [""] + summary)
 
 
 def bench4(quick):
@@ -289,6 +305,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer repeats and smaller subsets (a smoke run)")
     ap.add_argument("--only", default="1,2,3,4,5,6", help="which measurements, e.g. 1,4")
+    ap.add_argument("--b3-configs", default="seed,bn_freeze,modern", help=f"measurement 3: of {list(B3_CONFIGS)}")
+    ap.add_argument("--b3-seeds", default="42,1,2", help="measurement 3: seeds (cached and uncached run per seed)")
     args = ap.parse_args()
     which = [int(x) for x in args.only.split(",")]
     os.environ.setdefault("COVID_FASTAI_CACHE", tempfile.mkdtemp(prefix="bench-cache-"))  # cold feature cache
@@ -296,10 +314,14 @@ def main():
               2: "End-to-end epoch vs pure train step", 3: "Head-only recipe: cached features vs none",
               4: "Achieved training GFLOP/s vs bf16 matmul peak", 5: "VGG-16 seed grid wall time (extrapolated)",
               6: "Data path: decode-once cache, loader workers, augmentation kernels"}
-    fns = {1: bench1, 2: bench2, 3: bench3, 4: bench4, 5: bench5, 6: bench6}
-    out = OUT if args.only == "1,2,3,4,5,6" else OUT.with_name(f"results-only-{args.only.replace(',', '-')}.md")
+    b3 = lambda q: bench3(q, args.b3_configs.split(","), [int(x) for x in args.b3_seeds.split(",")])
+    fns = {1: bench1, 2: bench2, 3: b3, 4: bench4, 5: bench5, 6: bench6}
+    tag = args.only.replace(",", "-") + ("" if args.b3_configs == "seed,bn_freeze,modern" or 3 not in which
+                                         else "-" + args.b3_configs.replace(",", "-"))
+    out = OUT if args.only == "1,2,3,4,5,6" else OUT.with_name(f"results-only-{tag}.md")
     parts = [f"# Benchmarks\n\nRun: `python bench/bench.py{' --quick' if args.quick else ''}"
-             f"{'' if out == OUT else ' --only ' + args.only}` on "
+             f"{'' if out == OUT else ' --only ' + args.only}"
+             f"{'' if 3 not in which else f' --b3-configs {args.b3_configs} --b3-seeds {args.b3_seeds}'}` on "
              f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}.\n\nMachine: {machine()}\n\n"
              "Figures are min / median over repeats.\n"]
     for i in which:

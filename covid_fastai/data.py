@@ -169,6 +169,9 @@ class SeedAug:
 # Named augmentation policies a recipe or `--aug` can pick.
 AUGMENTATIONS = {
     "seed": dict(rotate=30.0, scale=(0.08, 1.0), flip=True),  # the assignment's pipeline
+    # the modern policy's: mild rotation and crops, no flips (a flipped chest puts the heart on the wrong side,
+    # and mirrors the L/R markers that some sources print on the film)
+    "xray": dict(rotate=10.0, scale=(0.7, 1.0), flip=False),
     "none": dict(random=False),
 }
 

@@ -7,7 +7,9 @@ with the body in training mode as in an uncached fit of a frozen body: BatchNorm
 statistics and its running statistics move towards the X-ray data. Epoch `e` trains on view `e % views`, so 10
 epochs cost 2 body passes instead of 10. Validation gets its single deterministic view in eval mode, after
 the training views. The BatchNorm running statistics are stored with the cache and restored when it is reused,
-so later evaluation sees the same body either way. With augmentation off one view is made.
+so later evaluation sees the same body either way. With `bn_freeze` (fastai's BnFreeze, the modern policy) the
+frozen body runs in eval mode instead, and each cached view is exactly what the uncached fit computes for that
+augmentation draw. With augmentation off one view is made.
 Parameter-free pooling at the start of the head (e.g. ResNet's global average pool) is applied before
 caching, so the cache holds 512 numbers per image instead of 512x7x7.
 
@@ -59,11 +61,11 @@ def _files_digest(files) -> str:
 
 
 def feature_cache_key(arch: str, weights_sha: str | None, train_files, valid_files, size: int, resize: int,
-                      aug: str, views: int, seed: int, pre_pool: str) -> str:
+                      aug: str, views: int, seed: int, pre_pool: str, bn_train: bool = True) -> str:
     "A hash of everything the cached features depend on."
     spec = {"arch": arch, "weights": weights_sha, "train": _files_digest(train_files),
             "valid": _files_digest(valid_files), "size": size, "resize": resize, "aug": aug, "views": views,
-            "seed": seed, "pre_pool": pre_pool, "version": 2}
+            "seed": seed, "pre_pool": pre_pool, "bn_train": bn_train, "version": 2}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -106,9 +108,10 @@ def _compute_or_load(learn, recipe, pre_pool, views: int, bf16: bool) -> tuple[d
     "The cached tensors {'train_<v>', 'train_<v>_y', 'valid', 'valid_y', 'buffer.<name>'}, and whether from disk."
     from .data import make_aug
     aug = make_aug(recipe.aug, recipe.size, recipe.resize)
+    bn_train = not recipe.bn_freeze  # BnFreeze keeps frozen BatchNorm in eval mode: features then depend on nothing else
     key = feature_cache_key(recipe.arch, learn.weights_provenance.get("sha256"), learn.dls.train.items,
                             learn.dls.valid.items, recipe.size, aug.resize_to, recipe.aug, views, recipe.seed,
-                            repr(pre_pool))
+                            repr(pre_pool), bn_train)
     path = cache_dir() / "features" / f"{key}.safetensors"
     buffers = dict(learn.model[0].named_buffers())  # BatchNorm running statistics (and counters)
     if path.exists():
@@ -123,7 +126,7 @@ def _compute_or_load(learn, recipe, pre_pool, views: int, bf16: bool) -> tuple[d
         # shuffled batches, as in training: BatchNorm's batch statistics must not see one class per batch
         dl = learn.dls.train.new(shuffle=True, drop_last=False)
         out[f"train_{v}"], out[f"train_{v}_y"] = body_features(learn, dl, pre_pool, bf16, recipe.channels_last,
-                                                               train_mode=True)
+                                                               train_mode=bn_train)
     out["valid"], out["valid_y"] = body_features(learn, learn.dls.valid.new(shuffle=False, drop_last=False),
                                                  pre_pool, bf16, recipe.channels_last)
     out.update({f"buffer.{k}": b.detach().clone() for k, b in buffers.items()})

@@ -10,8 +10,8 @@ import re
 from functools import partial
 
 import timm
-from fastai.vision.all import (SGD, Adam, CrossEntropyLossFlat, Learner, Normalize, TimmBody, accuracy,
-                               add_head, create_head, params, skm_to_fastai)
+from fastai.vision.all import (SGD, Adam, BnFreeze, CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat, Learner,
+                               Normalize, TimmBody, accuracy, add_head, create_head, params, skm_to_fastai)
 from sklearn import metrics as skm
 from timm.models import group_parameters
 from torch import nn
@@ -105,11 +105,14 @@ def _splitter(groups):
 
 def xray_learner(dls, arch: str, pretrained: bool = True, weights=None, head: str = "seed", hidden: int = 380,
                  dropout: float = 0.5, opt: str = "sgd", mom: float = 0.9, wd: float = 0.0, train_bn: bool = True,
-                 lr: float = 1e-3, cbs=None, path=None, **kwargs) -> Learner:
+                 lr: float = 1e-3, label_smoothing: float = 0.0, bn_freeze: bool = False, cbs=None, path=None,
+                 **kwargs) -> Learner:
     """A fastai `Learner` around timm `arch`, ImageNet weights when `pretrained`.
 
     head: 'seed' (the assignment's Linear-380-ReLU-Dropout-Linear) or 'fastai' (`create_head` with
     `lin_ftrs=[hidden]`). Layer groups: one per stage of the body, then the head (`learn.group_names`).
+    label_smoothing: > 0 uses fastai's `LabelSmoothingCrossEntropyFlat(eps=label_smoothing)`.
+    bn_freeze: adds fastai's `BnFreeze`: BatchNorm layers whose parameters are frozen stay in eval mode.
     """
     body = create_body(arch)
     if pretrained:
@@ -133,9 +136,11 @@ def xray_learner(dls, arch: str, pretrained: bool = True, weights=None, head: st
     groups = layer_groups(body, arch)
     if opt not in OPTIMIZERS: raise UserError(f"unknown optimiser {opt!r}: choose one of {sorted(OPTIMIZERS)}")
     metrics = [accuracy] + [class_f1(i, c) for i, c in enumerate(dls.vocab)]
-    learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), opt_func=OPTIMIZERS[opt](mom, wd), lr=lr,
+    loss = LabelSmoothingCrossEntropyFlat(eps=label_smoothing) if label_smoothing > 0 else CrossEntropyLossFlat()
+    cbs = list(cbs or []) + ([BnFreeze()] if bn_freeze else [])
+    learn = Learner(dls, model, loss_func=loss, opt_func=OPTIMIZERS[opt](mom, wd), lr=lr,
                     splitter=_splitter(groups), metrics=metrics, cbs=cbs, path=path, train_bn=train_bn,
                     wd=wd, **kwargs)
-    learn.arch, learn.weights_provenance = arch, provenance
+    learn.arch, learn.weights_provenance, learn.bn_freeze = arch, provenance, bn_freeze
     learn.group_names = [g for g, _ in groups] + ["head"]
     return learn

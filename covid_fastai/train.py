@@ -6,6 +6,7 @@ earlier one.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -119,14 +120,32 @@ def recipe_learner(recipe: Recipe, path=None, cbs=None):
     speed = ([ChannelsLast()] if recipe.channels_last else []) + ([BF16Autocast()] if use_bf16 else [])
     learn = xray_learner(dls, recipe.arch, pretrained=recipe.pretrained, weights=recipe.weights, head=recipe.head,
                          hidden=recipe.hidden, dropout=recipe.dropout, opt=recipe.opt, mom=recipe.mom, wd=recipe.wd,
-                         train_bn=recipe.train_bn, lr=recipe.lr, cbs=speed + list(cbs or []), path=path)
+                         train_bn=recipe.train_bn, lr=recipe.lr, label_smoothing=recipe.label_smoothing,
+                         bn_freeze=recipe.bn_freeze, cbs=speed + list(cbs or []), path=path)
     learn.bf16_used = use_bf16
     learn.trainable = apply_plan(learn, recipe.plan)
     return learn, folders
 
 
-def _fit(learn, recipe: Recipe):
-    lr = slice(recipe.lr / recipe.lr_mult, recipe.lr) if recipe.lr_mult > 1 else recipe.lr
+def find_lr(learn, recipe: Recipe, run_dir=None, quiet=()) -> dict:
+    """fastai's `lr_find` (valley suggestion) on `learn`, at most one epoch of mock training; the plot is saved as
+    `run_dir/lr_find.png`. Callbacks in `quiet` (the run's loggers) are out of the loop while it runs."""
+    n_it = max(20, min(100, len(learn.dls.train)))  # one epoch of batches: enough for the valley on small sets
+    with learn.removed_cbs(list(quiet)):
+        sug = learn.lr_find(num_it=n_it, show_plot=run_dir is not None)
+    if run_dir is not None:
+        import matplotlib.pyplot as plt
+        plt.gcf().savefig(Path(run_dir) / "lr_find.png", dpi=100, bbox_inches="tight")
+        plt.close("all")
+        with contextlib.suppress(OSError): (Path(run_dir) / learn.model_dir).rmdir()  # lr_find's emptied temp folder
+    lr = float(sug.valley)
+    ok = lr == lr and lr > 0  # NaN when the loss diverged at once
+    return {"lr": lr if ok else recipe.lr, "valley": lr, "iterations": n_it, "used_fallback": not ok}
+
+
+def _fit(learn, recipe: Recipe, lr: float | None = None):
+    lr = recipe.lr if lr is None else lr
+    lr = slice(lr / recipe.lr_mult, lr) if recipe.lr_mult > 1 else lr
     if recipe.schedule == "one_cycle": learn.fit_one_cycle(recipe.epochs, lr)
     else: learn.fit(recipe.epochs, lr)  # 'constant', the seed: no schedule
 
@@ -187,7 +206,12 @@ def run(recipe: Recipe, out=None) -> Path:
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()},
     }
     _write_json(run_dir / "config.json", config)
-    _fit(trainer, recipe)
+    lr = recipe.lr
+    if recipe.lr_find:
+        config["lr_find"] = find_lr(trainer, recipe, run_dir, quiet=[tp, *trainer.cbs.filter(lambda c: isinstance(c, HistoryCSV))])
+        lr = config["lr_find"]["lr"]
+        _write_json(run_dir / "config.json", config)
+    _fit(trainer, recipe, lr)
     # Training time includes making (or loading) the feature cache, so cached and uncached runs compare fairly.
     train_s = tp.seconds + trainer.feature_seconds
     save_file({k: v.detach().contiguous() for k, v in learn.model.state_dict().items()}, run_dir / "model.safetensors")
