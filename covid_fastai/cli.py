@@ -55,20 +55,28 @@ class Commands:
         """
         print(_weights_table(bool(probe_hub)))
 
-    def sweep(self, pattern: str, out: str | None = None, **overrides):
+    def sweep(self, pattern: str, out: str | None = None, policies: str | None = None, **overrides):
         """Run every recipe matching PATTERN (glob, or comma-separated names) and write a comparison table.
 
         Writes <out>/sweeps/<timestamp>/comparison.{md,csv}; the same overrides apply to every recipe.
+
+        Args:
+          pattern: recipe names or globs, e.g. 'vgg16_*' or vgg16_head,vgg16_full
+          out: folder for run folders (default ./outputs)
+          policies: e.g. seed,modern: run each recipe under each training policy, side by side in the table
         """
         from .recipes import match_recipes, with_overrides
         from .report import sweep_row, write_sweep
         from .train import OUTPUTS, new_run_dir, run
         if isinstance(pattern, (tuple, list)): pattern = ",".join(map(str, pattern))  # fire parses a,b as a tuple
-        recs = [with_overrides(r, **overrides) for r in match_recipes(str(pattern))]  # check all before running any
+        if isinstance(policies, (tuple, list)): policies = ",".join(map(str, policies))
+        pols = [{"policy": p.strip()} for p in str(policies).split(",") if p.strip()] if policies else [{}]
+        # check every recipe and option before running any
+        recs = [with_overrides(r, **pol, **overrides) for r in match_recipes(str(pattern)) for pol in pols]
         root = Path(out) if out is not None else OUTPUTS
         rows = []
         for r in recs:
-            print(f"== {r.name}: {r.describe()}", flush=True)
+            print(f"== {r.name} ({r.policy} policy): {r.describe()}", flush=True)
             run_dir = run(r, out=root)
             print(_summary(run_dir), flush=True)
             rows.append(sweep_row(run_dir, json.loads((run_dir / "config.json").read_text()),

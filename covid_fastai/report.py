@@ -94,7 +94,8 @@ def sweep_row(run_dir, config: dict, metrics: dict) -> dict:
     "One row of the comparison table."
     rec = config["recipe"]
     classes = config["data"]["classes"]
-    row = {"recipe": rec["name"], "arch": rec["arch"], "experiment": rec["description"],
+    row = {"recipe": rec["name"], "policy": rec.get("policy", "seed"), "arch": rec["arch"],
+           "experiment": rec["description"],
            "trainable layers": rec["plan"]["description"], "trainable params": config["trainable"]["parameters"],
            "weights": config["weights"].get("source"), "split": metrics["split"], "accuracy": metrics["accuracy"]}
     for c in classes: row[f"F1 ({c})"] = metrics["per_class"][c]["f1"]
@@ -120,6 +121,11 @@ def write_sweep(out_dir, rows: list[dict], title: str) -> tuple[Path, Path]:
     show = [c for c in df.columns if c not in ("arch", "synthetic data")]
     for i, (arch, part) in enumerate(df.groupby("arch", sort=False), 1):
         L += [f"## Table {i}: {arch}", "", _md_table(part[show]), ""]
+    if df["policy"].nunique() > 1:
+        L += ["## Policies side by side", "", f"Accuracy on the {'/'.join(df['split'].unique())} split of each recipe "
+              "under each training policy (`--policies`).", "",
+              _md_table(df.pivot_table(index="recipe", columns="policy", values="accuracy", sort=False)
+                        .reset_index().rename_axis(columns=None)), ""]
     md_path = out_dir / "comparison.md"
     md_path.write_text("\n".join(L))
     return md_path, csv_path

@@ -178,3 +178,16 @@ def test_explicit_torchvision_weights_file_is_recorded(tiny_data, tmp_path):
     # the frozen body kept the file's tensors exactly
     sd = load_file(d / "model.safetensors")
     assert torch.equal(sd["0.model.layer2.0.conv1.weight"], torch.load(f, weights_only=True)["layer2.0.conv1.weight"])
+
+
+def test_sweep_runs_each_recipe_under_each_policy(tiny_data, tmp_path):
+    r = cli("sweep", "effnet_lite0_head", "--policies", "seed,modern", "--data", tiny_data, "--epochs", 1, *TINY,
+            "--out", tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (sweep,) = (tmp_path / "sweeps").iterdir()
+    rows = list(csv.DictReader((sweep / "comparison.csv").open()))
+    assert [(r["recipe"], r["policy"]) for r in rows] == [("effnet_lite0_head", "seed"), ("effnet_lite0_head", "modern")]
+    cfgs = [json.loads((Path(r["run"]) / "config.json").read_text())["recipe"] for r in rows]
+    assert [c["opt"] for c in cfgs] == ["sgd", "adamw"] and [c["aug"] for c in cfgs] == ["seed", "xray"]
+    md = (sweep / "comparison.md").read_text()
+    assert "## Policies side by side" in md and "| effnet_lite0_head | " in md.split("side by side")[1]

@@ -1,0 +1,89 @@
+"Training policies: `--policy modern` really changes optimiser, loss, head, BatchNorm, augmentation and lr choice."
+import json
+
+import pytest
+import torch
+from fastai.vision.all import BnFreeze, Learner, LabelSmoothingCrossEntropyFlat
+from torch import nn
+from torchvision import transforms as T
+
+from covid_fastai.data import make_aug
+from covid_fastai.errors import UserError
+from covid_fastai.features import feature_cache_key
+from covid_fastai.recipes import MODERN_POLICY, SEED_POLICY, load_recipe, with_overrides
+from covid_fastai.train import recipe_learner, run
+
+
+def _tiny(tiny_data, name, **kw):
+    return with_overrides(load_recipe(name), data=str(tiny_data), pretrained=False, size=32, bs=8, **kw)
+
+
+def test_policy_replaces_training_settings_and_keeps_the_experiment(tiny_data):
+    seed = load_recipe("vgg16_partial")
+    modern = with_overrides(seed, policy="modern")
+    for k, v in MODERN_POLICY.items(): assert getattr(modern, k) == v, k
+    assert (modern.arch, modern.plan, modern.name) == (seed.arch, seed.plan, seed.name)
+    # explicit overrides win over the policy; switching back restores the seed's settings
+    assert with_overrides(seed, policy="modern", epochs=3, lr_find="false").epochs == 3
+    back = with_overrides(modern, policy="seed")
+    for k, v in SEED_POLICY.items(): assert getattr(back, k) == v, k
+    with pytest.raises(UserError, match="--policy must be one of modern, seed"):
+        with_overrides(seed, policy="fancy")
+
+
+def test_modern_learner_has_label_smoothing_bnfreeze_fastai_head_adamw(tiny_data):
+    learn, _ = recipe_learner(_tiny(tiny_data, "effnet_lite0_head", policy="modern"))
+    assert isinstance(learn.loss_func, LabelSmoothingCrossEntropyFlat) and learn.loss_func.eps == 0.1
+    assert any(isinstance(c, BnFreeze) for c in learn.cbs)
+    assert any(isinstance(m, nn.BatchNorm1d) for m in learn.model[1].modules())  # fastai's create_head
+    learn.create_opt()
+    assert learn.opt.hypers[0]["wd"] == 0.01 and "sqr_mom" in learn.opt.hypers[0]  # Adam(W) state
+    seed, _ = recipe_learner(_tiny(tiny_data, "effnet_lite0_head"))
+    assert not isinstance(seed.loss_func, LabelSmoothingCrossEntropyFlat)
+    assert not any(isinstance(c, BnFreeze) for c in seed.cbs)
+
+
+def _bn_stats(learn):
+    return [b.clone() for n, b in learn.model[0].named_buffers() if n.endswith("running_mean")]
+
+
+@pytest.mark.parametrize("bn_freeze", [True, False])
+def test_bn_freeze_keeps_frozen_running_stats(tiny_data, bn_freeze):
+    "Head-only, uncached: BnFreeze leaves the frozen body's BatchNorm statistics alone; training mode moves them."
+    learn, _ = recipe_learner(_tiny(tiny_data, "effnet_lite0_head", bn_freeze=bn_freeze, cache_features=False))
+    before = _bn_stats(learn)
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)
+    same = all(torch.equal(a, b) for a, b in zip(before, _bn_stats(learn)))
+    assert same == bn_freeze
+
+
+def test_bn_mode_is_part_of_the_feature_cache_key():
+    args = ("arch", "sha", [], [], 224, 256, "seed", 2, 42, "pool")
+    assert feature_cache_key(*args, bn_train=True) != feature_cache_key(*args, bn_train=False)
+
+
+def test_xray_augmentation_is_mild_and_never_flips():
+    ops = make_aug("xray", 224).train_tfm().transforms
+    kinds = {type(o): o for o in ops}
+    assert kinds[T.RandomRotation].degrees == [-10.0, 10.0]
+    assert tuple(kinds[T.RandomResizedCrop].scale) == (0.7, 1.0)
+    assert not any(isinstance(o, (T.RandomHorizontalFlip, T.RandomVerticalFlip)) for o in ops)
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_lr_find_picks_the_rate_the_fit_uses(tiny_data, tmp_path, monkeypatch, cached):
+    seen = {}
+    real = Learner.fit_one_cycle
+
+    def spy(self, n_epoch, lr_max=None, *a, **kw):
+        seen["lr_max"] = lr_max
+        return real(self, n_epoch, lr_max, *a, **kw)
+
+    monkeypatch.setattr(Learner, "fit_one_cycle", spy)
+    rec = _tiny(tiny_data, "effnet_lite0_head", policy="modern", epochs=1, cache_features=cached)
+    d = run(rec, out=tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    lr = cfg["lr_find"]["lr"]
+    assert lr > 0 and (d / "lr_find.png").stat().st_size > 0
+    assert seen["lr_max"] == slice(lr / MODERN_POLICY["lr_mult"], lr)  # discriminative rates around the found lr
+    assert len(open(d / "history.csv").read().splitlines()) == 2  # lr_find's mock training is not logged
