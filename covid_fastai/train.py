@@ -282,6 +282,12 @@ def _disk_full(e: OSError) -> bool:
     return e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
 
 
+def _one_line(e: BaseException, limit: int = 500) -> str:
+    "An exception as one line (fastai wraps callback errors in a multi-line message)."
+    msg = " ".join(str(e).split())
+    return f"{type(e).__name__}: {msg}"[:limit] if msg else type(e).__name__
+
+
 def _mark(run_dir: Path, config: dict, **fields):
     "Record the run's fate in config.json; best effort (a full disk may refuse even this)."
     config.update(**fields, stopped=datetime.now(timezone.utc).isoformat())
@@ -366,15 +372,14 @@ def _run_in(run_dir, recipe, learn, folders, state, export, extra_cbs, t_start) 
         raise
     except OSError as e:
         if not _disk_full(e):
-            _mark(run_dir, config, status="failed", error=f"{type(e).__name__}: {e}".splitlines()[0])
+            _mark(run_dir, config, status="failed", error=_one_line(e))
             raise
         msg = (f"disk full while writing {e.filename or run_dir}: free some space (or pass --out DIR on another "
                f"disk), then continue with `python -m covid_fastai resume {run_dir}`")
         _mark(run_dir, config, status="failed", error=msg)
         raise UserError(msg) from None
     except BaseException as e:
-        _mark(run_dir, config, status="failed", error=f"{type(e).__name__}: {e}".splitlines()[0] if str(e)
-              else type(e).__name__)
+        _mark(run_dir, config, status="failed", error=_one_line(e))
         raise
     return run_dir
 
