@@ -407,8 +407,9 @@ def _finish(run_dir, recipe, learn, folders, trainer, tp, config, export, t_star
     metrics["wall_seconds"] = time.perf_counter() - t_start
     _write_json(run_dir / "metrics.json", metrics)
     config.update(status="complete", finished=datetime.now(timezone.utc).isoformat())
-    _write_json(run_dir / "config.json", config)
     write_report(run_dir, config, metrics, history, files)
+    _write_json(run_dir / "config.json", config)  # 'complete' only once everything is written
+    (run_dir / CHECKPOINT).unlink(missing_ok=True)  # nothing left to resume; model.safetensors has the weights
 
 
 def _export(learn, run_dir: Path):

@@ -259,6 +259,7 @@ def test_interrupted_run_resumes_to_the_same_result(tiny_data, tmp_path, recipe,
     cfg = json.loads((d / "config.json").read_text())
     assert cfg["status"] == "complete" and [r["from_epoch"] for r in cfg["resumed"]] == [1]
     assert list(pd.read_csv(d / "history.csv")["epoch"]) == [0, 1, 2]
+    assert not (d / CHECKPOINT).exists()  # a complete run keeps model.safetensors only
     _same_run(full, d)
 
 
