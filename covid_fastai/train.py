@@ -282,6 +282,11 @@ def _disk_full(e: OSError) -> bool:
     return e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
 
 
+def _how_to_continue(run_dir: Path, recipe: Recipe) -> str:
+    if (run_dir / CHECKPOINT).exists(): return f"continue it with `python -m covid_fastai resume {run_dir}`"
+    return f"no epoch had finished, so start it again (`python -m covid_fastai recipe {recipe.name}`)"
+
+
 def _one_line(e: BaseException, limit: int = 500) -> str:
     "An exception as one line (fastai wraps callback errors in a multi-line message)."
     msg = " ".join(str(e).split())
@@ -318,10 +323,8 @@ def run(recipe: Recipe, out=None, resume=None, export: bool = False, cbs=None) -
         return _run_in(run_dir, recipe, learn, folders, state, export, list(cbs or []), t_start)
 
 
-def _run_in(run_dir, recipe, learn, folders, state, export, extra_cbs, t_start) -> Path:
-    learn.path = run_dir
-    start_epoch = state["epoch"] + 1 if state else 0
-    tp = TrainThroughput()
+def _prepare(run_dir, recipe, learn, state, tp, extra_cbs, start_epoch):
+    "The Learner that fits, with the run's callbacks, and the checkpoint's state loaded when resuming."
     ckpt = EpochCheckpoint(run_dir / CHECKPOINT, _data_digest(learn), state)
     trainer = _trainer(learn, recipe, [tp, HistoryCSV(run_dir / "history.csv", start_epoch), ckpt] + extra_cbs)
     trainer.train_throughput = tp
@@ -334,16 +337,14 @@ def _run_in(run_dir, recipe, learn, folders, state, export, extra_cbs, t_start) 
         if trainer.opt is None: trainer.create_opt()
         from fastcore.foundation import L
         trainer.opt.load_state_dict({"state": state["opt"]["state"], "hypers": L(state["opt"]["hypers"])})
+    return trainer
+
+
+def _run_facts(recipe, learn, folders, trainer) -> dict:
+    "What config.json records about the data, weights, trainable parameters, speed settings and machine."
     n_train = sum(p.numel() for p in learn.model.parameters() if p.requires_grad)
     cached = trainer is not learn
-    old = json.loads((run_dir / "config.json").read_text()) if state is not None else {}
-    config = {
-        "recipe": {**dataclasses.asdict(recipe), "plan": {**dataclasses.asdict(recipe.plan),
-                                                          "description": recipe.plan.describe()}},
-        "status": "running", "run_dir": str(run_dir),
-        "created": old.get("created", datetime.now(timezone.utc).isoformat()),
-        "resumed": old.get("resumed", []) + ([{"at": datetime.now(timezone.utc).isoformat(),
-                                               "from_epoch": start_epoch}] if state is not None else []),
+    return {
         "data": {"path": str(folders.root), "synthetic": folders.synthetic, "classes": folders.classes,
                  "counts": folders.counts(),
                  "valid": (f"folder {folders.valid_name}/" if folders.valid_name
@@ -360,22 +361,42 @@ def _run_in(run_dir, recipe, learn, folders, state, export, extra_cbs, t_start) 
         "versions": _versions(), "git_commit": _git_commit(), "command": sys.argv,
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()},
     }
+
+
+def _run_in(run_dir, recipe, learn, folders, state, export, extra_cbs, t_start) -> Path:
+    learn.path = run_dir
+    start_epoch = state["epoch"] + 1 if state else 0
+    old = json.loads((run_dir / "config.json").read_text()) if state is not None else {}
+    config = {
+        "recipe": {**dataclasses.asdict(recipe), "plan": {**dataclasses.asdict(recipe.plan),
+                                                          "description": recipe.plan.describe()}},
+        "status": "running", "run_dir": str(run_dir),
+        "created": old.get("created", datetime.now(timezone.utc).isoformat()),
+        "resumed": old.get("resumed", []) + ([{"at": datetime.now(timezone.utc).isoformat(),
+                                               "from_epoch": start_epoch}] if state is not None else []),
+    }
+    config = {**{k: v for k, v in old.items() if k not in ("error", "resume", "stopped")}, **config}
+    tp = TrainThroughput()
     try:
+        _write_json(run_dir / "config.json", config)  # from here on the folder says what it is
+        trainer = _prepare(run_dir, recipe, learn, state, tp, extra_cbs, start_epoch)
+        config.update(_run_facts(recipe, learn, folders, trainer))
         _write_json(run_dir / "config.json", config)
         _fit(trainer, recipe, start_epoch)
         _finish(run_dir, recipe, learn, folders, trainer, tp, config, export, t_start)
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (the CLI turns it into KeyboardInterrupt)
-        done = tp.epoch_times and len(tp.epoch_times)
-        _mark(run_dir, config, status="interrupted", resume=f"python -m covid_fastai resume {run_dir}")
+        how = _how_to_continue(run_dir, recipe)
+        _mark(run_dir, config, status="interrupted", **({"resume": how} if "resume" in how else {}))
+        done = len(tp.epoch_times) if getattr(tp, "epoch_times", None) else 0
         print(f"interrupted: {run_dir} is marked incomplete" + (f" after {done} finished epoch(s)" if done else "")
-              + f"; continue it with `python -m covid_fastai resume {run_dir}`", file=sys.stderr, flush=True)
+              + f"; {how}", file=sys.stderr, flush=True)
         raise
     except OSError as e:
         if not _disk_full(e):
             _mark(run_dir, config, status="failed", error=_one_line(e))
             raise
         msg = (f"disk full while writing {e.filename or run_dir}: free some space (or pass --out DIR on another "
-               f"disk), then continue with `python -m covid_fastai resume {run_dir}`")
+               f"disk), then {_how_to_continue(run_dir, recipe)}")
         _mark(run_dir, config, status="failed", error=msg)
         raise UserError(msg) from None
     except BaseException as e:

@@ -206,7 +206,7 @@ def test_disk_full_while_saving(tiny_data, tmp_path, capsys, monkeypatch):
                            *TINY_ARGS], capsys)
     (d,) = (tmp_path / "resnet18_one").iterdir()
     assert code == 2 and len(err) == 1 and err[0].startswith(f"error: disk full while writing {d}/model.safetensors")
-    assert f"python -m covid_fastai resume {d}" in err[0]
+    assert f"continue it with `python -m covid_fastai resume {d}`" in err[0]
     cfg = json.loads((d / "config.json").read_text())
     assert cfg["status"] == "failed" and "disk full" in cfg["error"]
     # the finished epoch's checkpoint survives, so the run can be finished once there is space
@@ -251,7 +251,7 @@ def test_interrupted_run_resumes_to_the_same_result(tiny_data, tmp_path, recipe,
         run_recipe(recipe, out=tmp_path / "cut", cbs=[StopAfter(0)], **kw)
     (d,) = (tmp_path / "cut" / recipe).iterdir()
     cfg = json.loads((d / "config.json").read_text())
-    assert cfg["status"] == "interrupted" and cfg["resume"] == f"python -m covid_fastai resume {d}"
+    assert cfg["status"] == "interrupted" and cfg["resume"] == f"continue it with `python -m covid_fastai resume {d}`"
     assert not (d / "metrics.json").exists() and len(pd.read_csv(d / "history.csv")) == 1
     ckpt = torch.load(d / CHECKPOINT, weights_only=True)  # plain tensors and numbers: no pickle needed
     assert ckpt["epoch"] == 0 and ckpt["n_epoch"] == 3
@@ -294,23 +294,24 @@ def test_failed_run_is_marked_failed(tiny_data, tmp_path):
 
 
 def test_resume_refusals(tiny_data, tmp_path, capsys):
-    d = run_recipe("resnet18_head", out=tmp_path, data=str(tiny_data), epochs=1, **TINY)
-    code, err = main_exit(["resume", d], capsys)
-    assert code == 2 and err == [f"error: {d} finished already (status complete): nothing to resume; start a new "
-                                 f"run with `python -m covid_fastai recipe resnet18_head`"]
-    code, err = main_exit(["resume", tmp_path], capsys)
-    assert code == 2 and f"{tmp_path} is not a run folder (no config.json)" in err[0]
+    from covid_fastai.train import _run_lock
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe("resnet18_head", out=tmp_path, cbs=[StopAfter(0)], data=str(tiny_data), epochs=2, **TINY)
+    (d,) = (tmp_path / "resnet18_head").iterdir()
+    capsys.readouterr()  # the run's own 'interrupted: ...' line
     code, err = main_exit(["recipe", "vgg16_head", "--resume", d], capsys)
     assert code == 2 and "is a run of recipe 'resnet18_head', not 'vgg16_head'" in err[0]
     code, err = main_exit(["recipe", "resnet18_head", "--resume", d, "--epochs", 5], capsys)
     assert code == 2 and "drop --epochs" in err[0]
-    # a run still going (its lock held) cannot be resumed by a second process
-    cfg = json.loads((d / "config.json").read_text())
-    (d / "config.json").write_text(json.dumps({**cfg, "status": "interrupted"}))
-    from covid_fastai.train import _run_lock
-    with _run_lock(d):
+    code, err = main_exit(["resume", tmp_path], capsys)
+    assert code == 2 and f"{tmp_path} is not a run folder (no config.json)" in err[0]
+    with _run_lock(d):  # the run (or another resume) still going in some process
         with pytest.raises(UserError, match="is in use by another process"):
             resume(d)
+    resume(d)
+    code, err = main_exit(["resume", d], capsys)
+    assert code == 2 and err == [f"error: {d} finished already (status complete): nothing to resume; start a new "
+                                 f"run with `python -m covid_fastai recipe resnet18_head`"]
 
 
 # ---------------------------------------------------------------- reproducibility, run folders
@@ -356,3 +357,17 @@ def test_export_pkl_only_on_request_and_loaded_only_when_trusted(tiny_data, tmp_
     img = next((tiny_data / "test/normal").iterdir())
     label, _, probs = learn.predict(img)
     assert label in ("infected", "normal") and float(probs.sum()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_interrupted_before_any_epoch_says_start_again(tiny_data, tmp_path, capsys):
+    class StopAtStart(Callback):
+        def before_epoch(self): raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe("resnet18_one", out=tmp_path, cbs=[StopAtStart()], data=str(tiny_data), epochs=2, **TINY)
+    (d,) = (tmp_path / "resnet18_one").iterdir()
+    assert "no epoch had finished, so start it again (`python -m covid_fastai recipe resnet18_one`)" in \
+        capsys.readouterr().err
+    cfg = json.loads((d / "config.json").read_text())
+    assert cfg["status"] == "interrupted" and "resume" not in cfg and cfg["data"]["counts"]
+    code, err = main_exit(["resume", d], capsys)
+    assert code == 2 and f"{d} has no {CHECKPOINT}: it stopped before its first epoch finished" in err[0]
