@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import signal
 import sys
+import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -145,9 +146,22 @@ def _sigterm_to_interrupt(signum, frame):
     raise KeyboardInterrupt  # `kill` stops a run the way Ctrl-C does: run folder marked, resumable
 
 
+def _one_line_warnings():
+    "Our own warnings (skipped files) as one `warning: ...` line on stderr; others as Python shows them."
+    show = warnings.showwarning
+    if getattr(show, "covid_fastai", False): return  # installed already (main called again in one process)
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        if category.__name__ == "SkippedImagesWarning": print(f"warning: {message}", file=sys.stderr, flush=True)
+        else: show(message, category, filename, lineno, file, line)
+    showwarning.covid_fastai = True
+    warnings.showwarning = showwarning
+
+
 def _fire(component, argv):
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
+    _one_line_warnings()
     try: old = signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
     except ValueError: old = None  # not the main thread: leave signals alone
     try:
