@@ -313,7 +313,11 @@ def run(recipe: Recipe, out=None, resume=None, export: bool = False, cbs=None) -
     state = None
     if resume is not None:
         run_dir = Path(resume)
-        state = torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=True)
+        except Exception as e:  # torn by a crash mid-write before atomic saves, or not ours
+            raise UserError(f"{run_dir / CHECKPOINT} cannot be read ({_one_line(e, 200)}): this run cannot be "
+                            f"resumed; start it again with `python -m covid_fastai recipe {recipe.name}`") from None
         if state["data_digest"] != _data_digest(learn):
             raise UserError(f"the images under {folders.root} changed since {run_dir} started (files added, removed "
                             f"or modified): resuming would not continue the same run; start a new one instead")

@@ -308,6 +308,11 @@ def test_resume_refusals(tiny_data, tmp_path, capsys):
     with _run_lock(d):  # the run (or another resume) still going in some process
         with pytest.raises(UserError, match="is in use by another process"):
             resume(d)
+    good = (d / CHECKPOINT).read_bytes()
+    (d / CHECKPOINT).write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match=rf"{CHECKPOINT} cannot be read .*start it again"):
+        resume(d)
+    (d / CHECKPOINT).write_bytes(good)
     resume(d)
     code, err = main_exit(["resume", d], capsys)
     assert code == 2 and err == [f"error: {d} finished already (status complete): nothing to resume; start a new "
