@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .data import find_xray_folders, read_labels_csv
-from .errors import UserError
 from .images import scan_images
 
 __all__ = ["DataCheck", "check_data", "sha256_file"]
@@ -66,7 +65,7 @@ class DataCheck:
             L += [f"  not listed: {rel(f)}" for f in cut(lab["not_listed"])] + more(lab["not_listed"])
             L += [f"  missing: {rel(f)}" for f in cut(lab["missing"])] + more(lab["missing"])
         L += [""] + ([f"FATAL: {p}" for p in self.fatal] if self.fatal else
-                     [f"ok: usable for training" + (f" ({len(self.unreadable)} file(s) will be skipped)"
+                     ["ok: usable for training" + (f" ({len(self.unreadable)} file(s) will be skipped)"
                                                     if self.unreadable else "")])
         return L
 

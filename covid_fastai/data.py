@@ -116,7 +116,7 @@ def find_xray_folders(path, scan: bool = True) -> XrayFolders:
     return XrayFolders(root, splits, valid_name, (root / SYNTHETIC_MARKER).exists(), classes, skipped)
 
 
-def read_labels_csv(root) -> "pd.DataFrame | None":
+def read_labels_csv(root):
     """`root/labels.csv` as a DataFrame (None when there is none), with a `path` column of absolute paths.
 
     Its `file` column names images relative to `root`; a row whose file is absolute or resolves outside `root`

@@ -32,11 +32,6 @@ TINY = dict(pretrained=False, size=32, bs=8)
 TINY_ARGS = ["--pretrained", "false", "--size", "32", "--bs", "8"]
 
 
-def cli(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "covid_fastai", *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=600, **kw)
-
-
 def main_exit(args, capsys):
     "Run the CLI in-process: (exit code, stderr lines)."
     with pytest.raises(SystemExit) as e:
