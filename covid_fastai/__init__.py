@@ -1,7 +1,7 @@
 """covid_fastai: fastai + timm rapid experiments for chest X-ray classification (infected vs normal).
 
 `from covid_fastai import *` gives the layered API: data (`find_xray_folders`, `xray_dls`), models
-(`xray_learner`), fine-tune plans (`head`, `layers`, `full`, `freeze_to`, `apply_plan`), recipes (`Recipe`,
+(`xray_learner`), image reading (`open_xray`), fine-tune plans (`head`, `layers`, `full`, `freeze_to`, `apply_plan`), recipes (`Recipe`,
 `load_recipe`, `run_recipe`), interpretation (`Evaluation`) and reports.
 """
 __version__ = "0.1.0"
@@ -12,6 +12,7 @@ import warnings
 warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*is deprecated", category=FutureWarning)
 
 from .errors import *  # noqa: E402,F401,F403
+from .images import open_xray, scan_images, UnreadableImage  # noqa: E402,F401
 from .data import *  # noqa: E402,F401,F403
 from .demo import demo_data, make_demo_data  # noqa: E402,F401
 from .models import *  # noqa: E402,F401,F403

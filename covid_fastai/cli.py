@@ -1,13 +1,16 @@
-"""Command line: `python -m covid_fastai {list,recipe,sweep}` (python-fire).
+"""Command line: `python -m covid_fastai {list,recipe,sweep,resume,check,weights}` (python-fire).
 
 Overrides are recipe fields as flags: `--epochs 2 --lr 3e-4 --bs 32 --size 128 --data DIR --pretrained false
 --seed 1 --out DIR`. Problems a user can fix print one line (`error: ...`) and exit with status 2; add
-`--debug` for the traceback.
+`--debug` for the traceback. Ctrl-C or SIGTERM marks the run folder `interrupted` and exits with status 130;
+`resume RUN_DIR` continues it.
 """
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -26,7 +29,7 @@ def _summary(run_dir: Path) -> str:
 
 
 class Commands:
-    "fastai + timm experiments on chest X-ray folders. Commands: list, recipe, sweep, weights."
+    "fastai + timm experiments on chest X-ray folders. Commands: list, recipe, sweep, resume, check, weights."
 
     def list(self):
         "Show the recipes with a one-line description each."
@@ -35,17 +38,63 @@ class Commands:
         w = max(len(r.name) for r in recs)
         for r in recs: print(f"{r.name:<{w}}  {r.describe()}")
 
-    def recipe(self, name: str, out: str | None = None, **overrides):
+    def recipe(self, name: str, out: str | None = None, resume: str | None = None, export=False, **overrides):
         """Run one recipe: NAME (see `list`) or a recipe file, e.g. `recipe vgg16_partial --data DIR --epochs 2`.
 
         Args:
           name: recipe name or path to a recipe .py file
           out: folder for run folders (default ./outputs)
+          resume: an interrupted run folder of this recipe to continue (same as `resume RUN_DIR`)
+          export: also write fastai's pickled export.pkl (true/false; model.safetensors is always written)
           overrides: any recipe field, e.g. --epochs --lr --bs --size --data --pretrained --weights --seed --aug
         """
+        from .recipes import _to_bool
+        export = _to_bool("export", export)
+        if resume is not None:
+            if overrides or out is not None:
+                raise UserError(f"--resume continues {resume} with the settings it recorded: drop "
+                                f"{', '.join('--' + k for k in [*overrides, *(['out'] if out else [])])}")
+            cfg = Path(resume) / "config.json"
+            recorded = json.loads(cfg.read_text())["recipe"]["name"] if cfg.is_file() else None
+            if recorded is not None and recorded != Path(name).stem and recorded != name:
+                raise UserError(f"{resume} is a run of recipe {recorded!r}, not {name!r}: "
+                                f"use `python -m covid_fastai resume {resume}`")
+            return self.resume(resume, export=export)
         from .train import run_recipe
-        run_dir = run_recipe(name, out=out, **overrides)
+        run_dir = run_recipe(name, out=out, export=export, **overrides)
         print(_summary(run_dir))
+
+    def resume(self, run_dir: str, export=False):
+        """Continue an interrupted (or failed) run in its own folder from its last finished epoch.
+
+        Args:
+          run_dir: the run folder, e.g. outputs/vgg16_head/20260101-120000
+          export: also write fastai's pickled export.pkl at the end
+        """
+        from .recipes import _to_bool
+        from .train import resume
+        print(_summary(resume(run_dir, export=_to_bool("export", export))))
+
+    def check(self, data: str, strict=False, limit: int = 50):
+        """Pre-scan an X-ray folder: unreadable files, counts per split, duplicates across splits, labels.csv.
+
+        Exit status 0 if it can be trained on, 2 on a fatal problem, 1 with --strict true when anything was found.
+
+        Args:
+          data: the folder (ImageFolder layout: train/<class>/..., optional valid/ and test/)
+          strict: exit 1 when any file is unreadable, duplicated across splits, or unlisted in labels.csv
+          limit: longest list printed per kind of problem (0: all)
+        """
+        from .check import check_data
+        from .recipes import _to_bool
+        from .train import resolve_data
+        rep = check_data(resolve_data(data))
+        print("\n".join(rep.lines(limit=int(limit))))
+        if rep.fatal:
+            raise UserError(f"{rep.root} cannot be trained on: {rep.fatal[0]}" +
+                            (f" (and {len(rep.fatal) - 1} more, listed above)" if len(rep.fatal) > 1 else "")
+                            + ": add readable images or remove the folder")
+        if _to_bool("strict", strict) and rep.warnings: sys.exit(1)
 
     def weights(self, probe_hub: bool = False):
         """Where each recipe architecture's ImageNet weights would come from here; downloads nothing.
@@ -101,15 +150,39 @@ def _weights_table(probe_hub: bool) -> str:
     return "\n".join(lines)
 
 
+def _sigterm_to_interrupt(signum, frame):
+    raise KeyboardInterrupt  # `kill` stops a run the way Ctrl-C does: run folder marked, resumable
+
+
+def _one_line_warnings():
+    "Our own warnings (skipped files) as one `warning: ...` line on stderr; others as Python shows them."
+    show = warnings.showwarning
+    if getattr(show, "covid_fastai", False): return  # installed already (main called again in one process)
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        if category.__name__ == "SkippedImagesWarning": print(f"warning: {message}", file=sys.stderr, flush=True)
+        else: show(message, category, filename, lineno, file, line)
+    showwarning.covid_fastai = True
+    warnings.showwarning = showwarning
+
+
 def _fire(component, argv):
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
+    _one_line_warnings()
+    try: old = signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
+    except ValueError: old = None  # not the main thread: leave signals alone
     try:
         fire.Fire(component, command=argv, name="covid_fastai")
     except UserError as e:
         if debug: raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        if debug: raise
+        sys.exit(130)  # the shell's code for Ctrl-C; the run folder says what happened
+    finally:
+        if old is not None: signal.signal(signal.SIGTERM, old)
 
 
 def main(argv=None):

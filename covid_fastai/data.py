@@ -6,19 +6,21 @@ train is held out; without a test folder there are no test metrics (the report s
 """
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torchvision.transforms as T
 from fastai.vision.all import (CategoryBlock, DataBlock, FuncSplitter, IntToFloatTensor, PILImage, RandomSplitter,
-                               RandTransform, Transform, TransformBlock, get_image_files, parent_label)
-from PIL import Image, ImageOps
+                               RandTransform, Transform, TransformBlock, parent_label)
+from PIL import Image
 
 from .errors import UserError
+from .images import UnreadableImage, get_xray_files, open_xray, scan_images
 
 __all__ = ["XrayFolders", "find_xray_folders", "SeedAug", "AUGMENTATIONS", "xray_datablock", "xray_dls",
-           "SYNTHETIC_MARKER"]
+           "SYNTHETIC_MARKER", "SkippedImagesWarning", "read_labels_csv"]
 
 VALID_NAMES = ("valid", "validation", "val")
 SYNTHETIC_MARKER = "SYNTHETIC.txt"  # present at the root of generated (non-real) data sets
@@ -32,6 +34,7 @@ class XrayFolders:
     valid_name: str | None = None
     synthetic: bool = False
     classes: list = field(default_factory=list)
+    skipped: list = field(default_factory=list)  # [(Path, reason)]: unreadable files left out by the pre-scan
 
     def files(self, split: str) -> list[Path]:
         return [f for c in self.classes for f in self.splits.get(split, {}).get(c, [])]
@@ -43,14 +46,27 @@ class XrayFolders:
     @property
     def has_test(self) -> bool: return "test" in self.splits
 
+    def skipped_report(self) -> dict:
+        "{'count': n, 'files': [{'file', 'reason'}]} for `config.json` and the report."
+        return {"count": len(self.skipped), "files": [{"file": str(f), "reason": r} for f, r in self.skipped]}
+
+
+class SkippedImagesWarning(UserWarning):
+    "Some image files could not be read and were left out of the run."
+
 
 def _class_files(split_dir: Path) -> dict:
     classes = sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
-    return {c: sorted(get_image_files(split_dir / c)) for c in classes}
+    return {c: get_xray_files(split_dir / c) for c in classes}
 
 
-def find_xray_folders(path) -> XrayFolders:
-    "Check `path` has the ImageFolder layout and list its images; one-line `UserError` otherwise."
+def find_xray_folders(path, scan: bool = True) -> XrayFolders:
+    """Check `path` has the ImageFolder layout and list its images; one-line `UserError` otherwise.
+
+    scan: decode every image once (`covid_fastai.images.scan_images`) and leave unreadable ones out, with a
+    `SkippedImagesWarning`; they are listed in `XrayFolders.skipped` (and so in config.json and report.md).
+    A class left with no readable image is an error. Without the scan a bad file fails mid-epoch instead.
+    """
     root = Path(path).expanduser()
     if not root.is_dir():
         raise UserError(f"data folder {root} does not exist: pass --data DIR with train/<class>/ images inside, "
@@ -72,10 +88,61 @@ def find_xray_folders(path) -> XrayFolders:
         if extra:
             raise UserError(f"{sdir} has class folders {extra} that train/ lacks (train has {classes}): "
                             f"use the same class folder names in every split")
+        missing = sorted(set(classes) - set(by_class))
+        if missing:
+            raise UserError(f"{sdir} lacks class folders {missing} that train/ has: give every split the same "
+                            f"class folders ({', '.join(classes)})")
         for c, fs in by_class.items():
             if not fs:
                 raise UserError(f"class folder {sdir / c} has no images: add images or remove the folder")
-    return XrayFolders(root, splits, valid_name, (root / SYNTHETIC_MARKER).exists(), classes)
+    skipped = []
+    if scan:
+        allfiles = [f for by_class in splits.values() for fs in by_class.values() for f in fs]
+        good, skipped = scan_images(allfiles, root)
+        good = set(good)
+        for split, by_class in splits.items():
+            for c, fs in by_class.items():
+                kept = [f for f in fs if f in good]
+                if not kept:
+                    f, why = next((f, r) for f, r in skipped if f.parent == fs[0].parent)
+                    raise UserError(f"class folder {fs[0].parent} has no readable image ({len(fs)} unreadable, "
+                                    f"e.g. {f.name}: {why}): add readable images or remove the folder")
+                by_class[c] = kept
+        if skipped:
+            first = "; ".join(f"{f}: {r}" for f, r in skipped[:3])
+            warnings.warn(f"skipped {len(skipped)} unreadable image file(s) (listed in the run's config.json and "
+                          f"report.md): {first}" + (" ..." if len(skipped) > 3 else ""), SkippedImagesWarning,
+                          stacklevel=2)
+    return XrayFolders(root, splits, valid_name, (root / SYNTHETIC_MARKER).exists(), classes, skipped)
+
+
+def read_labels_csv(root):
+    """`root/labels.csv` as a DataFrame (None when there is none), with a `path` column of absolute paths.
+
+    Its `file` column names images relative to `root`; a row whose file is absolute or resolves outside `root`
+    (`../`, symlinked parents) is refused with a `UserError`: a labels file must not point the library at
+    files elsewhere on the machine.
+    """
+    import pandas as pd
+    root = Path(root).expanduser().resolve()
+    f = root / "labels.csv"
+    if not f.is_file(): return None
+    try:
+        df = pd.read_csv(f, dtype=str, keep_default_na=False)
+    except (ValueError, OSError) as e:
+        raise UserError(f"{f} cannot be read as CSV ({e}): fix or remove it") from None
+    if "file" not in df.columns:
+        raise UserError(f"{f} has no 'file' column (columns: {', '.join(df.columns)}): add one with image paths "
+                        f"relative to {root}")
+    paths = []
+    for i, name in enumerate(df["file"], start=2):  # line numbers as an editor shows them (header is line 1)
+        p = Path(name)
+        full = (root / p).resolve()
+        if p.is_absolute() or name.startswith(("/", "\\")) or not full.is_relative_to(root):
+            raise UserError(f"{f} line {i}: file {name!r} is outside the data folder {root}: labels.csv may only "
+                            f"name files inside it, by relative path (e.g. train/normal/x.jpg)")
+        paths.append(full)
+    return df.assign(path=paths)
 
 
 class TorchvisionTfm(RandTransform):
@@ -99,7 +166,8 @@ class TorchvisionTfm(RandTransform):
 
 
 class DecodeOnce(Transform):
-    """Open an image file, resize its short side to the working size, and keep the result as compact uint8.
+    """Open an image file (`open_xray`: any format, 8-bit grayscale), resize its short side to the working size,
+    and keep the result as compact uint8.
 
     Later epochs (and later runs in the same process, e.g. a sweep) reuse the decoded pixels instead of decoding
     the JPEG/PNG again. Grayscale stays one channel. The cache is per process and bounded
@@ -114,10 +182,12 @@ class DecodeOnce(Transform):
         key = (str(fn), st.st_mtime_ns, st.st_size, self.resize.size)
         arr = _DECODED.get(key)
         if arr is None:
-            with Image.open(fn) as im:
-                im = ImageOps.exif_transpose(im)
-                im = im.convert("L" if im.mode == "L" else "RGB")
-                arr = np.asarray(self.resize(im))
+            try:
+                im = open_xray(fn, min_side=self.resize.size)  # 8-bit grayscale whatever the file holds
+            except UnreadableImage as e:  # readable at the pre-scan, so it changed during the run
+                raise UserError(f"{fn} became unreadable during the run ({e}): restore it, or remove it and "
+                                f"resume with `python -m covid_fastai resume RUN_DIR`") from None
+            arr = np.asarray(self.resize(im))
             _remember(key, arr)
         return PILImage(Image.fromarray(arr))
 

@@ -65,7 +65,8 @@ def feature_cache_key(arch: str, weights_sha: str | None, train_files, valid_fil
     "A hash of everything the cached features depend on."
     spec = {"arch": arch, "weights": weights_sha, "train": _files_digest(train_files),
             "valid": _files_digest(valid_files), "size": size, "resize": resize, "aug": aug, "views": views,
-            "seed": seed, "pre_pool": pre_pool, "bn_train": bn_train, "version": 2}
+            "seed": seed, "pre_pool": pre_pool, "bn_train": bn_train,
+            "version": 3}  # 3: images decoded by open_xray (always 8-bit gray)
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:24]
 
 

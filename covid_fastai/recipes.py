@@ -61,6 +61,7 @@ class Recipe:
     workers: int | None = None      # DataLoader workers (None: 0 on <=2 cores)
     cache_features: bool = True     # frozen body: run it once per view, train the head on cached features
     cache_views: int = 2            # augmented views of each training image in the feature cache
+    reproducible: bool = False      # torch deterministic algorithms, no cuDNN autotuning (README: its cost)
     source: str = field(default="", compare=False)  # the file the recipe came from (filled in on load)
 
     def describe(self) -> str: return self.description or f"{self.arch}: {self.plan.describe()}"
@@ -83,7 +84,7 @@ POLICIES = {"seed": SEED_POLICY, "modern": MODERN_POLICY}
 # What a command-line override may set, with checks; everything else in Recipe is fixed by the recipe file.
 _POSITIVE_INT = ("epochs", "bs", "size", "hidden", "cache_views")
 _POSITIVE_FLOAT = ("lr", "lr_mult")
-_BOOL = ("pretrained", "bf16", "channels_last", "train_bn", "cache_features", "bn_freeze", "lr_find")
+_BOOL = ("pretrained", "bf16", "channels_last", "train_bn", "cache_features", "bn_freeze", "lr_find", "reproducible")
 
 
 def _to_bool(key, v):

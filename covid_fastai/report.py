@@ -38,6 +38,18 @@ def _cache_note(config) -> str:
             f"{cf['seconds']:.1f} s, counted in the training time) and the head trained on those features")
 
 
+def _skipped_section(skipped: dict | None) -> list[str]:
+    "The files the pre-scan left out (unreadable), so a result never silently rests on fewer images."
+    if not skipped: return []
+    L = ["## Skipped files", ""]
+    if not skipped["count"]: return L + ["None: every image file was readable.", ""]
+    L += [f"{skipped['count']} unreadable file(s) were left out before training (`python -m covid_fastai check "
+          f"--data DIR` lists them too):", "", "| file | reason |", "|---|---|"]
+    L += [f"| {s['file']} | {s['reason']} |" for s in skipped["files"][:200]]
+    if skipped["count"] > 200: L.append(f"| ... | {skipped['count'] - 200} more in config.json |")
+    return L + [""]
+
+
 def write_report(run_dir, config: dict, metrics: dict, history: pd.DataFrame, files: dict) -> Path:
     "report.md tying config, curves, confusion matrix, metrics and the best/worst grids together."
     run_dir = Path(run_dir)
@@ -83,6 +95,7 @@ def write_report(run_dir, config: dict, metrics: dict, history: pd.DataFrame, fi
           f"Ranked by loss on the {split} split; red titles are misclassified.", ""]
     for c in classes:
         L += [f"![best {c}](best_{c}.png)", "", f"![worst {c}](worst_{c}.png)", ""]
+    L += _skipped_section(data.get("skipped"))
     L += ["## Files", "", "config.json (every setting, versions, weights provenance), history.csv, metrics.json, "
           "model.safetensors (state dict of the fastai model: body `0.model.*`, head `1.*`).", ""]
     out = run_dir / "report.md"

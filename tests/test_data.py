@@ -1,4 +1,6 @@
+import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +22,8 @@ def test_folders_found(tiny_data):
     ("one_class", "at least 2 class folders"),
     ("empty_class", "has no images"),
     ("test_class_mismatch", "that train/ lacks"),
+    ("test_class_missing", "lacks class folders ['normal'] that train/ has"),
+    ("all_unreadable", "has no readable image (6 unreadable, e.g."),
 ])
 def test_bad_layouts_are_one_line_errors(tiny_data, tmp_path, breakage, message):
     root = tmp_path / "d"
@@ -30,7 +34,10 @@ def test_bad_layouts_are_one_line_errors(tiny_data, tmp_path, breakage, message)
     if breakage == "empty_class":
         for p in (root / "valid" / "normal").iterdir(): p.unlink()
     if breakage == "test_class_mismatch": (root / "test" / "normal").rename(root / "test" / "healthy")
-    with pytest.raises(UserError, match=message) as e:
+    if breakage == "test_class_missing": shutil.rmtree(root / "test" / "normal")
+    if breakage == "all_unreadable":
+        for p in (root / "valid" / "normal").iterdir(): p.write_bytes(b"")
+    with pytest.raises(UserError, match=re.escape(message)) as e:
         find_xray_folders(root)
     assert "\n" not in str(e.value) and str(root) in str(e.value)
 
@@ -97,3 +104,33 @@ def test_demo_generator_is_deterministic(tmp_path):
     b = make_demo_data(tmp_path / "b", counts={"train": 2}, size=64)
     fa = sorted((a / "train").rglob("*.png"))
     assert [p.read_bytes() for p in fa] == [(b / p.relative_to(a)).read_bytes() for p in fa]
+
+
+def test_unreadable_files_are_skipped_with_a_warning(tiny_data, tmp_path):
+    from covid_fastai.data import SkippedImagesWarning
+    root = tmp_path / "d"
+    shutil.copytree(tiny_data, root)
+    (root / "train" / "normal" / "empty.jpg").write_bytes(b"")
+    (root / "valid" / "infected" / "notes.png").write_text("not an image")
+    with pytest.warns(SkippedImagesWarning, match="skipped 2 unreadable image file"):
+        f = find_xray_folders(root)
+    assert f.counts()["train"] == {"infected": 12, "normal": 12} and f.counts()["valid"]["infected"] == 6
+    rep = f.skipped_report()
+    assert rep["count"] == 2 and {Path(x["file"]).name for x in rep["files"]} == {"empty.jpg", "notes.png"}
+    assert "empty file" in str(rep)
+
+
+def test_labels_csv_paths_must_stay_inside_the_data_folder(tmp_path):
+    from covid_fastai.data import read_labels_csv
+    assert read_labels_csv(tmp_path) is None
+    (tmp_path / "labels.csv").write_text("file,label\ntrain/normal/a.jpg,normal\n")
+    df = read_labels_csv(tmp_path)
+    assert list(df["path"]) == [tmp_path.resolve() / "train/normal/a.jpg"]
+    for bad in ("../elsewhere/a.jpg", "/etc/passwd", "train/../../x.jpg"):
+        (tmp_path / "labels.csv").write_text(f"file,label\ntrain/normal/a.jpg,normal\n{bad},normal\n")
+        with pytest.raises(UserError, match=r"line 3: file .* is outside the data folder") as e:
+            read_labels_csv(tmp_path)
+        assert bad in str(e.value) and "\n" not in str(e.value)
+    (tmp_path / "labels.csv").write_text("path,label\nx,y\n")
+    with pytest.raises(UserError, match="has no 'file' column"):
+        read_labels_csv(tmp_path)

@@ -126,12 +126,12 @@ def test_decode_once_cache(tiny_data, tmp_path, monkeypatch):
     from covid_fastai import data as D
     monkeypatch.setattr(D, "_DECODED", {})
     monkeypatch.setattr(D, "_DECODED_BYTES", [0])
+    root = tmp_path / "d"
+    shutil.copytree(tiny_data, root)
+    f = D.find_xray_folders(root)  # its pre-scan opens every file once; count the opens after it
     opened = []
     real_open = Image.open
     monkeypatch.setattr(D.Image, "open", lambda fp, *a, **k: (opened.append(str(fp)), real_open(fp, *a, **k))[1])
-    root = tmp_path / "d"
-    shutil.copytree(tiny_data, root)
-    f = D.find_xray_folders(root)
     dls = D.xray_dls(f, D.make_aug("seed", 32), bs=8)
     for _ in range(2): list(dls.train)
     assert sorted(set(opened)) == sorted(map(str, f.files("train"))) and len(opened) == 24  # once each
