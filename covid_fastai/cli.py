@@ -76,7 +76,7 @@ class Commands:
         sweep_dir = new_run_dir(root, "sweeps")
         stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         md, csv = write_sweep(sweep_dir, rows, f"Sweep {pattern} ({stamp})")
-        print(f"comparison: {md} and {csv}")
+        print(f"comparison: {md}, {csv} and {md.with_suffix('.html')}")
 
 
 def _weights_table(probe_hub: bool) -> str:

@@ -54,15 +54,19 @@ def grad_cam(model: nn.Module, x: torch.Tensor, target=None) -> tuple[np.ndarray
     cam = F.relu((grad.mean((2, 3), keepdim=True) * act).sum(1))
     cam = _upsample(cam, x.shape[-2:])
     lo, hi = cam.amin((1, 2), keepdim=True), cam.amax((1, 2), keepdim=True)
-    cam = (cam - lo) / (hi - lo).clamp_min(1e-12)
+    # A flat map (e.g. a 1x1 feature map at tiny input sizes) stays all zero instead of amplified rounding noise.
+    flat = (hi - lo) <= 1e-4 * hi.abs() + 1e-12
+    cam = torch.where(flat, torch.zeros_like(cam), (cam - lo) / (hi - lo).clamp_min(1e-12))
     return cam.cpu().numpy(), logits.detach().softmax(1).cpu().numpy()
 
 
-def overlay(img: np.ndarray, cam: np.ndarray, alpha: float = 0.45) -> np.ndarray:
-    "RGB uint8 image: grayscale `img` (H, W[, C], 0-255 or 0-1) under the 'jet' colouring of `cam` (H, W)."
+def overlay(img: np.ndarray, cam: np.ndarray, alpha: float = 0.6) -> np.ndarray:
+    """RGB uint8 image: grayscale `img` (H, W[, C], 0-255 or 0-1) under the 'jet' colouring of `cam` (H, W),
+    opaque in proportion to the heat (cold regions show the plain image)."""
     from matplotlib import colormaps
     g = img.astype(np.float32)
     if g.ndim == 3: g = g.mean(-1)
     g = g / 255.0 if g.max() > 1.5 else g
     heat = colormaps["jet"](cam)[..., :3]
-    return (255 * np.clip((1 - alpha) * g[..., None] + alpha * heat, 0, 1)).astype(np.uint8)
+    a = alpha * cam[..., None]
+    return (255 * np.clip((1 - a) * g[..., None] + a * heat, 0, 1)).astype(np.uint8)

@@ -78,6 +78,9 @@ def choose_threshold(y, p, rule="youden") -> dict:
     thr = np.minimum(thr, 1.0)  # roc_curve's first threshold is +inf (nothing positive)
     if target is None:
         i = int(np.argmax(tpr - fpr))  # first (highest-threshold) maximum of Youden's J
+        if i == 0 or tpr[i] - fpr[i] <= 0:  # no threshold does better than chance on this split
+            return {"rule": rule, "value": 0.5, "note": "no threshold beats chance on the data that chooses: "
+                                                        "fell back to 0.5"}
         note = f"Youden's J = {tpr[i] - fpr[i]:.4f}"
     else:
         i = int(np.argmax(tpr >= target - 1e-12))

@@ -57,6 +57,10 @@ class Recipe:
     workers: int | None = None      # DataLoader workers (None: 0 on <=2 cores)
     cache_features: bool = True     # frozen body: run it once per view, train the head on cached features
     cache_views: int = 2            # augmented views of each training image in the feature cache
+    # evaluation
+    threshold: str = "youden"       # decision threshold on p(infected), chosen on valid: youden | sens:0.95 | 0.3
+    tta: bool = False               # test-time augmentation (fastai tta) for valid/test predictions
+    labels: str = "folders"         # classes from 'folders', or 'fine_label' of <data>/labels.csv (3 classes)
     source: str = field(default="", compare=False)  # the file the recipe came from (filled in on load)
 
     def describe(self) -> str: return self.description or f"{self.arch}: {self.plan.describe()}"
@@ -69,7 +73,7 @@ SEED_POLICY = dict(head="seed", hidden=380, dropout=0.5, opt="sgd", lr=1e-3, mom
 # What a command-line override may set, with checks; everything else in Recipe is fixed by the recipe file.
 _POSITIVE_INT = ("epochs", "bs", "size", "hidden", "cache_views")
 _POSITIVE_FLOAT = ("lr", "lr_mult")
-_BOOL = ("pretrained", "bf16", "channels_last", "train_bn", "cache_features")
+_BOOL = ("pretrained", "bf16", "channels_last", "train_bn", "cache_features", "tta")
 
 
 def _to_bool(key, v):
@@ -88,11 +92,16 @@ def _choices(key):
     if key == "opt":
         from .models import OPTIMIZERS
         return sorted(OPTIMIZERS)
-    return {"schedule": ["constant", "one_cycle"], "head": ["fastai", "seed"]}.get(key)
+    return {"schedule": ["constant", "one_cycle"], "head": ["fastai", "seed"],
+            "labels": ["fine_label", "folders"]}.get(key)
 
 
 def _check(key, v):
     if key in _BOOL: return _to_bool(key, v)
+    if key == "threshold":
+        from .metrics import choose_threshold
+        choose_threshold([0, 1], [0.2, 0.8], v)  # raises a UserError on a bad rule
+        return str(v)
     if _choices(key) is not None:
         if str(v) not in _choices(key):
             raise UserError(f"--{key} must be one of {', '.join(_choices(key))}, got {v!r}")

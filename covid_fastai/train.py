@@ -1,7 +1,8 @@
 """Running a recipe: data -> Learner -> plan -> fit -> evaluation -> run folder.
 
-Each run writes `outputs/<recipe>/<run-id>/`: config.json, history.csv, curves.png, confusion_matrix.png,
-best/worst grids per class, metrics.json, report.md and model.safetensors. A new run never overwrites an
+Each run writes `outputs/<recipe>/<run-id>/`: config.json, history.csv, curves.png, confusion matrices, ROC/PR
+and calibration plots, best/worst grids per class with Grad-CAM, metrics.json, report.md, report.html and
+model.safetensors. A new run never overwrites an
 earlier one.
 """
 from __future__ import annotations
@@ -27,11 +28,12 @@ from .data import find_xray_folders, make_aug, xray_dls
 from .demo import demo_data
 from .errors import UserError
 from .features import body_is_frozen, head_learner
-from .interpret import Evaluation, plot_confusion_matrix, plot_curves, plot_extremes
+from .interpret import Evaluation, plot_curves, write_evaluation
+from .metrics import binary_metrics, choose_threshold, read_labels
 from .models import xray_learner
 from .plans import apply_plan
 from .recipes import Recipe, load_recipe, with_overrides
-from .report import SYNTHETIC_BANNER, write_report
+from .report import SYNTHETIC_BANNER, write_html, write_report
 
 __all__ = ["run", "run_recipe", "recipe_learner", "new_run_dir", "resolve_data", "HistoryCSV", "OUTPUTS"]
 
@@ -192,24 +194,28 @@ def run(recipe: Recipe, out=None) -> Path:
     train_s = tp.seconds + trainer.feature_seconds
     save_file({k: v.detach().contiguous() for k, v in learn.model.state_dict().items()}, run_dir / "model.safetensors")
 
-    # Evaluate on test when there is one, else on valid (and say so).
+    # Evaluate on test when there is one, else on valid (and say so); the decision threshold is chosen on valid.
     split = "test" if folders.has_test else "valid"
     dl = learn.dls.test_dl(folders.files("test"), with_labels=True) if folders.has_test else learn.dls.valid
-    ev = Evaluation.of(learn, dl, split)
+    ev = Evaluation.of(learn, dl, split, tta=recipe.tta)
+    valid_ev = ev if split == "valid" else Evaluation.of(learn, learn.dls.valid, "valid", tta=recipe.tta)
+    _, pv, yv = valid_ev.positive()
+    threshold = {**choose_threshold(yv, pv, recipe.threshold), "chosen_on": "valid"}
     note = f" {SYNTHETIC_BANNER}" if folders.synthetic else ""
-    metrics = {"split": split, **ev.metrics(), "train_seconds": train_s,
-               "train_images_per_s": sum(tp.epoch_images) / max(train_s, 1e-9),
+    m, files = write_evaluation(run_dir, ev, threshold, f"{recipe.name}: {split} split", note, learn=learn,
+                                labels=read_labels(folders.root), root=folders.root)
+    metrics = {**m, "valid": {t: binary_metrics(yv, pv, v) for t, v in (("at_0.5", 0.5),
+                                                                      ("at_threshold", threshold["value"]))},
+               "train_seconds": train_s, "train_images_per_s": sum(tp.epoch_images) / max(train_s, 1e-9),
                "wall_seconds": None}
     history = pd.read_csv(run_dir / "history.csv")
-    files = {"curves": plot_curves(history, run_dir / "curves.png", f"{recipe.name}{note}"),
-             "confusion_matrix": plot_confusion_matrix(ev, run_dir / "confusion_matrix.png",
-                                                       f"{recipe.name}: {split} split{note}"),
-             **plot_extremes(ev, run_dir, note=note)}
+    files = {"curves": plot_curves(history, run_dir / "curves.png", f"{recipe.name}{note}"), **files}
     metrics["wall_seconds"] = time.perf_counter() - t_start
     _write_json(run_dir / "metrics.json", metrics)
-    config.update(status="complete", finished=datetime.now(timezone.utc).isoformat())
+    config.update(status="complete", finished=datetime.now(timezone.utc).isoformat(), threshold=threshold)
     _write_json(run_dir / "config.json", config)
     write_report(run_dir, config, metrics, history, files)
+    write_html(run_dir / "report.md")
     return run_dir
 
 
