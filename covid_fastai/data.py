@@ -179,8 +179,10 @@ def make_aug(aug: str, size: int, resize: int | None = None) -> SeedAug:
     return SeedAug(size=size, resize=resize, **AUGMENTATIONS[aug])
 
 
-def xray_datablock(folders: XrayFolders, aug: SeedAug, seed: int = 42, valid_pct: float = 0.2) -> DataBlock:
-    "A DataBlock over train (+ valid) images; classes from folder names; X-rays loaded as 3-channel images."
+def xray_datablock(folders: XrayFolders, aug: SeedAug, seed: int = 42, valid_pct: float = 0.2, get_y=None,
+                   vocab=None) -> DataBlock:
+    """A DataBlock over train (+ valid) images; classes from folder names (or `get_y`/`vocab`, e.g. the
+    three-class fine labels of labels.csv); X-rays loaded as 3-channel images."""
     if "valid" in folders.splits:
         valid = set(folders.files("valid"))
         splitter = FuncSplitter(lambda f: f in valid)
@@ -190,8 +192,8 @@ def xray_datablock(folders: XrayFolders, aug: SeedAug, seed: int = 42, valid_pct
         get_items = lambda _: folders.files("train")
     # Images are decoded (and resized) once; grayscale X-rays become 3 identical channels after augmentation.
     images = TransformBlock(type_tfms=DecodeOnce(aug.resize_to), batch_tfms=IntToFloatTensor)
-    return DataBlock(blocks=(images, CategoryBlock(vocab=folders.classes)), get_items=get_items,
-                     splitter=splitter, get_y=parent_label, item_tfms=aug.item_tfms())
+    return DataBlock(blocks=(images, CategoryBlock(vocab=vocab or folders.classes)), get_items=get_items,
+                     splitter=splitter, get_y=get_y or parent_label, item_tfms=aug.item_tfms())
 
 
 def default_workers() -> int:
@@ -201,9 +203,9 @@ def default_workers() -> int:
 
 
 def xray_dls(folders: XrayFolders, aug: SeedAug, bs: int = 128, seed: int = 42, valid_pct: float = 0.2,
-             num_workers: int | None = None, **kwargs):
+             num_workers: int | None = None, get_y=None, vocab=None, **kwargs):
     "fastai `DataLoaders` for `folders` (train/valid); the test split is made later with `dls.test_dl`."
-    dblock = xray_datablock(folders, aug, seed=seed, valid_pct=valid_pct)
+    dblock = xray_datablock(folders, aug, seed=seed, valid_pct=valid_pct, get_y=get_y, vocab=vocab)
     nw = default_workers() if num_workers is None else num_workers
     # Workers that live across epochs keep their decode-once caches (fastai gives each worker 1 torch thread).
     kwargs.setdefault("persistent_workers", nw > 0)

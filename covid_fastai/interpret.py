@@ -231,7 +231,8 @@ def assess(ev: Evaluation, threshold: dict, labels: pd.DataFrame | None = None, 
     for key, t in (("at_0.5", 0.5), ("at_threshold", threshold["value"])):
         out[key] = {**M.binary_metrics(y, p, t), "ci95": M.bootstrap_ci(y, p, t, n_boot=n_boot, seed=seed)}
     if len(ev.classes) > 2: out["one_vs_rest"] = M.one_vs_rest(ev.classes, ev.probs, ev.targs)
-    joined = M.join_labels(ev.items, root, labels) if root is not None else {}
+    from .labels import join_labels
+    joined = join_labels(ev.items, root, labels) if root is not None else {}
     out["breakdowns"] = {c: M.group_metrics(y, p, threshold["value"], vals) for c, vals in joined.items()
                          if c in ("source", "fine_label") and any(vals)}
     return out

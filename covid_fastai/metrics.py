@@ -10,8 +10,6 @@ positive case, AUC with one class) is `None`, never an error.
 from __future__ import annotations
 
 import math
-from pathlib import Path, PurePosixPath
-
 import numpy as np
 import pandas as pd
 from scipy.stats import rankdata
@@ -20,7 +18,7 @@ from sklearn import metrics as skm
 from .errors import UserError
 
 __all__ = ["positive_view", "choose_threshold", "binary_metrics", "bootstrap_ci", "one_vs_rest", "group_metrics",
-           "read_labels", "join_labels", "BOOTSTRAP_METRICS"]
+           "BOOTSTRAP_METRICS"]
 
 BOOTSTRAP_METRICS = ("accuracy", "balanced_accuracy", "sensitivity", "specificity", "ppv", "npv", "f1",
                      "roc_auc", "pr_auc")
@@ -174,33 +172,3 @@ def group_metrics(y, p, threshold: float, groups) -> list[dict]:
                      "positives": m["n_positive"], "accuracy": m["accuracy"], "sensitivity": m["sensitivity"],
                      "specificity": m["specificity"]})
     return rows
-
-
-def read_labels(root) -> pd.DataFrame | None:
-    """`<root>/labels.csv` (columns file, label; optional source, fine_label, patient_id), indexed by `file`
-    (a path relative to root), or None when there is no such file. Absolute paths or `..` are refused."""
-    f = Path(root) / "labels.csv"
-    if not f.is_file(): return None
-    try:
-        df = pd.read_csv(f, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, UnicodeDecodeError) as e:
-        raise UserError(f"{f} is not a readable CSV ({e}); fix or remove it") from None
-    if "file" not in df.columns:
-        raise UserError(f"{f} has no 'file' column (columns: {list(df.columns)}): add file,label columns")
-    for v in df["file"]:
-        pp = PurePosixPath(v.replace("\\", "/"))
-        if pp.is_absolute() or ".." in pp.parts or (len(v) > 1 and v[1] == ":"):
-            raise UserError(f"{f}: file {v!r} must be a path relative to {root} without '..'")
-    df["file"] = [PurePosixPath(v.replace("\\", "/")).as_posix() for v in df["file"]]
-    return df.drop_duplicates("file").set_index("file")
-
-
-def join_labels(items, root, labels: pd.DataFrame | None, columns=("source", "fine_label", "patient_id")) -> dict:
-    "{column: [value per item, '' where the item is not in labels.csv]} for the columns labels.csv has."
-    if labels is None: return {}
-    root = Path(root).resolve()
-    rel = []
-    for it in items:
-        try: rel.append(Path(it).resolve().relative_to(root).as_posix())
-        except ValueError: rel.append(None)
-    return {c: [labels[c].get(r, "") if r is not None else "" for r in rel] for c in columns if c in labels.columns}

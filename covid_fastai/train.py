@@ -29,7 +29,8 @@ from .demo import demo_data
 from .errors import UserError
 from .features import body_is_frozen, head_learner
 from .interpret import Evaluation, plot_curves, write_evaluation
-from .metrics import binary_metrics, choose_threshold, read_labels
+from .labels import fine_label_getter, read_labels
+from .metrics import binary_metrics, choose_threshold
 from .models import xray_learner
 from .plans import apply_plan
 from .recipes import Recipe, load_recipe, with_overrides
@@ -115,8 +116,11 @@ def recipe_learner(recipe: Recipe, path=None, cbs=None):
     "(Learner with the recipe's plan applied, XrayFolders) — for REPL use; `run` adds the run folder."
     folders = find_xray_folders(resolve_data(recipe.data))
     set_seed(recipe.seed)
+    # Three-class mode: classes from labels.csv's fine_label (covid / pneumonia / normal) instead of folders.
+    get_y, vocab = (fine_label_getter(folders.root, [f for s in folders.splits for f in folders.files(s)])
+                    if recipe.labels == "fine_label" else (None, None))
     dls = xray_dls(folders, make_aug(recipe.aug, recipe.size, recipe.resize), bs=recipe.bs, seed=recipe.seed,
-                   valid_pct=recipe.valid_pct, num_workers=recipe.workers)
+                   valid_pct=recipe.valid_pct, num_workers=recipe.workers, get_y=get_y, vocab=vocab)
     use_bf16 = recipe.bf16 and bf16_supported("cuda" if torch.cuda.is_available() else "cpu")
     speed = ([ChannelsLast()] if recipe.channels_last else []) + ([BF16Autocast()] if use_bf16 else [])
     learn = xray_learner(dls, recipe.arch, pretrained=recipe.pretrained, weights=recipe.weights, head=recipe.head,
@@ -173,7 +177,8 @@ def run(recipe: Recipe, out=None) -> Path:
         "recipe": {**dataclasses.asdict(recipe), "plan": {**dataclasses.asdict(recipe.plan),
                                                           "description": recipe.plan.describe()}},
         "status": "running", "run_dir": str(run_dir), "created": datetime.now(timezone.utc).isoformat(),
-        "data": {"path": str(folders.root), "synthetic": folders.synthetic, "classes": folders.classes,
+        "data": {"path": str(folders.root), "synthetic": folders.synthetic, "classes": list(learn.dls.vocab),
+                 "labels": recipe.labels,
                  "counts": folders.counts(),
                  "valid": (f"folder {folders.valid_name}/" if folders.valid_name
                            else f"random {recipe.valid_pct:.0%} of train (seed {recipe.seed})"),

@@ -5,8 +5,9 @@ import pytest
 from sklearn import metrics as skm
 
 from covid_fastai.errors import UserError
+from covid_fastai.labels import join_labels, read_labels
 from covid_fastai.metrics import (_boot_ap, _boot_auc, binary_metrics, bootstrap_ci, choose_threshold,
-                                  group_metrics, join_labels, one_vs_rest, positive_view, read_labels)
+                                  group_metrics, one_vs_rest, positive_view)
 
 Y = np.array([1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 1])
 P = np.array([0.9, 0.8, 0.7, 0.45, 0.3, 0.6, 0.4, 0.35, 0.2, 0.1, 0.4, 0.55])
