@@ -10,8 +10,6 @@ import dataclasses
 import json
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import torch
 from fastai.vision.all import ProgressCallback, get_image_files
 from safetensors.torch import load_file
@@ -19,9 +17,8 @@ from safetensors.torch import load_file
 from .callbacks import BF16Autocast, bf16_supported
 from .data import XrayFolders, make_aug, xray_dls
 from .errors import UserError
-from .interpret import Evaluation, cam_images, write_evaluation
+from .interpret import Evaluation, cam_images, predictions_frame, write_evaluation
 from .labels import fine_label_getter, read_labels
-from .metrics import positive_view
 from .models import xray_learner
 from .plans import Plan
 from .recipes import Recipe
@@ -115,27 +112,12 @@ def evaluate_run(run_dir, data, tta: bool | None = None, threshold: float | None
                             labels=read_labels(folders.root), root=folders.root)
     m.update(run_dir=str(d), data=str(split_dir), synthetic=synthetic)
     _write_json(out_dir / "metrics.json", m)
-    _predictions_frame(ev.items, ev.classes, ev.probs, thr["value"], targs=ev.targs).to_csv(
-        out_dir / "predictions.csv", index=False)
     before = [f"> **{SYNTHETIC_BANNER}** Evaluated on generated drawings, not X-rays.", ""] if synthetic else []
     before += [f"Run `{d}` (recipe `{rec.name}`, `{rec.arch}`, weights from its model.safetensors) evaluated on "
                f"`{split_dir}`: {len(files)} images, counts {folders.counts()['train']}. Per-image predictions: "
                "predictions.csv.", ""]
     write_evaluation_report(out_dir, f"Evaluation of {rec.name} on {split_dir.name}{note}", before, m, ev.classes)
     return out_dir
-
-
-def _predictions_frame(items, classes, probs, threshold, targs=None) -> pd.DataFrame:
-    name, p, _ = positive_view(classes, probs, np.zeros(len(probs), int))
-    df = pd.DataFrame({"file": [str(f) for f in items], f"p_{name}": p,
-                       "label": np.where(p >= threshold, name, "not " + name if len(classes) > 2 else
-                                         next((c for c in classes if c != name), "other"))})
-    if len(classes) > 2 or name != "infected":
-        for i, c in enumerate(classes): df[f"p_{c}"] = probs[:, i]
-        df["argmax"] = [classes[i] for i in probs.argmax(1)]
-    if targs is not None: df["true"] = [classes[i] for i in targs]
-    df["threshold"] = threshold
-    return df
 
 
 def _image_files(paths) -> list[Path]:
@@ -163,7 +145,7 @@ def predict_run(run_dir, paths, out=None, heatmaps: bool = False, tta: bool | No
     dl = learn.dls.test_dl(files)
     probs = (learn.tta(dl=dl)[0] if (rec.tta if tta is None else tta) else learn.get_preds(dl=dl)[0]).float().numpy()
     thr = (cfg.get("threshold") or {"value": 0.5})["value"]
-    df = _predictions_frame(files, classes, probs, thr)
+    df = predictions_frame(files, classes, probs, thr)
     if out is None:
         pdir = new_run_dir(d, "predictions")  # a fresh timestamped folder: never overwrites
         csv = pdir / "predictions.csv"

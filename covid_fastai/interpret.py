@@ -24,7 +24,8 @@ from sklearn.calibration import calibration_curve
 from . import metrics as M
 
 __all__ = ["Evaluation", "classification_metrics", "plot_confusion_matrix", "plot_curves", "plot_extremes",
-           "plot_roc_pr", "plot_calibration", "plot_confusion_matrices", "assess", "write_evaluation"]
+           "plot_roc_pr", "plot_calibration", "plot_confusion_matrices", "assess", "write_evaluation",
+           "predictions_frame", "cam_images"]
 
 
 class CachedInterpretation(ClassificationInterpretation):
@@ -220,6 +221,20 @@ def plot_confusion_matrices(ev: Evaluation, threshold: float, path, title: str) 
     return _save(fig, path)
 
 
+def predictions_frame(items, classes, probs, threshold, targs=None) -> pd.DataFrame:
+    "Per image: file, p(positive), label at `threshold` (and per-class probabilities with 3+ classes, true class)."
+    name, p, _ = M.positive_view(classes, probs, np.zeros(len(probs), int))
+    df = pd.DataFrame({"file": [str(f) for f in items], f"p_{name}": p,
+                       "label": np.where(p >= threshold, name, "not " + name if len(classes) > 2 else
+                                         next((c for c in classes if c != name), "other"))})
+    if len(classes) > 2 or name != "infected":
+        for i, c in enumerate(classes): df[f"p_{c}"] = probs[:, i]
+        df["argmax"] = [classes[i] for i in probs.argmax(1)]
+    if targs is not None: df["true"] = [classes[i] for i in targs]
+    df["threshold"] = threshold
+    return df
+
+
 def assess(ev: Evaluation, threshold: dict, labels: pd.DataFrame | None = None, root=None, n_boot: int = 1000,
            seed: int = 0) -> dict:
     """metrics.json content for one evaluated split: argmax metrics (accuracy, per class, confusion matrix),
@@ -248,4 +263,5 @@ def write_evaluation(out_dir, ev: Evaluation, threshold: dict, title: str, note:
              "roc_pr": plot_roc_pr(ev, t, out_dir / "roc_pr.png", f"{title}{note}"),
              "calibration": plot_calibration(ev, out_dir / "calibration.png", f"calibration: {ev.split}{note}"),
              **plot_extremes(ev, out_dir, note=note, learn=learn if gradcam else None)}
+    predictions_frame(ev.items, ev.classes, ev.probs, t, ev.targs).to_csv(out_dir / "predictions.csv", index=False)
     return assess(ev, threshold, labels, root), files

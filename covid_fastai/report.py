@@ -189,6 +189,7 @@ def write_report(run_dir, config: dict, metrics: dict, history: pd.DataFrame, fi
     for c in classes:
         L += [f"![best {c}](best_{c}.png)", "", f"![worst {c}](worst_{c}.png)", ""]
     L += ["## Files", "", "config.json (every setting, versions, weights provenance), history.csv, metrics.json, "
+          "predictions.csv (per image p(positive), label at the threshold, true class), "
           "report.html (this report, self-contained), model.safetensors (state dict of the fastai model: body `0.model.*`, head `1.*`).", ""]
     out = run_dir / "report.md"
     out.write_text("\n".join(L))
