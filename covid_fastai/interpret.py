@@ -141,7 +141,8 @@ def plot_extremes(ev: Evaluation, out_dir, k: int = 8, note: str = "", learn=Non
         for kind, chosen in (("best", order[:k]), ("worst", order[::-1][:k])):
             n = max(len(chosen), 1)
             rows = 2 if learn is not None and len(chosen) else 1
-            fig, axes = plt.subplots(rows, n, figsize=(2.3 * n, 2.9 * rows), squeeze=False)
+            fig, axes = plt.subplots(rows, n, figsize=(2.3 * n, 2.9 if rows == 1 else 5.0), squeeze=False,
+                                     layout="constrained")
             cams = cam_images(learn, [ev.items[i] for i in chosen]) if rows == 2 else None
             for j, (ax, i) in enumerate(zip(axes[0], chosen)):
                 img = PILImage.create(ev.items[i])

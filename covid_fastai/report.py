@@ -29,7 +29,7 @@ def _md_table(df: pd.DataFrame) -> str:
 
 
 def _fmt(v) -> str:
-    if isinstance(v, float): return f"{v:.4f}"
+    if isinstance(v, float): return "n/a" if v != v else f"{v:.4f}"
     if v is None: return "n/a"
     return str(v)
 
@@ -63,10 +63,12 @@ def evaluation_md(metrics: dict, split_note: str = "") -> list[str]:
               _md_table(pd.DataFrame([{"class": c, **{k: v[k] for k in ("n_positive", "roc_auc", "pr_auc",
                                        "sensitivity", "specificity", "ppv", "npv")}}
                                       for c, v in metrics["one_vs_rest"].items()])), ""]
-    for col, rows in metrics.get("breakdowns", {}).items():
-        L += [f"### By {col.replace('_', ' ')} (labels.csv; at {thr['value']:.3f})", "",
-              "Large differences between groups can mean the model learnt where an image came from rather than "
-              "what it shows.", "", _md_table(pd.DataFrame(rows)), ""]
+    for i, (col, rows) in enumerate(metrics.get("breakdowns", {}).items()):
+        L += [f"### By {col.replace('_', ' ')} (labels.csv; at {thr['value']:.3f})", ""]
+        if i == 0:
+            L += ["Large differences between groups can mean the model learnt where an image came from rather than "
+                  "what it shows.", ""]
+        L += [_md_table(pd.DataFrame(rows)), ""]
     return L
 
 
