@@ -87,8 +87,8 @@ def classification_metrics(targs, preds, classes) -> dict:
     }
 
 
-def _save(fig, path) -> Path:
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+def _save(fig, path, tight: bool = True) -> Path:
+    fig.savefig(path, dpi=110, bbox_inches="tight" if tight else None)
     plt.close(fig)
     return Path(path)
 
@@ -141,13 +141,12 @@ def plot_extremes(ev: Evaluation, out_dir, k: int = 8, note: str = "", learn=Non
         for kind, chosen in (("best", order[:k]), ("worst", order[::-1][:k])):
             n = max(len(chosen), 1)
             rows = 2 if learn is not None and len(chosen) else 1
-            fig, axes = plt.subplots(rows, n, figsize=(2.3 * n, 2.9 if rows == 1 else 5.0), squeeze=False,
-                                     layout="constrained")
+            fig, axes = plt.subplots(rows, n, figsize=(2.3 * n, 2.9 if rows == 1 else 5.2), squeeze=False)
             cams = cam_images(learn, [ev.items[i] for i in chosen]) if rows == 2 else None
             for j, (ax, i) in enumerate(zip(axes[0], chosen)):
                 img = PILImage.create(ev.items[i])
                 img.thumbnail((256, 256))
-                ax.imshow(np.asarray(img.convert("L")), cmap="gray")
+                ax.imshow(np.asarray(img.convert("L")), cmap="gray", interpolation="nearest")  # already display-sized
                 p = ev.preds[i]
                 ax.set_title(f"pred {ev.classes[p]} {ev.probs[i, p]:.2f}\np({pos_name}) {p_pos[i]:.2f} "
                              f"loss {ev.losses[i]:.3f}", fontsize=8, color="black" if p == ci else "red")
@@ -158,7 +157,10 @@ def plot_extremes(ev: Evaluation, out_dir, k: int = 8, note: str = "", learn=Non
             for ax in axes.flat: ax.axis("off")
             what = "lowest" if kind == "best" else "highest"
             fig.suptitle(f"{kind} classified '{cls}' ({ev.split} split, {what} loss first){note}", fontsize=9)
-            files[f"{kind}_{cls}"] = _save(fig, Path(out_dir) / f"{kind}_{cls}.png")
+            # fixed margins instead of bbox "tight" (a second full draw): these grids are most of a run's plotting
+            fig.subplots_adjust(left=0.01, right=0.99, top=0.8 if rows == 1 else 0.87, bottom=0.01, wspace=0.08,
+                                hspace=0.3)
+            files[f"{kind}_{cls}"] = _save(fig, Path(out_dir) / f"{kind}_{cls}.png", tight=False)
     return files
 
 
