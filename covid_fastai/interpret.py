@@ -174,10 +174,12 @@ def plot_roc_pr(ev: Evaluation, threshold: float, path, title: str) -> Path:
         a1.plot(fpr, tpr, label=f"AUC {skm.roc_auc_score(y, p):.3f}")
         a2.plot(rec, prec, label=f"AP {skm.average_precision_score(y, p):.3f}")
         a2.axhline(y.mean(), ls=":", c="gray", label=f"prevalence {y.mean():.2f}")
-        for t, mk, lab in ((0.5, "o", "0.5"), (threshold, "s", f"chosen {threshold:.3f}")):
+        for t, mk, col, lab in ((0.5, "o", "tab:orange", "0.5"), (threshold, "s", "tab:green", f"chosen {threshold:.3f}")):
             m = M.binary_metrics(y, p, t)
-            if m["specificity"] is not None: a1.plot(1 - m["specificity"], m["sensitivity"], mk, label=f"t = {lab}")
-            if m["ppv"] is not None: a2.plot(m["sensitivity"], m["ppv"], mk, label=f"t = {lab}")
+            if m["specificity"] is not None and m["sensitivity"] is not None:
+                a1.plot(1 - m["specificity"], m["sensitivity"], mk, c=col, label=f"t = {lab}")
+            if m["ppv"] is not None and m["sensitivity"] is not None:
+                a2.plot(m["sensitivity"], m["ppv"], mk, c=col, label=f"t = {lab}")
     else:
         for a in (a1, a2): a.text(0.5, 0.5, "one class only: undefined", ha="center")
     a1.plot([0, 1], [0, 1], ls=":", c="gray")

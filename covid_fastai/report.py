@@ -39,6 +39,9 @@ _METRIC_NAMES = {"accuracy": "accuracy", "balanced_accuracy": "balanced accuracy
                  "roc_auc": "ROC AUC", "pr_auc": "PR AUC (average precision)"}
 
 
+_CHOSEN = {"valid": "the run's validation split", None: "the run's validation split"}
+
+
 def _ci(ci) -> str: return "n/a" if not ci else f"{ci[0]:.3f}-{ci[1]:.3f}"
 
 
@@ -47,8 +50,9 @@ def evaluation_md(metrics: dict, split_note: str = "") -> list[str]:
     pos, thr, split = metrics["positive_class"], metrics["threshold"], metrics["split"]
     a, b = metrics["at_0.5"], metrics["at_threshold"]
     L = [f"## Clinical metrics: {pos} vs the rest, {split} split ({a['n']} images, {a['n_positive']} {pos})", "",
-         f"Decision threshold on p({pos}): **{thr['value']:.4f}**, chosen on the {thr.get('chosen_on', 'validation')} "
-         f"split by `{thr['rule']}` ({thr['note']}) and applied unchanged here{split_note}. A case is called "
+         f"Decision threshold on p({pos}): **{thr['value']:.4f}**, chosen on "
+         f"{_CHOSEN.get(thr.get('chosen_on'), thr.get('chosen_on'))} by `{thr['rule']}` ({thr['note']}) and applied "
+         f"unchanged here{split_note}. A case is called "
          f"{pos} when p >= threshold. Test-time augmentation: {'on (fastai tta)' if metrics.get('tta') else 'off'}. "
          "95% intervals: percentile bootstrap over images (1000 resamples, seeded); n/a = undefined on this data.",
          "", f"| metric | at 0.5 | 95% CI | at {thr['value']:.3f} | 95% CI |", "|---|---|---|---|---|"]
