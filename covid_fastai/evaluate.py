@@ -104,6 +104,8 @@ def evaluate_run(run_dir, data, tta: bool | None = None, threshold: float | None
         if not 0 < t < 1: raise UserError(f"--threshold must be between 0 and 1, got {threshold!r}")
         thr = {"rule": str(t), "value": t, "note": "given on the command line", "chosen_on": "command line"}
     tta = rec.tta if tta is None else bool(tta)
+    if tta != rec.tta and threshold is None:  # TTA shifts probabilities: the run's threshold may not transfer
+        thr["note"] += f"; chosen with TTA {'on' if rec.tta else 'off'}, applied here with TTA {'on' if tta else 'off'}"
     ev = Evaluation.of(learn, learn.dls.test_dl(files, with_labels=True), split_dir.name, tta=tta)
     out_dir = new_run_dir(Path(out) if out else d, "evaluations")
     synthetic = (folders.root / "SYNTHETIC.txt").exists()
