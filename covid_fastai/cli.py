@@ -1,4 +1,4 @@
-"""Command line: `python -m covid_fastai {list,recipe,sweep}` (python-fire).
+"""Command line: `python -m covid_fastai {list,recipe,sweep,evaluate,predict,weights}` (python-fire).
 
 Overrides are recipe fields as flags: `--epochs 2 --lr 3e-4 --bs 32 --size 128 --data DIR --pretrained false
 --seed 1 --out DIR`. Problems a user can fix print one line (`error: ...`) and exit with status 2; add

@@ -72,6 +72,8 @@ def eval_folders(data, cfg: dict) -> tuple[XrayFolders, Path]:
     root = Path(data).expanduser().resolve()
     if not root.is_dir(): raise UserError(f"data folder {root} does not exist: pass --data DIR with class folders")
     split_dir = root / "test" if (root / "test").is_dir() else root
+    if split_dir == root and (root / "train").is_dir():
+        raise UserError(f"{root} has train/ but no test/ folder: pass {root}/<split> (e.g. valid) to evaluate a split")
     by_class = {c: fs for c, fs in _class_dirs(split_dir).items() if fs}
     if not by_class:
         raise UserError(f"{split_dir} has no class folders with images: use DIR/<class>/ or DIR/test/<class>/")

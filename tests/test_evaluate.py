@@ -112,6 +112,28 @@ def test_evaluate_bad_run_dir_is_one_line(run_dir, tiny_data, tmp_path, capsys, 
     assert e.value.code == 2 and len(err) == 1 and message in err[0], err
 
 
+@pytest.mark.parametrize("args, message", [
+    (["recipe", "resnet18_head", "--threshold", "yoden"], "--threshold 'yoden': use youden, sens:0.95"),
+    (["recipe", "resnet18_head", "--threshold", "sens:1.5"], "target sensitivity must be a number in (0, 1]"),
+    (["recipe", "resnet18_head", "--labels", "fine"], "--labels must be one of fine_label, folders"),
+    (["recipe", "resnet18_head", "--tta", "maybe"], "--tta must be true or false"),
+    (["predict", "/no/run"], "predict needs image files or folders"),
+])
+def test_evaluation_options_bad_input_is_one_line(args, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([*args, "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "\n" not in err and message in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_evaluate_needs_a_split_when_given_a_whole_data_set(run_dir, tiny_data, tmp_path, capsys):
+    shutil.copytree(tiny_data / "train", tmp_path / "d" / "train")
+    with pytest.raises(SystemExit):
+        main(["evaluate", str(run_dir), "--data", str(tmp_path / "d")])
+    assert "has train/ but no test/ folder" in capsys.readouterr().err
+
+
 def test_evaluate_unknown_class_folder_is_one_line(run_dir, tiny_data, tmp_path, capsys):
     shutil.copytree(tiny_data / "test" / "normal", tmp_path / "d" / "covid")
     with pytest.raises(SystemExit) as e:
