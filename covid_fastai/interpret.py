@@ -22,6 +22,7 @@ from sklearn import metrics as skm
 from sklearn.calibration import calibration_curve
 
 from . import metrics as M
+from .labels import join_labels
 
 __all__ = ["Evaluation", "classification_metrics", "plot_confusion_matrix", "plot_curves", "plot_extremes",
            "plot_roc_pr", "plot_calibration", "plot_confusion_matrices", "assess", "write_evaluation",
@@ -49,7 +50,6 @@ class Evaluation:
     losses: np.ndarray       # (n,) per-image cross-entropy
     preds: np.ndarray        # (n,) predicted class indices (argmax)
     interp: CachedInterpretation
-
     tta: bool = False        # predictions averaged with fastai's test-time augmentation
 
     @classmethod
@@ -126,7 +126,7 @@ def cam_images(learn, files, target=None) -> tuple[list, np.ndarray, np.ndarray]
     return imgs, cams, probs
 
 
-def plot_extremes(ev: Evaluation, out_dir, k: int = 8, note: str = "", learn=None, threshold=None) -> dict:
+def plot_extremes(ev: Evaluation, out_dir, k: int = 8, note: str = "", learn=None) -> dict:
     """Best and worst classified images of each class, ranked by loss: `{best,worst}_<class>.png`.
 
     Titles give the prediction, its probability, p(positive) and the loss; with `learn`, a second row shows
@@ -251,7 +251,6 @@ def assess(ev: Evaluation, threshold: dict, labels: pd.DataFrame | None = None, 
     for key, t in (("at_0.5", 0.5), ("at_threshold", threshold["value"])):
         out[key] = {**M.binary_metrics(y, p, t), "ci95": M.bootstrap_ci(y, p, t, n_boot=n_boot, seed=seed)}
     if len(ev.classes) > 2: out["one_vs_rest"] = M.one_vs_rest(ev.classes, ev.probs, ev.targs)
-    from .labels import join_labels
     joined = join_labels(ev.items, root, labels) if root is not None else {}
     out["breakdowns"] = {c: M.group_metrics(y, p, threshold["value"], vals) for c, vals in joined.items()
                          if c in ("source", "fine_label") and any(vals)}
