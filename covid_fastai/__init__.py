@@ -1,8 +1,9 @@
 """covid_fastai: fastai + timm rapid experiments for chest X-ray classification (infected vs normal).
 
 `from covid_fastai import *` gives the layered API: data (`find_xray_folders`, `xray_dls`), models
-(`xray_learner`), image reading (`open_xray`), fine-tune plans (`head`, `layers`, `full`, `freeze_to`, `apply_plan`), recipes (`Recipe`,
-`load_recipe`, `run_recipe`), interpretation (`Evaluation`) and reports.
+(`xray_learner`), image reading (`open_xray`), fine-tune plans (`head`, `layers`, `full`, `freeze_to`,
+`apply_plan`), recipes (`Recipe`, `load_recipe`, `run_recipe`), interpretation (`Evaluation`), evaluation of
+finished runs (`evaluate_run`, `predict_run`) and reports.
 """
 __version__ = "0.1.0"
 
@@ -21,3 +22,4 @@ from .recipes import *  # noqa: E402,F401,F403
 from .callbacks import *  # noqa: E402,F401,F403
 from .interpret import *  # noqa: E402,F401,F403
 from .train import *  # noqa: E402,F401,F403
+from .evaluate import evaluate_run, predict_run  # noqa: E402,F401

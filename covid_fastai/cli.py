@@ -1,4 +1,4 @@
-"""Command line: `python -m covid_fastai {list,recipe,sweep,resume,check,weights}` (python-fire).
+"""Command line: `python -m covid_fastai {list,recipe,sweep,resume,check,evaluate,predict,weights}` (python-fire).
 
 Overrides are recipe fields as flags: `--epochs 2 --lr 3e-4 --bs 32 --size 128 --data DIR --pretrained false
 --seed 1 --out DIR`. Problems a user can fix print one line (`error: ...`) and exit with status 2; add
@@ -28,8 +28,22 @@ def _summary(run_dir: Path) -> str:
             f"trained {m['train_seconds']:.0f} s at {m['train_images_per_s']:.1f} images/s")
 
 
+def _bool(key, v):
+    from .recipes import _to_bool
+    return _to_bool(key, v)
+
+
+def _eval_summary(d: Path) -> str:
+    m = json.loads((d / "metrics.json").read_text())
+    t, pos = m["at_threshold"], m["positive_class"]
+    f = lambda v: "n/a" if v is None else f"{v:.3f}"
+    return (f"{d}: {m['n']} images, accuracy {m['accuracy']:.4f}; {pos} at threshold {t['threshold']:.3f}: "
+            f"sensitivity {f(t['sensitivity'])}, specificity {f(t['specificity'])}, PPV {f(t['ppv'])}, "
+            f"NPV {f(t['npv'])}; ROC AUC {f(t['roc_auc'])}")
+
+
 class Commands:
-    "fastai + timm experiments on chest X-ray folders. Commands: list, recipe, sweep, resume, check, weights."
+    "fastai + timm experiments on chest X-ray folders. Commands: list, recipe, sweep, resume, check, evaluate, predict, weights."
 
     def list(self):
         "Show the recipes with a one-line description each."
@@ -96,6 +110,37 @@ class Commands:
                             + ": add readable images or remove the folder")
         if _to_bool("strict", strict) and rep.warnings: sys.exit(1)
 
+    def evaluate(self, run_dir: str, data: str, tta: bool | None = None, threshold: float | None = None):
+        """Evaluate a finished run on a labelled folder (DIR/<class>/ or DIR/test/<class>/); writes
+        RUN_DIR/evaluations/<timestamp>/ (metrics.json, predictions.csv, plots, report.md, report.html).
+
+        Args:
+          run_dir: a run folder (outputs/<recipe>/<timestamp>/)
+          data: folder of class sub-folders, or with a test/ folder inside
+          tta: test-time augmentation (default: as the run)
+          threshold: decision threshold on p(infected) instead of the one the run chose on its validation split
+        """
+        from .evaluate import evaluate_run
+        d = evaluate_run(run_dir, data, tta=None if tta is None else _bool("tta", tta), threshold=threshold)
+        print(_eval_summary(d))
+
+    def predict(self, run_dir: str, *paths, out: str | None = None, heatmaps: bool = False, tta: bool | None = None):
+        """Predict image files or folders with a finished run: CSV of file, p_infected and the label at the
+        run's threshold (to --out, or RUN_DIR/predictions/<timestamp>/predictions.csv).
+
+        Args:
+          run_dir: a run folder
+          paths: image files and/or folders (searched recursively)
+          out: CSV file to write (must not exist)
+          heatmaps: also write Grad-CAM overlays (PNG) beside the CSV
+          tta: test-time augmentation (default: as the run)
+        """
+        from .evaluate import predict_run
+        if not paths: raise UserError("predict needs image files or folders after RUN_DIR")
+        csv = predict_run(run_dir, paths, out=out, heatmaps=_bool("heatmaps", heatmaps),
+                          tta=None if tta is None else _bool("tta", tta))
+        print(f"{csv}: {sum(1 for _ in open(csv)) - 1} images")
+
     def weights(self, probe_hub: bool = False):
         """Where each recipe architecture's ImageNet weights would come from here; downloads nothing.
 
@@ -133,7 +178,7 @@ class Commands:
         sweep_dir = new_run_dir(root, "sweeps")
         stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         md, csv = write_sweep(sweep_dir, rows, f"Sweep {pattern} ({stamp})")
-        print(f"comparison: {md} and {csv}")
+        print(f"comparison: {md}, {csv} and {md.with_suffix('.html')}")
 
 
 def _weights_table(probe_hub: bool) -> str:

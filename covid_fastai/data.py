@@ -119,9 +119,10 @@ def find_xray_folders(path, scan: bool = True) -> XrayFolders:
 def read_labels_csv(root):
     """`root/labels.csv` as a DataFrame (None when there is none), with a `path` column of absolute paths.
 
-    Its `file` column names images relative to `root`; a row whose file is absolute or resolves outside `root`
-    (`../`, symlinked parents) is refused with a `UserError`: a labels file must not point the library at
-    files elsewhere on the machine.
+    Its `file` column names images relative to `root`; a row whose file is absolute or climbs out of `root`
+    (`../`, `train/../../x`) is refused with a `UserError`: a labels file must not point the library at files
+    elsewhere on the machine. (The check is on the path as written: a data folder may itself be made of
+    symlinks, which its owner chose.)
     """
     import pandas as pd
     root = Path(root).expanduser().resolve()
@@ -129,20 +130,24 @@ def read_labels_csv(root):
     if not f.is_file(): return None
     try:
         df = pd.read_csv(f, dtype=str, keep_default_na=False)
-    except (ValueError, OSError) as e:
-        raise UserError(f"{f} cannot be read as CSV ({e}): fix or remove it") from None
+    except (ValueError, OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{f} cannot be read as CSV ({_first_line(e)}): fix or remove it") from None
     if "file" not in df.columns:
         raise UserError(f"{f} has no 'file' column (columns: {', '.join(df.columns)}): add one with image paths "
                         f"relative to {root}")
-    paths = []
+    files, paths = [], []
     for i, name in enumerate(df["file"], start=2):  # line numbers as an editor shows them (header is line 1)
-        p = Path(name)
-        full = (root / p).resolve()
-        if p.is_absolute() or name.startswith(("/", "\\")) or not full.is_relative_to(root):
+        rel = os.path.normpath(name.replace("\\", "/")) if name else ""
+        if (not rel or os.path.isabs(rel) or name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":")
+                or rel == ".." or rel.startswith("../")):
             raise UserError(f"{f} line {i}: file {name!r} is outside the data folder {root}: labels.csv may only "
                             f"name files inside it, by relative path (e.g. train/normal/x.jpg)")
-        paths.append(full)
-    return df.assign(path=paths)
+        files.append(Path(rel).as_posix())
+        paths.append(root / rel)
+    return df.assign(file=files, path=paths)
+
+
+def _first_line(e) -> str: return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 class TorchvisionTfm(RandTransform):
@@ -252,8 +257,10 @@ def make_aug(aug: str, size: int, resize: int | None = None) -> SeedAug:
     return SeedAug(size=size, resize=resize, **AUGMENTATIONS[aug])
 
 
-def xray_datablock(folders: XrayFolders, aug: SeedAug, seed: int = 42, valid_pct: float = 0.2) -> DataBlock:
-    "A DataBlock over train (+ valid) images; classes from folder names; X-rays loaded as 3-channel images."
+def xray_datablock(folders: XrayFolders, aug: SeedAug, seed: int = 42, valid_pct: float = 0.2, get_y=None,
+                   vocab=None) -> DataBlock:
+    """A DataBlock over train (+ valid) images; classes from folder names (or `get_y`/`vocab`, e.g. the
+    three-class fine labels of labels.csv); X-rays loaded as 3-channel images."""
     if "valid" in folders.splits:
         valid = set(folders.files("valid"))
         splitter = FuncSplitter(lambda f: f in valid)
@@ -263,8 +270,8 @@ def xray_datablock(folders: XrayFolders, aug: SeedAug, seed: int = 42, valid_pct
         get_items = lambda _: folders.files("train")
     # Images are decoded (and resized) once; grayscale X-rays become 3 identical channels after augmentation.
     images = TransformBlock(type_tfms=DecodeOnce(aug.resize_to), batch_tfms=IntToFloatTensor)
-    return DataBlock(blocks=(images, CategoryBlock(vocab=folders.classes)), get_items=get_items,
-                     splitter=splitter, get_y=parent_label, item_tfms=aug.item_tfms())
+    return DataBlock(blocks=(images, CategoryBlock(vocab=vocab or folders.classes)), get_items=get_items,
+                     splitter=splitter, get_y=get_y or parent_label, item_tfms=aug.item_tfms())
 
 
 def default_workers() -> int:
@@ -274,9 +281,9 @@ def default_workers() -> int:
 
 
 def xray_dls(folders: XrayFolders, aug: SeedAug, bs: int = 128, seed: int = 42, valid_pct: float = 0.2,
-             num_workers: int | None = None, **kwargs):
+             num_workers: int | None = None, get_y=None, vocab=None, **kwargs):
     "fastai `DataLoaders` for `folders` (train/valid); the test split is made later with `dls.test_dl`."
-    dblock = xray_datablock(folders, aug, seed=seed, valid_pct=valid_pct)
+    dblock = xray_datablock(folders, aug, seed=seed, valid_pct=valid_pct, get_y=get_y, vocab=vocab)
     nw = default_workers() if num_workers is None else num_workers
     # Workers that live across epochs keep their decode-once caches (fastai gives each worker 1 torch thread).
     kwargs.setdefault("persistent_workers", nw > 0)

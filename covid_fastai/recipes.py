@@ -62,6 +62,10 @@ class Recipe:
     cache_features: bool = True     # frozen body: run it once per view, train the head on cached features
     cache_views: int = 2            # augmented views of each training image in the feature cache
     reproducible: bool = False      # torch deterministic algorithms, no cuDNN autotuning (README: its cost)
+    # evaluation
+    threshold: str = "youden"       # decision threshold on p(infected), chosen on valid: youden | sens:0.95 | 0.3
+    tta: bool = False               # test-time augmentation (fastai tta) for valid/test predictions
+    labels: str = "folders"         # classes from 'folders', or 'fine_label' of <data>/labels.csv (3 classes)
     source: str = field(default="", compare=False)  # the file the recipe came from (filled in on load)
 
     def describe(self) -> str: return self.description or f"{self.arch}: {self.plan.describe()}"
@@ -70,21 +74,23 @@ class Recipe:
 # The assignment's training policy, for faithful reproduction (see ../shared/seed/NOTES.md).
 SEED_POLICY = dict(policy="seed", head="seed", hidden=380, dropout=0.5, opt="sgd", lr=1e-3, lr_find=False,
                    lr_mult=1.0, mom=0.9, wd=0.0, schedule="constant", epochs=10, bs=128, size=224, aug="seed",
-                   train_bn=False, bn_freeze=False, label_smoothing=0.0)
+                   train_bn=False, bn_freeze=False, label_smoothing=0.0, tta=False)
 
 # fastai practice: AdamW with one-cycle at an lr_find-guided rate, discriminative rates over the plan's layer
-# groups, label smoothing, fastai's head, frozen BatchNorm statistics in frozen parts, mild X-ray augmentation.
+# groups, label smoothing, fastai's head, frozen BatchNorm statistics in frozen parts, mild X-ray augmentation,
+# test-time augmentation (fastai `tta`) for the valid (threshold) and test predictions.
 # Each choice and what it measured is in docs/experiments.md.
 MODERN_POLICY = dict(policy="modern", head="fastai", hidden=512, dropout=0.5, opt="adamw", lr=1e-3, lr_find=True,
                      lr_mult=10.0, mom=0.9, wd=0.01, schedule="one_cycle", epochs=10, bs=64, size=224, aug="xray",
-                     train_bn=False, bn_freeze=True, label_smoothing=0.1)
+                     train_bn=False, bn_freeze=True, label_smoothing=0.1, tta=True)
 
 POLICIES = {"seed": SEED_POLICY, "modern": MODERN_POLICY}
 
 # What a command-line override may set, with checks; everything else in Recipe is fixed by the recipe file.
 _POSITIVE_INT = ("epochs", "bs", "size", "hidden", "cache_views")
 _POSITIVE_FLOAT = ("lr", "lr_mult")
-_BOOL = ("pretrained", "bf16", "channels_last", "train_bn", "cache_features", "bn_freeze", "lr_find", "reproducible")
+_BOOL = ("pretrained", "bf16", "channels_last", "train_bn", "cache_features", "bn_freeze", "lr_find", "reproducible",
+         "tta")
 
 
 def _to_bool(key, v):
@@ -104,11 +110,16 @@ def _choices(key):
         from .models import OPTIMIZERS
         return sorted(OPTIMIZERS)
     if key == "policy": return sorted(POLICIES)
-    return {"schedule": ["constant", "one_cycle"], "head": ["fastai", "seed"]}.get(key)
+    return {"schedule": ["constant", "one_cycle"], "head": ["fastai", "seed"],
+            "labels": ["fine_label", "folders"]}.get(key)
 
 
 def _check(key, v):
     if key in _BOOL: return _to_bool(key, v)
+    if key == "threshold":
+        from .metrics import choose_threshold
+        choose_threshold([0, 1], [0.2, 0.8], v)  # raises a UserError on a bad rule
+        return str(v)
     if _choices(key) is not None:
         if str(v) not in _choices(key):
             raise UserError(f"--{key} must be one of {', '.join(_choices(key))}, got {v!r}")

@@ -1,13 +1,21 @@
-"""Reports: `report.md` for one run, and the sweep's comparison table (markdown + CSV), shaped like the
-assignment's Tables 1 and 2."""
+"""Reports: `report.md` and a self-contained `report.html` for one run (or one evaluation), and the sweep's
+comparison (markdown, CSV and HTML), shaped like the assignment's Tables 1 and 2.
+
+The HTML pages are the markdown rendered by python-markdown, with every image embedded as a base64 data URI
+and the style sheet inline: one file that opens offline and can be mailed.
+"""
 from __future__ import annotations
 
+import base64
 import csv
+import html
+import re
 from pathlib import Path
 
 import pandas as pd
 
-__all__ = ["SYNTHETIC_BANNER", "write_report", "sweep_row", "write_sweep"]
+__all__ = ["SYNTHETIC_BANNER", "write_report", "evaluation_md", "write_evaluation_report", "md_to_html",
+           "write_html", "sweep_row", "write_sweep"]
 
 SYNTHETIC_BANNER = "[SYNTHETIC demo data, not X-rays]"
 
@@ -21,8 +29,108 @@ def _md_table(df: pd.DataFrame) -> str:
 
 
 def _fmt(v) -> str:
-    if isinstance(v, float): return f"{v:.4f}"
+    if isinstance(v, float): return "n/a" if v != v else f"{v:.4f}"
+    if v is None: return "n/a"
     return str(v)
+
+
+_METRIC_NAMES = {"accuracy": "accuracy", "balanced_accuracy": "balanced accuracy", "sensitivity": "sensitivity (recall)",
+                 "specificity": "specificity", "ppv": "PPV (precision)", "npv": "NPV", "f1": "F1",
+                 "roc_auc": "ROC AUC", "pr_auc": "PR AUC (average precision)"}
+
+
+_CHOSEN = {"valid": "the run's validation split", None: "the run's validation split"}
+
+
+def _ci(ci) -> str: return "n/a" if not ci else f"{ci[0]:.3f}-{ci[1]:.3f}"
+
+
+def evaluation_md(metrics: dict, split_note: str = "") -> list[str]:
+    "Markdown lines: clinical metrics at 0.5 and at the chosen threshold with CIs, plots, one-vs-rest, breakdowns."
+    pos, thr, split = metrics["positive_class"], metrics["threshold"], metrics["split"]
+    a, b = metrics["at_0.5"], metrics["at_threshold"]
+    L = [f"## Clinical metrics: {pos} vs the rest, {split} split ({a['n']} images, {a['n_positive']} {pos})", "",
+         f"Decision threshold on p({pos}): **{thr['value']:.4f}**, chosen on "
+         f"{_CHOSEN.get(thr.get('chosen_on'), thr.get('chosen_on'))} by `{thr['rule']}` ({thr['note']}) and applied "
+         f"unchanged here{split_note}. A case is called "
+         f"{pos} when p >= threshold. Test-time augmentation: {'on (fastai tta)' if metrics.get('tta') else 'off'}. "
+         "95% intervals: percentile bootstrap over images (1000 resamples, seeded); n/a = undefined on this data.",
+         "", f"| metric | at 0.5 | 95% CI | at {thr['value']:.3f} | 95% CI |", "|---|---|---|---|---|"]
+    for k, name in _METRIC_NAMES.items():
+        L.append(f"| {name} | {_fmt(a[k])} | {_ci(a['ci95'][k])} | {_fmt(b[k])} | {_ci(b['ci95'][k])} |")
+    L += ["", f"Confusion at 0.5 (rows true {pos} / other; columns predicted): `{a['confusion_matrix']}`; at "
+          f"{thr['value']:.3f}: `{b['confusion_matrix']}`.", "",
+          "![ROC and precision-recall](roc_pr.png)", "", "![calibration](calibration.png)", "",
+          "![confusion matrices](confusion_matrices.png)", ""]
+    if metrics.get("one_vs_rest"):
+        L += ["### Each class against the rest (at 0.5 on its own probability)", "",
+              _md_table(pd.DataFrame([{"class": c, **{k: v[k] for k in ("n_positive", "roc_auc", "pr_auc",
+                                       "sensitivity", "specificity", "ppv", "npv")}}
+                                      for c, v in metrics["one_vs_rest"].items()])), ""]
+    for i, (col, rows) in enumerate(metrics.get("breakdowns", {}).items()):
+        L += [f"### By {col.replace('_', ' ')} (labels.csv; at {thr['value']:.3f})", ""]
+        if i == 0:
+            L += ["Large differences between groups can mean the model learnt where an image came from rather than "
+                  "what it shows.", ""]
+        L += [_md_table(pd.DataFrame(rows)), ""]
+    return L
+
+
+def write_evaluation_report(out_dir, title: str, lines_before: list[str], metrics: dict, classes: list) -> Path:
+    "report.md (+ report.html) of an `evaluate` folder."
+    out_dir = Path(out_dir)
+    L = [f"# {title}", "", *lines_before,
+         f"Accuracy at argmax **{metrics['accuracy']:.4f}** ({metrics['n']} images).", "",
+         _md_table(pd.DataFrame([{"class": c, **v} for c, v in metrics["per_class"].items()])), "",
+         *evaluation_md(metrics), "## Best and worst classified images", "",
+         "Ranked by loss; red titles are misclassified; the second row is the Grad-CAM heatmap of the predicted class.", ""]
+    for c in classes:
+        L += [f"![best {c}](best_{c}.png)", "", f"![worst {c}](worst_{c}.png)", ""]
+    out = out_dir / "report.md"
+    out.write_text("\n".join(L))
+    write_html(out)
+    return out
+
+
+_CSS = """body{font:15px/1.5 system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;color:#1d2330;max-width:1100px;
+margin:0 auto;padding:24px 32px 64px;background:#fff}h1{font-size:1.6em;border-bottom:2px solid #2b6cb0;
+padding-bottom:.3em}h2{font-size:1.3em;margin-top:1.8em;border-bottom:1px solid #d5dbe5;padding-bottom:.2em}
+h3{font-size:1.08em;margin-top:1.4em}table{border-collapse:collapse;margin:.6em 0 1em;font-size:13px;
+display:block;overflow-x:auto;max-width:100%}th,td{border:1px solid #d5dbe5;padding:4px 9px;text-align:left;
+vertical-align:top}th{background:#eef2f8}tr:nth-child(even) td{background:#f8fafc}
+img{max-width:100%;height:auto;border:1px solid #e3e7ee;margin:.3em 0}code{background:#f1f3f7;padding:1px 4px;
+border-radius:3px;font-size:.92em}blockquote{margin:1em 0;padding:.6em 1em;background:#fff4e5;
+border-left:4px solid #dd6b20}.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(480px,1fr));
+gap:12px}.grid figure{margin:0}figcaption{font-size:12px;color:#555}"""
+
+
+def _embed(match, base: Path) -> str:
+    alt, src = match.group(1), match.group(2)
+    f = (base / src) if not Path(src).is_absolute() else Path(src)
+    if src.startswith(("data:", "http:", "https:")) or not f.is_file():
+        return f'<img alt="{alt}" src="{html.escape(src)}">' if src.startswith("data:") else f"<em>[missing image: {alt}]</em>"
+    mime = "image/png" if f.suffix.lower() == ".png" else "image/jpeg"
+    return f'<img alt="{alt}" src="data:{mime};base64,{base64.b64encode(f.read_bytes()).decode()}">'
+
+
+def md_to_html(text: str, base_dir, title: str) -> str:
+    "A self-contained HTML page from markdown: inline CSS, images under `base_dir` embedded, no external resource."
+    import markdown
+    body = markdown.markdown(text, extensions=["tables", "fenced_code"], output_format="html")
+    body = re.sub(r'<img alt="([^"]*)" src="([^"]+)"\s*/?>', lambda m: _embed(m, Path(base_dir)), body)
+    return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+            f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><style>{_CSS}</style></head>"
+            f"<body>\n{body}\n</body></html>\n")
+
+
+def write_html(md_path, extra_md: str = "") -> Path:
+    "`report.md` -> `report.html` beside it (self-contained); `extra_md` is appended to the HTML only."
+    md_path = Path(md_path)
+    text = md_path.read_text() + ("\n\n" + extra_md if extra_md else "")
+    title = next((ln[2:] for ln in text.splitlines() if ln.startswith("# ")), md_path.stem)
+    out = md_path.with_suffix(".html")
+    out.write_text(md_to_html(text, md_path.parent, title))
+    return out
 
 
 def _cm_text(cm, classes) -> str:
@@ -86,18 +194,22 @@ def write_report(run_dir, config: dict, metrics: dict, history: pd.DataFrame, fi
     L += [_md_table(per), "",
           "F1 is given for each class. (The assignment's F1 was scikit-learn's default positive label, "
           "`normal`; the infected-class F1 is the one that speaks to missed infections.)", "",
-          f"Confusion matrix (rows true, columns predicted, order {classes}): `{metrics['confusion_matrix']}`", "",
+          f"Confusion matrix at argmax (rows true, columns predicted, order {classes}): "
+          f"`{metrics['confusion_matrix']}`", "",
           "![confusion matrix](confusion_matrix.png)", "",
+          *evaluation_md(metrics, "" if split == "test" else " (the same split: optimistic)"),
           "## Training curves", "", "![curves](curves.png)", "",
           "Per epoch (train_loss is fastai's smoothed training loss; train metrics are taken with augmentation "
           "and dropout on):", "", _md_table(history.round(4)), "",
           "## Best and worst classified images", "",
-          f"Ranked by loss on the {split} split; red titles are misclassified.", ""]
+          f"Ranked by loss on the {split} split; red titles are misclassified; the second row is the Grad-CAM "
+          "heatmap of the predicted class on the image as the network sees it.", ""]
     for c in classes:
         L += [f"![best {c}](best_{c}.png)", "", f"![worst {c}](worst_{c}.png)", ""]
     L += _skipped_section(data.get("skipped"))
     L += ["## Files", "", "config.json (every setting, versions, weights provenance), history.csv, metrics.json, "
-          "model.safetensors (state dict of the fastai model: body `0.model.*`, head `1.*`).", ""]
+          "predictions.csv (per image p(positive), label at the threshold, true class), "
+          "report.html (this report, self-contained), model.safetensors (state dict of the fastai model: body `0.model.*`, head `1.*`).", ""]
     out = run_dir / "report.md"
     out.write_text("\n".join(L))
     return out
@@ -112,6 +224,10 @@ def sweep_row(run_dir, config: dict, metrics: dict) -> dict:
            "trainable layers": rec["plan"]["description"], "trainable params": config["trainable"]["parameters"],
            "weights": config["weights"].get("source"), "split": metrics["split"], "accuracy": metrics["accuracy"]}
     for c in classes: row[f"F1 ({c})"] = metrics["per_class"][c]["f1"]
+    if "at_threshold" in metrics:
+        t = metrics["at_threshold"]
+        row.update({"threshold": round(t["threshold"], 4), "sensitivity (t)": t["sensitivity"],
+                    "specificity (t)": t["specificity"], "ROC AUC": t["roc_auc"]})
     row.update({"confusion matrix (rows true)": _cm_text(metrics["confusion_matrix"], classes),
                 "train time (s)": round(metrics["train_seconds"], 1),
                 "images/s": round(metrics["train_images_per_s"], 1),
@@ -119,8 +235,20 @@ def sweep_row(run_dir, config: dict, metrics: dict) -> dict:
     return row
 
 
+def _figure_grid(rows: list[dict], image: str, caption: str) -> str:
+    "Raw HTML: one figure per run (its `image`), side by side."
+    figs = []
+    for r in rows:
+        f = (Path(r["run"]) / image).resolve()
+        figs.append(f'<figure><img alt="{html.escape(r["recipe"])} {caption}" src="{html.escape(str(f))}">'
+                    f'<figcaption>{html.escape(r["recipe"])}: {caption}</figcaption></figure>')
+    return '<div class="grid">' + "".join(figs) + "</div>"
+
+
 def write_sweep(out_dir, rows: list[dict], title: str) -> tuple[Path, Path]:
-    "comparison.md (one table per architecture, like the seed's Tables 1 and 2) and comparison.csv."
+    """comparison.md (one table per architecture, like the seed's Tables 1 and 2), comparison.csv and
+    comparison.html (the tables plus every run's ROC/PR curves, training curves and confusion matrices side by
+    side, self-contained)."""
     out_dir = Path(out_dir)
     df = pd.DataFrame(rows)
     csv_path = out_dir / "comparison.csv"
@@ -141,4 +269,10 @@ def write_sweep(out_dir, rows: list[dict], title: str) -> tuple[Path, Path]:
                         .reset_index().rename_axis(columns=None)), ""]
     md_path = out_dir / "comparison.md"
     md_path.write_text("\n".join(L))
+    extra = []
+    for image, caption, head in (("roc_pr.png", "ROC and PR", "ROC and precision-recall curves"),
+                                 ("curves.png", "loss and accuracy", "Training curves"),
+                                 ("confusion_matrices.png", "confusion matrices", "Confusion matrices")):
+        extra += [f"## {head}", "", _figure_grid(rows, image, caption), ""]
+    write_html(md_path, "\n".join(extra))
     return md_path, csv_path

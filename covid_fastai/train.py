@@ -1,7 +1,8 @@
 """Running a recipe: data -> Learner -> plan -> fit -> evaluation -> run folder.
 
-Each run writes `outputs/<recipe>/<run-id>/`: config.json, history.csv, curves.png, confusion_matrix.png,
-best/worst grids per class, metrics.json, report.md and model.safetensors. A new run never overwrites an
+Each run writes `outputs/<recipe>/<run-id>/`: config.json, history.csv, curves.png, confusion matrices, ROC/PR
+and calibration plots, best/worst grids per class with Grad-CAM, metrics.json, report.md, report.html and
+model.safetensors. A new run never overwrites an
 earlier one.
 
 Interruptions: every finished epoch writes `checkpoint.pt` (model, optimiser, RNG states, the loaders'
@@ -39,11 +40,13 @@ from .data import find_xray_folders, make_aug, xray_dls
 from .demo import demo_data
 from .errors import UserError
 from .features import body_is_frozen, head_learner
-from .interpret import Evaluation, plot_confusion_matrix, plot_curves, plot_extremes
+from .interpret import Evaluation, plot_curves, write_evaluation
+from .labels import fine_label_getter, read_labels
+from .metrics import binary_metrics, choose_threshold
 from .models import xray_learner
 from .plans import Plan, apply_plan
 from .recipes import Recipe, load_recipe, with_overrides
-from .report import SYNTHETIC_BANNER, write_report
+from .report import SYNTHETIC_BANNER, write_html, write_report
 
 __all__ = ["run", "run_recipe", "recipe_learner", "new_run_dir", "resolve_data", "HistoryCSV", "OUTPUTS",
            "resume", "recipe_from_config", "EpochCheckpoint", "load_export", "CHECKPOINT"]
@@ -207,8 +210,11 @@ def recipe_learner(recipe: Recipe, path=None, cbs=None):
     "(Learner with the recipe's plan applied, XrayFolders) — for REPL use; `run` adds the run folder."
     folders = find_xray_folders(resolve_data(recipe.data))
     set_seed(recipe.seed)
+    # Three-class mode: classes from labels.csv's fine_label (covid / pneumonia / normal) instead of folders.
+    get_y, vocab = (fine_label_getter(folders.root, [f for s in folders.splits for f in folders.files(s)])
+                    if recipe.labels == "fine_label" else (None, None))
     dls = xray_dls(folders, make_aug(recipe.aug, recipe.size, recipe.resize), bs=recipe.bs, seed=recipe.seed,
-                   valid_pct=recipe.valid_pct, num_workers=recipe.workers)
+                   valid_pct=recipe.valid_pct, num_workers=recipe.workers, get_y=get_y, vocab=vocab)
     use_bf16 = recipe.bf16 and bf16_supported("cuda" if torch.cuda.is_available() else "cpu")
     speed = ([ChannelsLast()] if recipe.channels_last else []) + ([BF16Autocast()] if use_bf16 else [])
     learn = xray_learner(dls, recipe.arch, pretrained=recipe.pretrained, weights=recipe.weights, head=recipe.head,
@@ -367,7 +373,8 @@ def _run_facts(recipe, learn, folders, trainer) -> dict:
     n_train = sum(p.numel() for p in learn.model.parameters() if p.requires_grad)
     cached = trainer is not learn
     return {
-        "data": {"path": str(folders.root), "synthetic": folders.synthetic, "classes": folders.classes,
+        "data": {"path": str(folders.root), "synthetic": folders.synthetic, "classes": list(learn.dls.vocab),
+                 "labels": recipe.labels,
                  "counts": folders.counts(),
                  "valid": (f"folder {folders.valid_name}/" if folders.valid_name
                            else f"random {recipe.valid_pct:.0%} of train (seed {recipe.seed})"),
@@ -409,6 +416,9 @@ def _run_in(run_dir, recipe, learn, folders, state, export, extra_cbs, t_start) 
             config["lr_find"] = find_lr(trainer, recipe, run_dir, quiet=quiet)
             _write_json(run_dir / "config.json", config)
         _fit(trainer, recipe, config["lr_find"]["lr"] if recipe.lr_find else recipe.lr, start_epoch)
+        # fastai's tta fires before_fit/after_fit: the run's callbacks leave before evaluation
+        trainer.remove_cbs([*extra_cbs, *trainer.cbs.filter(lambda c: isinstance(c, (TrainThroughput, HistoryCSV,
+                                                                                      EpochCheckpoint)))])
         _finish(run_dir, recipe, learn, folders, trainer, tp, config, export, t_start)
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (the CLI turns it into KeyboardInterrupt)
         how = _how_to_continue(run_dir, recipe)
@@ -438,23 +448,27 @@ def _finish(run_dir, recipe, learn, folders, trainer, tp, config, export, t_star
     save_file({k: v.detach().contiguous() for k, v in learn.model.state_dict().items()}, run_dir / "model.safetensors")
     if export: _export(learn, run_dir)
 
-    # Evaluate on test when there is one, else on valid (and say so).
+    # Evaluate on test when there is one, else on valid (and say so); the decision threshold is chosen on valid.
     split = "test" if folders.has_test else "valid"
     dl = learn.dls.test_dl(folders.files("test"), with_labels=True) if folders.has_test else learn.dls.valid
-    ev = Evaluation.of(learn, dl, split)
+    ev = Evaluation.of(learn, dl, split, tta=recipe.tta)
+    valid_ev = ev if split == "valid" else Evaluation.of(learn, learn.dls.valid, "valid", tta=recipe.tta)
+    _, pv, yv = valid_ev.positive()
+    threshold = {**choose_threshold(yv, pv, recipe.threshold), "chosen_on": "valid"}
     note = f" {SYNTHETIC_BANNER}" if folders.synthetic else ""
-    metrics = {"split": split, **ev.metrics(), "train_seconds": train_s,
-               "train_images_per_s": sum(tp.epoch_images) / max(train_s, 1e-9),
+    m, files = write_evaluation(run_dir, ev, threshold, f"{recipe.name}: {split} split", note, learn=learn,
+                                labels=read_labels(folders.root), root=folders.root)
+    metrics = {**m, "valid": {t: binary_metrics(yv, pv, v) for t, v in (("at_0.5", 0.5),
+                                                                      ("at_threshold", threshold["value"]))},
+               "train_seconds": train_s, "train_images_per_s": sum(tp.epoch_images) / max(train_s, 1e-9),
                "wall_seconds": None}
     history = pd.read_csv(run_dir / "history.csv")
-    files = {"curves": plot_curves(history, run_dir / "curves.png", f"{recipe.name}{note}"),
-             "confusion_matrix": plot_confusion_matrix(ev, run_dir / "confusion_matrix.png",
-                                                       f"{recipe.name}: {split} split{note}"),
-             **plot_extremes(ev, run_dir, note=note)}
+    files = {"curves": plot_curves(history, run_dir / "curves.png", f"{recipe.name}{note}"), **files}
     metrics["wall_seconds"] = time.perf_counter() - t_start
     _write_json(run_dir / "metrics.json", metrics)
-    config.update(status="complete", finished=datetime.now(timezone.utc).isoformat())
+    config.update(status="complete", finished=datetime.now(timezone.utc).isoformat(), threshold=threshold)
     write_report(run_dir, config, metrics, history, files)
+    write_html(run_dir / "report.md")
     _write_json(run_dir / "config.json", config)  # 'complete' only once everything is written
     (run_dir / CHECKPOINT).unlink(missing_ok=True)  # nothing left to resume; model.safetensors has the weights
 

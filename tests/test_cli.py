@@ -40,9 +40,17 @@ def check_run(d: Path, epochs: int, synthetic: bool, split="test"):
     cm = m["confusion_matrix"]
     assert sum(map(sum, cm)) == m["n"] and m["accuracy"] == pytest.approx((cm[0][0] + cm[1][1]) / m["n"])
     assert set(m["per_class"]) == {"infected", "normal"} and m["train_images_per_s"] > 0
-    for name in ("curves", "confusion_matrix", "best_infected", "worst_infected", "best_normal", "worst_normal"):
+    # clinical metrics at 0.5 and at the threshold chosen on valid, with intervals (see tests/test_evaluate.py)
+    assert m["threshold"]["chosen_on"] == "valid" and 0 < m["threshold"]["value"] <= 1
+    assert cfg["threshold"] == m["threshold"] and m["positive_class"] == "infected"
+    for at in ("at_0.5", "at_threshold"):
+        assert {"sensitivity", "specificity", "ppv", "npv", "roc_auc", "pr_auc", "balanced_accuracy"} <= set(m[at])
+        assert set(m[at]["ci95"]) >= {"sensitivity", "roc_auc"} and sum(map(sum, m[at]["confusion_matrix"])) == m["n"]
+    for name in ("curves", "confusion_matrix", "best_infected", "worst_infected", "best_normal", "worst_normal",
+                 "roc_pr", "calibration", "confusion_matrices"):
         with Image.open(d / f"{name}.png") as im:
             assert im.width > 200 and im.height > 100, name
+    assert len(pd.read_csv(d / "predictions.csv")) == m["n"] and (d / "report.html").stat().st_size > 10000
     rep = (d / "report.md").read_text()
     assert ("SYNTHETIC" in rep) is synthetic and "confusion_matrix.png" in rep and "worst_normal.png" in rep
     sd = load_file(d / "model.safetensors")
@@ -120,6 +128,10 @@ def test_sweep_writes_comparison(tiny_data, tmp_path):
     assert rows[1]["trainable layers"] == "layer3.0.conv1 + head"
     md = (sweep / "comparison.md").read_text()
     assert "## Table 1: resnet18.tv_in1k" in md and "SYNTHETIC" in md
+    assert {"sensitivity (t)", "specificity (t)", "ROC AUC", "threshold"} <= set(rows[0])
+    page = (sweep / "comparison.html").read_text()
+    assert page.count('src="data:image/png;base64,') == 6 and "missing image" not in page  # 3 plots x 2 runs
+    assert "Table 1: resnet18.tv_in1k" in page and "http" not in page.replace("http-equiv", "")
 
 
 @pytest.mark.parametrize("name", sorted(recipe_files()))

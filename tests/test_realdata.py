@@ -29,6 +29,10 @@ def test_effnet_lite0_beats_majority_clearly(real_data, tmp_path):
     assert m["split"] == "test" and m["n"] == 360
     assert m["accuracy"] >= majority + 0.15, (m["accuracy"], majority)
     assert min(v["recall"] for v in m["per_class"].values()) >= 0.6  # not one class for everything
+    # clinical view: threshold from valid, intervals, and labels.csv's per-source breakdown joined to every image
+    at = m["at_threshold"]
+    assert at["roc_auc"] >= 0.8 and at["ci95"]["roc_auc"][0] < at["roc_auc"] < at["ci95"]["roc_auc"][1]
+    assert sum(r["n"] for r in m["breakdowns"]["source"]) == 360 and len(m["breakdowns"]["fine_label"]) == 3
 
 
 @pytest.mark.realdata

@@ -1,0 +1,174 @@
+"""Finished runs on new images: `evaluate` (labelled folders -> metrics, plots, report) and `predict`
+(any images -> CSV of p_infected and labels at the run's threshold, optional Grad-CAM overlays).
+
+A run is rebuilt from its `config.json` recipe (random init, nothing downloaded) and its `model.safetensors`
+(safetensors only: no pickle is ever loaded).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from fastai.vision.all import ProgressCallback, get_image_files
+from safetensors.torch import load_file
+
+from .callbacks import BF16Autocast, bf16_supported
+from .data import XrayFolders, make_aug, xray_dls
+from .errors import UserError
+from .interpret import Evaluation, cam_images, predictions_frame, write_evaluation
+from .labels import fine_label_getter, read_labels
+from .models import xray_learner
+from .plans import Plan
+from .recipes import Recipe
+
+__all__ = ["load_run", "run_learner", "eval_folders", "evaluate_run", "predict_run"]
+
+
+def load_run(run_dir) -> tuple[Path, dict, Recipe]:
+    "(run folder, config, Recipe) of a finished run; one-line UserError when it is not one."
+    d = Path(run_dir).expanduser()
+    if not d.is_dir(): raise UserError(f"run folder {d} does not exist: pass a folder made by `recipe` or `sweep`")
+    if not (d / "config.json").is_file():
+        raise UserError(f"{d} has no config.json: pass a run folder (outputs/<recipe>/<timestamp>/)")
+    if not (d / "model.safetensors").is_file():
+        raise UserError(f"{d} has no model.safetensors (the run did not finish?): pass a finished run folder")
+    cfg = json.loads((d / "config.json").read_text())
+    r = dict(cfg["recipe"])
+    plan = {k: v for k, v in r.pop("plan").items() if k in {f.name for f in dataclasses.fields(Plan)}}
+    if "patterns" in plan: plan["patterns"] = tuple(plan["patterns"])
+    known = {f.name for f in dataclasses.fields(Recipe)}
+    return d, cfg, Recipe(plan=Plan(**plan), **{k: v for k, v in r.items() if k in known and k != "plan"})
+
+
+def run_learner(d: Path, cfg: dict, rec: Recipe, folders: XrayFolders, get_y=None):
+    "The run's Learner (its classes and eval transform) over `folders`, with the saved weights loaded."
+    classes = cfg["data"]["classes"]
+    dls = xray_dls(folders, make_aug(rec.aug, rec.size, rec.resize), bs=rec.bs, seed=rec.seed, num_workers=0,
+                   get_y=get_y, vocab=classes)
+    use_bf16 = cfg["speed"].get("bf16_autocast") and bf16_supported("cuda" if torch.cuda.is_available() else "cpu")
+    learn = xray_learner(dls, rec.arch, pretrained=False, head=rec.head, hidden=rec.hidden, dropout=rec.dropout,
+                         opt=rec.opt, mom=rec.mom, wd=rec.wd, train_bn=rec.train_bn, lr=rec.lr,
+                         cbs=[BF16Autocast()] if use_bf16 else [], path=d)
+    sd = load_file(d / "model.safetensors")
+    try:
+        learn.model.load_state_dict(sd)
+    except RuntimeError as e:
+        raise UserError(f"{d / 'model.safetensors'} does not fit the run's recipe ({str(e).splitlines()[0]})") from None
+    learn.model.to(dls.device).eval()
+    learn.remove_cb(ProgressCallback)  # one summary line per command; no redrawn bars in logs
+    return learn
+
+
+def _class_dirs(d: Path) -> dict:
+    return {c.name: sorted(get_image_files(c)) for c in sorted(d.iterdir()) if c.is_dir() and not c.name.startswith(".")}
+
+
+def eval_folders(data, cfg: dict) -> tuple[XrayFolders, Path]:
+    """(XrayFolders over the images to evaluate, the folder they came from): `DIR/test/<class>/` when DIR has a
+    test/ folder, else `DIR/<class>/`. Class folders must be among the run's classes (or, in the three-class
+    mode, the folder classes it was trained from)."""
+    root = Path(data).expanduser().resolve()
+    if not root.is_dir(): raise UserError(f"data folder {root} does not exist: pass --data DIR with class folders")
+    split_dir = root / "test" if (root / "test").is_dir() else root
+    if split_dir == root and (root / "train").is_dir():
+        raise UserError(f"{root} has train/ but no test/ folder: pass {root}/<split> (e.g. valid) to evaluate a split")
+    by_class = {c: fs for c, fs in _class_dirs(split_dir).items() if fs}
+    if not by_class:
+        raise UserError(f"{split_dir} has no class folders with images: use DIR/<class>/ or DIR/test/<class>/")
+    allowed = cfg["data"]["classes"] if cfg["data"].get("labels", "folders") == "folders" else \
+        list(cfg["data"]["counts"]["train"])
+    extra = sorted(set(by_class) - set(allowed))
+    if extra:
+        raise UserError(f"{split_dir} has class folders {extra} that the run does not know (its classes: {allowed}): "
+                        "evaluate on folders named after the run's classes")
+    return XrayFolders(root, {"train": by_class}, classes=list(by_class)), split_dir
+
+
+def evaluate_run(run_dir, data, tta: bool | None = None, threshold: float | None = None, out=None) -> Path:
+    """Evaluate a finished run on a labelled folder; writes `RUN_DIR/evaluations/<timestamp>/` (metrics.json,
+    predictions.csv, plots, report.md, report.html) and returns it.
+
+    tta: fastai test-time augmentation (default: as the run); threshold: a number to use instead of the
+    threshold the run chose on its validation split.
+    """
+    from .report import SYNTHETIC_BANNER, write_evaluation_report
+    from .train import _write_json, new_run_dir
+    d, cfg, rec = load_run(run_dir)
+    folders, split_dir = eval_folders(data, cfg)
+    files = folders.files("train")
+    get_y = fine_label_getter(folders.root, files)[0] if rec.labels == "fine_label" else None
+    learn = run_learner(d, cfg, rec, folders, get_y)
+    thr = dict(cfg.get("threshold") or {"rule": "0.5", "value": 0.5, "note": "the run recorded no threshold"})
+    if threshold is not None:
+        t = float(threshold)
+        if not 0 < t < 1: raise UserError(f"--threshold must be between 0 and 1, got {threshold!r}")
+        thr = {"rule": str(t), "value": t, "note": "given on the command line", "chosen_on": "command line"}
+    tta = rec.tta if tta is None else bool(tta)
+    if tta != rec.tta and threshold is None:  # TTA shifts probabilities: the run's threshold may not transfer
+        thr["note"] += f"; chosen with TTA {'on' if rec.tta else 'off'}, applied here with TTA {'on' if tta else 'off'}"
+    ev = Evaluation.of(learn, learn.dls.test_dl(files, with_labels=True), split_dir.name, tta=tta)
+    out_dir = new_run_dir(Path(out) if out else d, "evaluations")
+    synthetic = (folders.root / "SYNTHETIC.txt").exists()
+    note = f" {SYNTHETIC_BANNER}" if synthetic else ""
+    m, _ = write_evaluation(out_dir, ev, thr, f"{rec.name} on {split_dir}", note, learn=learn,
+                            labels=read_labels(folders.root), root=folders.root)
+    m.update(run_dir=str(d), data=str(split_dir), synthetic=synthetic)
+    _write_json(out_dir / "metrics.json", m)
+    before = [f"> **{SYNTHETIC_BANNER}** Evaluated on generated drawings, not X-rays.", ""] if synthetic else []
+    before += [f"Run `{d}` (recipe `{rec.name}`, `{rec.arch}`, weights from its model.safetensors) evaluated on "
+               f"`{split_dir}`: {len(files)} images, counts {folders.counts()['train']}. Per-image predictions: "
+               "predictions.csv.", ""]
+    write_evaluation_report(out_dir, f"Evaluation of {rec.name} on {split_dir.name}{note}", before, m, ev.classes)
+    return out_dir
+
+
+def _image_files(paths) -> list[Path]:
+    out = []
+    for p in paths:
+        p = Path(str(p)).expanduser()
+        if p.is_dir(): out += sorted(get_image_files(p))
+        elif p.is_file(): out.append(p)
+        else: raise UserError(f"{p} does not exist: pass image files or folders of images")
+    if not out: raise UserError(f"no images found in {', '.join(map(str, paths))}")
+    return out
+
+
+def predict_run(run_dir, paths, out=None, heatmaps: bool = False, tta: bool | None = None) -> Path:
+    """CSV of file, p_infected, label at the run's threshold for image files/folders (written to `out` or
+    `RUN_DIR/predictions/<timestamp>.csv`); with `heatmaps`, Grad-CAM overlays in `<csv stem>_heatmaps/`."""
+    from PIL import Image
+
+    from .train import new_run_dir
+    d, cfg, rec = load_run(run_dir)
+    files = _image_files(paths)
+    classes = cfg["data"]["classes"]
+    folders = XrayFolders(files[0].parent, {"train": {classes[0]: files}}, classes=[classes[0]])
+    learn = run_learner(d, cfg, rec, folders, get_y=lambda f: classes[0])  # labels unused: predictions only
+    dl = learn.dls.test_dl(files)
+    probs = (learn.tta(dl=dl)[0] if (rec.tta if tta is None else tta) else learn.get_preds(dl=dl)[0]).float().numpy()
+    thr = (cfg.get("threshold") or {"value": 0.5})["value"]
+    df = predictions_frame(files, classes, probs, thr)
+    if out is None:
+        pdir = new_run_dir(d, "predictions")  # a fresh timestamped folder: never overwrites
+        csv = pdir / "predictions.csv"
+    else:
+        csv = Path(out)
+        if csv.exists(): raise UserError(f"{csv} exists: pass another --out (predictions never overwrite)")
+        csv.parent.mkdir(parents=True, exist_ok=True)
+    if heatmaps:
+        hdir = csv.parent / f"{csv.stem}_heatmaps"
+        hdir.mkdir(exist_ok=True)
+        from .gradcam import overlay
+        cols = []
+        for i in range(0, len(files), 16):
+            chunk = files[i:i + 16]
+            imgs, cams, _ = cam_images(learn, chunk)
+            for j, f in enumerate(chunk):
+                h = hdir / f"{i + j:05d}_{f.stem}.png"
+                Image.fromarray(overlay(imgs[j], cams[j])).save(h)
+                cols.append(str(h))
+        df["heatmap"] = cols
+    df.to_csv(csv, index=False)
+    return csv

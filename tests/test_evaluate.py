@@ -1,0 +1,197 @@
+"""A finished run's clinical evaluation: the numbers in metrics.json against scikit-learn on its own
+predictions; `evaluate` and `predict` on folders; breakdowns from labels.csv; TTA; the three-class mode; the
+HTML report in headless Chromium. One small run (module fixture) serves most tests."""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from sklearn import metrics as skm
+
+from covid_fastai.cli import main
+from covid_fastai.train import run_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "covid_fastai", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_data, tmp_path_factory) -> Path:
+    # 64 px: ResNet's layer4 is 2x2 there, so Grad-CAM has something to show; a higher lr so it learns a bit
+    return run_recipe("resnet18_head", out=tmp_path_factory.mktemp("runs"), data=str(tiny_data), epochs=2,
+                      pretrained=False, size=64, bs=8, lr=0.01)
+
+
+def test_run_metrics_match_sklearn_on_its_predictions(run_dir):
+    m = json.loads((run_dir / "metrics.json").read_text())
+    pred = pd.read_csv(run_dir / "predictions.csv")
+    y, p = (pred["true"] == "infected").to_numpy().astype(int), pred["p_infected"].to_numpy()
+    t = m["threshold"]["value"]
+    assert (pred["label"] == np.where(p >= t, "infected", "normal")).all()
+    yhat = (p >= t).astype(int)
+    at = m["at_threshold"]
+    assert at["roc_auc"] == pytest.approx(skm.roc_auc_score(y, p), abs=1e-6)
+    assert at["pr_auc"] == pytest.approx(skm.average_precision_score(y, p), abs=1e-6)
+    assert at["sensitivity"] == pytest.approx(skm.recall_score(y, yhat))
+    assert at["specificity"] == pytest.approx(skm.recall_score(1 - y, 1 - yhat))
+    assert at["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(y, yhat))
+    assert m["at_0.5"]["sensitivity"] == pytest.approx(skm.recall_score(y, (p >= 0.5).astype(int)))
+    for k, ci in at["ci95"].items():
+        if ci is not None and at[k] is not None: assert ci[0] - 1e-9 <= at[k] <= ci[1] + 1e-9, k
+    rep = (run_dir / "report.md").read_text()
+    assert "## Clinical metrics: infected vs the rest" in rep and "roc_pr.png" in rep and "calibration.png" in rep
+
+
+def test_evaluate_command_reproduces_the_run_and_never_overwrites(run_dir, tiny_data, capsys):
+    r = cli("evaluate", run_dir, "--data", tiny_data)  # from the shell once; in-process the second time
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "sensitivity" in r.stdout and "ROC AUC" in r.stdout and len(r.stdout.strip().splitlines()) == 1
+    main(["evaluate", str(run_dir), "--data", str(tiny_data)])
+    outs = [Path(s.split(":")[0]) for s in (r.stdout, capsys.readouterr().out)]
+    assert outs[0] != outs[1] and all(o.parent == run_dir / "evaluations" for o in outs)
+    a, b = (json.loads(p.read_text()) for p in (run_dir / "metrics.json", outs[0] / "metrics.json"))
+    assert b["threshold"]["value"] == a["threshold"]["value"] and b["n"] == a["n"]  # the run's threshold, unchanged
+    for k in ("sensitivity", "specificity", "roc_auc", "pr_auc"):
+        assert b["at_threshold"][k] == pytest.approx(a["at_threshold"][k], abs=0.02), k
+    for f in ("report.md", "report.html", "predictions.csv", "roc_pr.png", "calibration.png", "worst_normal.png"):
+        assert (outs[0] / f).is_file(), f
+
+
+def test_evaluate_breakdowns_from_labels_csv(run_dir, tiny_data, tmp_path):
+    data = tmp_path / "eval"
+    shutil.copytree(tiny_data / "test", data)
+    files = sorted(p.relative_to(data).as_posix() for p in data.rglob("*.png"))
+    src = ["siteA" if i % 2 else "siteB" for i in range(len(files))]
+    pd.DataFrame({"file": files, "label": [f.split("/")[0] for f in files], "source": src}).to_csv(
+        data / "labels.csv", index=False)
+    from covid_fastai.evaluate import evaluate_run
+    d = evaluate_run(run_dir, data, threshold=0.5)
+    m = json.loads((d / "metrics.json").read_text())
+    rows = {r["group"]: r for r in m["breakdowns"]["source"]}
+    assert set(rows) == {"siteA", "siteB"} and sum(r["n"] for r in rows.values()) == len(files)
+    pred = pd.read_csv(d / "predictions.csv")
+    pred["source"] = [src[files.index(Path(f).relative_to(data).as_posix())] for f in pred["file"]]
+    part = pred[pred["source"] == "siteA"]
+    assert rows["siteA"]["accuracy"] == pytest.approx(((part["p_infected"] >= 0.5) == (part["true"] == "infected")).mean())
+    assert m["threshold"]["chosen_on"] == "command line" and "By source" in (d / "report.md").read_text()
+
+
+def test_predict_csv_and_heatmaps(run_dir, tiny_data, tmp_path, capsys):
+    one = next((tiny_data / "valid" / "normal").iterdir())
+    out = tmp_path / "p" / "preds.csv"
+    main(["predict", str(run_dir), str(tiny_data / "test"), str(one), "--out", str(out), "--heatmaps"])
+    assert capsys.readouterr().out.strip() == f"{out}: 13 images"
+    df = pd.read_csv(out)
+    assert len(df) == len(list((tiny_data / "test").rglob("*.png"))) + 1 and str(one) == df["file"].iloc[-1]
+    t = json.loads((run_dir / "metrics.json").read_text())["threshold"]["value"]
+    assert ((df["p_infected"] >= t) == (df["label"] == "infected")).all() and df["p_infected"].between(0, 1).all()
+    with Image.open(df["heatmap"].iloc[0]) as im: assert im.size == (64, 64)
+    with pytest.raises(SystemExit) as e:
+        main(["predict", str(run_dir), str(one), "--out", str(out)])
+    assert e.value.code == 2 and "exists" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d, tmp: tmp / "nope", "does not exist"),
+    (lambda d, tmp: shutil.copytree(d, tmp / "c", ignore=shutil.ignore_patterns("model.safetensors")),
+     "has no model.safetensors"),
+])
+def test_evaluate_bad_run_dir_is_one_line(run_dir, tiny_data, tmp_path, capsys, make, message):
+    with pytest.raises(SystemExit) as e:
+        main(["evaluate", str(make(run_dir, tmp_path)), "--data", str(tiny_data)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and message in err[0], err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["recipe", "resnet18_head", "--threshold", "yoden"], "--threshold 'yoden': use youden, sens:0.95"),
+    (["recipe", "resnet18_head", "--threshold", "sens:1.5"], "target sensitivity must be a number in (0, 1]"),
+    (["recipe", "resnet18_head", "--labels", "fine"], "--labels must be one of fine_label, folders"),
+    (["recipe", "resnet18_head", "--tta", "maybe"], "--tta must be true or false"),
+    (["predict", "/no/run"], "predict needs image files or folders"),
+])
+def test_evaluation_options_bad_input_is_one_line(args, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([*args, "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "\n" not in err and message in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_evaluate_needs_a_split_when_given_a_whole_data_set(run_dir, tiny_data, tmp_path, capsys):
+    shutil.copytree(tiny_data / "train", tmp_path / "d" / "train")
+    with pytest.raises(SystemExit):
+        main(["evaluate", str(run_dir), "--data", str(tmp_path / "d")])
+    assert "has train/ but no test/ folder" in capsys.readouterr().err
+
+
+def test_evaluate_unknown_class_folder_is_one_line(run_dir, tiny_data, tmp_path, capsys):
+    shutil.copytree(tiny_data / "test" / "normal", tmp_path / "d" / "covid")
+    with pytest.raises(SystemExit) as e:
+        main(["evaluate", str(run_dir), "--data", str(tmp_path / "d")])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "['covid'] that the run does not know" in err and "\n" not in err
+
+
+def test_tta_augments_and_is_recorded(run_dir, tiny_data):
+    from covid_fastai.evaluate import eval_folders, load_run, run_learner
+    from covid_fastai.interpret import Evaluation
+    d, cfg, rec = load_run(run_dir)
+    folders, _ = eval_folders(tiny_data, cfg)
+    learn = run_learner(d, cfg, rec, folders)
+    dl = learn.dls.test_dl(folders.files("train"), with_labels=True)
+    plain, tta, again = (Evaluation.of(learn, dl, "test", tta=t) for t in (False, True, False))
+    assert tta.tta and np.abs(tta.probs - plain.probs).max() > 1e-4  # the training augmentation ran
+    assert np.array_equal(plain.probs, again.probs)  # and plain prediction is unaffected afterwards
+    assert np.allclose(tta.probs.sum(1), 1, atol=1e-5) and (tta.losses > 0).all()
+
+
+def test_three_class_fine_label_mode_with_tta(tiny_data, tmp_path):
+    data = tmp_path / "three"
+    shutil.copytree(tiny_data, data)
+    files = sorted(p.relative_to(data).as_posix() for p in data.rglob("*.png"))
+    fine = [("covid" if i % 2 else "pneumonia") if f.split("/")[1] == "infected" else "normal"
+            for i, f in enumerate(files)]
+    pd.DataFrame({"file": files, "fine_label": fine}).to_csv(data / "labels.csv", index=False)
+    # a plan that trains the body (no feature cache), with TTA: fastai's tta fires before_fit/after_fit, which
+    # must not reset the training log or the throughput
+    d = run_recipe("resnet18_one", out=tmp_path / "o", data=str(data), epochs=2, pretrained=False, size=32, bs=8,
+                   labels="fine_label", threshold="sens:0.9", tta="true")
+    m = json.loads((d / "metrics.json").read_text())
+    assert m["tta"] and len(pd.read_csv(d / "history.csv")) == 2 and m["train_images_per_s"] > 0
+    assert list(m["per_class"]) == ["covid", "normal", "pneumonia"] and set(m["one_vs_rest"]) == set(m["per_class"])
+    assert m["positive_class"] == "infected" and m["threshold"]["rule"] == "sens:0.9"
+    assert m["at_threshold"]["n_positive"] == sum(1 for f in files if f.startswith("test/infected"))
+    assert m["breakdowns"]["fine_label"] and "Each class against the rest" in (d / "report.md").read_text()
+    pred = pd.read_csv(d / "predictions.csv")
+    assert np.allclose(pred["p_infected"], pred["p_covid"] + pred["p_pneumonia"], atol=1e-5)
+
+
+def _chromium():
+    return next((c for c in ("chromium", "chromium-browser", "google-chrome", "chrome") if shutil.which(c)), None)
+
+
+def test_report_html_renders_in_headless_chromium(run_dir, tmp_path):
+    page = (run_dir / "report.html").read_text()
+    assert page.count("data:image/png;base64,") >= 8 and "<style>" in page and "missing image" not in page
+    assert "src=\"http" not in page and "<link" not in page and "<script" not in page  # self-contained
+    exe = _chromium()
+    if exe is None: pytest.skip("no chromium binary found: install chromium to render report.html in a browser")
+    shot = tmp_path / "report.png"
+    r = subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                        f"--screenshot={shot}", "--window-size=1280,2400", (run_dir / "report.html").as_uri()],
+                       capture_output=True, text=True, timeout=120)
+    assert shot.is_file(), r.stderr[-2000:]
+    with Image.open(shot) as im:
+        a = np.asarray(im.convert("L"), dtype=float)
+    assert a.shape == (2400, 1280) and a.std() > 20  # not a blank page
+    assert (a[: 600] < 128).mean() > 0.01  # text and tables at the top, not only images further down
