@@ -174,7 +174,7 @@ def bench2(quick):
 # Configurations of measurement 3: (label, recipe overrides). The head-only recipe under the seed policy (training-
 # mode BatchNorm in the frozen body, the assignment's heavy augmentation), the same with fastai's BnFreeze, and
 # under the modern policy (BnFreeze, mild X-ray augmentation, lr_find, one-cycle AdamW).
-B3_CONFIGS = {"seed": ("seed policy", {}), "bn_freeze": ("seed policy + bn_freeze", {"bn_freeze": "true"}),
+B3_CONFIGS = {"seed": ("seed policy, cache forced on", {"cache_features": "on"}), "bn_freeze": ("seed policy + bn_freeze", {"bn_freeze": "true"}),
               "modern": ("modern policy", {"policy": "modern"})}
 
 
@@ -190,8 +190,9 @@ def bench3(quick, configs=("seed", "bn_freeze", "modern"), seeds=(42,)):
         acc = {"cached": [], "uncached": []}
         speed = []
         for seed in seeds:
-            a = run_recipe_py(name, **kw, **extra, seed=seed)
-            b = run_recipe_py(name, **kw, **extra, seed=seed, cache_features="false")
+            a = run_recipe_py(name, **kw, **{"cache_features": "auto", **extra}, seed=seed)
+            b = run_recipe_py(name, **kw, **{**extra, "cache_features": "off"}, seed=seed)
+            assert a["config"]["speed"]["cached_features"] and not b["config"]["speed"]["cached_features"]
             ma, mb = a["metrics"], b["metrics"]
             acc["cached"].append(ma["accuracy"])
             acc["uncached"].append(mb["accuracy"])

@@ -18,7 +18,7 @@ from pathlib import Path
 from . import plans
 from .errors import UserError
 
-__all__ = ["Recipe", "SEED_POLICY", "MODERN_POLICY", "POLICIES", "recipe_dirs", "recipe_files", "find_recipe", "load_recipe", "list_recipes",
+__all__ = ["Recipe", "SEED_POLICY", "MODERN_POLICY", "POLICIES", "cache_mode", "recipe_dirs", "recipe_files", "find_recipe", "load_recipe", "list_recipes",
            "match_recipes", "with_overrides"]
 
 
@@ -59,7 +59,9 @@ class Recipe:
     bf16: bool = True               # bf16 autocast where the CPU/GPU supports it
     channels_last: bool = True      # channels-last memory format
     workers: int | None = None      # DataLoader workers (None: 0 on <=2 cores)
-    cache_features: bool = True     # frozen body: run it once per view, train the head on cached features
+    cache_features: str = "auto"    # frozen body: run it once per view, train the head on cached features. 'auto':
+                                    # only where that matches the uncached fit (no BatchNorm in training mode, see
+                                    # covid_fastai.features); 'on' also with training-mode BatchNorm; 'off' never
     cache_views: int = 2            # augmented views of each training image in the feature cache
     reproducible: bool = False      # torch deterministic algorithms, no cuDNN autotuning (README: its cost)
     # evaluation
@@ -89,7 +91,7 @@ POLICIES = {"seed": SEED_POLICY, "modern": MODERN_POLICY}
 # What a command-line override may set, with checks; everything else in Recipe is fixed by the recipe file.
 _POSITIVE_INT = ("epochs", "bs", "size", "hidden", "cache_views")
 _POSITIVE_FLOAT = ("lr", "lr_mult")
-_BOOL = ("pretrained", "bf16", "channels_last", "train_bn", "cache_features", "bn_freeze", "lr_find", "reproducible",
+_BOOL = ("pretrained", "bf16", "channels_last", "train_bn", "bn_freeze", "lr_find", "reproducible",
          "tta")
 
 
@@ -114,8 +116,16 @@ def _choices(key):
             "labels": ["fine_label", "folders"]}.get(key)
 
 
+def cache_mode(v) -> str:
+    "'auto', 'on' or 'off' from a recipe's `cache_features` (true/false accepted for on/off)."
+    if str(v).strip().lower() == "auto": return "auto"
+    try: return "on" if _to_bool("cache_features", v) else "off"
+    except UserError: raise UserError(f"--cache_features must be auto, on or off, got {v!r}") from None
+
+
 def _check(key, v):
     if key in _BOOL: return _to_bool(key, v)
+    if key == "cache_features": return cache_mode(v)
     if key == "threshold":
         from .metrics import choose_threshold
         choose_threshold([0, 1], [0.2, 0.8], v)  # raises a UserError on a bad rule

@@ -39,13 +39,13 @@ from .callbacks import BF16Autocast, ChannelsLast, FitOnlyCallback, TrainThrough
 from .data import find_xray_folders, make_aug, xray_dls
 from .demo import demo_data
 from .errors import UserError
-from .features import body_is_frozen, head_learner
+from .features import head_learner, use_feature_cache
 from .interpret import Evaluation, plot_curves, write_evaluation
 from .labels import fine_label_getter, read_labels
 from .metrics import binary_metrics, choose_threshold
 from .models import xray_learner
 from .plans import Plan, apply_plan
-from .recipes import Recipe, load_recipe, with_overrides
+from .recipes import Recipe, cache_mode, load_recipe, with_overrides
 from .report import SYNTHETIC_BANNER, write_html, write_report
 
 __all__ = ["run", "run_recipe", "recipe_learner", "new_run_dir", "resolve_data", "HistoryCSV", "OUTPUTS",
@@ -261,10 +261,13 @@ def _plain_epoch_log(learn, start_epoch: int = 0):
 
 def _trainer(learn, recipe: Recipe, cbs):
     "The Learner that fits: a head-only Learner on cached body features when the body is frozen, else `learn`."
-    if recipe.cache_features and body_is_frozen(learn):
+    use, why = use_feature_cache(learn, cache_mode(recipe.cache_features))
+    learn.feature_cache_decision = why
+    if use:
         t0 = time.perf_counter()
         hl = head_learner(learn, recipe, views=recipe.cache_views, bf16=learn.bf16_used, cbs=cbs)
         hl.feature_seconds = time.perf_counter() - t0
+        hl.feature_cache_decision = why
         return hl
     learn.add_cbs(cbs)
     learn.feature_seconds = 0.0
@@ -386,7 +389,8 @@ def _run_facts(recipe, learn, folders, trainer) -> dict:
         "speed": {"bf16_autocast": learn.bf16_used, "channels_last": recipe.channels_last,
                   "torch_threads": torch.get_num_threads(), "loader_workers": learn.dls.train.fake_l.num_workers,
                   "cached_features": ({"views": trainer.feature_views, "from_disk": trainer.features_from_disk,
-                                       "seconds": round(trainer.feature_seconds, 3)} if cached else None)},
+                                       "seconds": round(trainer.feature_seconds, 3)} if cached else None),
+                  "feature_cache_decision": learn.feature_cache_decision},
         "versions": _versions(), "git_commit": _git_commit(), "command": sys.argv,
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()},
     }

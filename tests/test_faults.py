@@ -237,10 +237,11 @@ def _same_run(a: Path, b: Path):
     assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], rtol=0, atol=1e-6) for k in wa)
 
 
-@pytest.mark.parametrize("recipe, schedule", [("resnet18_one", "one_cycle"),    # full Learner, 1cycle schedule
-                                              ("resnet18_head", "constant")])    # head on cached features
-def test_interrupted_run_resumes_to_the_same_result(tiny_data, tmp_path, recipe, schedule):
-    kw = dict(data=str(tiny_data), epochs=3, schedule=schedule, **TINY)
+@pytest.mark.parametrize("recipe, schedule, extra", [
+    ("resnet18_one", "one_cycle", {}),                     # full Learner, 1cycle schedule
+    ("resnet18_head", "constant", {"bn_freeze": True})])   # head on cached features
+def test_interrupted_run_resumes_to_the_same_result(tiny_data, tmp_path, recipe, schedule, extra):
+    kw = dict(data=str(tiny_data), epochs=3, schedule=schedule, **TINY, **extra)
     full = run_recipe(recipe, out=tmp_path / "full", **kw)
     with pytest.raises(KeyboardInterrupt):
         run_recipe(recipe, out=tmp_path / "cut", cbs=[StopAfter(0)], **kw)
@@ -255,6 +256,7 @@ def test_interrupted_run_resumes_to_the_same_result(tiny_data, tmp_path, recipe,
     assert cfg["status"] == "complete" and [r["from_epoch"] for r in cfg["resumed"]] == [1]
     assert list(pd.read_csv(d / "history.csv")["epoch"]) == [0, 1, 2]
     assert not (d / CHECKPOINT).exists()  # a complete run keeps model.safetensors only
+    assert (cfg["speed"]["cached_features"] is not None) == (recipe == "resnet18_head")
     _same_run(full, d)
 
 

@@ -9,6 +9,7 @@ import torch
 import covid_fastai.features as F
 import covid_fastai.train as T
 from covid_fastai.callbacks import BF16Autocast, ChannelsLast, bf16_supported
+from covid_fastai.errors import UserError
 from covid_fastai.recipes import load_recipe, with_overrides
 from covid_fastai.train import recipe_learner, run_recipe
 
@@ -71,14 +72,17 @@ def body_calls(monkeypatch):
     return calls
 
 
-def _speed(d):
-    return json.loads((d / "config.json").read_text())["speed"]["cached_features"]
+def _config(d): return json.loads((d / "config.json").read_text())
+
+
+def _speed(d): return _config(d)["speed"]["cached_features"]
 
 
 def test_feature_cache_used_reused_and_invalidated(tiny_data, tmp_path, body_calls):
     data = tmp_path / "data"
     shutil.copytree(tiny_data, data)
-    kw = dict(out=tmp_path / "o", data=str(data), epochs=3, **TINY)
+    # 'on': cached even with training-mode BatchNorm, whose statistics the cache must store and restore
+    kw = dict(out=tmp_path / "o", data=str(data), epochs=3, cache_features="on", **TINY)
     d1 = run_recipe("resnet18_head", **kw)
     assert _speed(d1) == {"views": 2, "from_disk": False, "seconds": _speed(d1)["seconds"]}
     assert len(body_calls) == 3  # 2 training views + validation, not 3 epochs x (train + valid)
@@ -101,10 +105,16 @@ def test_feature_cache_used_reused_and_invalidated(tiny_data, tmp_path, body_cal
 def test_feature_cache_only_for_frozen_bodies(tiny_data, tmp_path, body_calls):
     kw = dict(out=tmp_path, data=str(tiny_data), epochs=1, **TINY)
     assert _speed(run_recipe("resnet18_one", **kw)) is None  # a conv trains: no cache
-    assert _speed(run_recipe("resnet18_head", cache_features=False, **kw)) is None
+    assert _speed(run_recipe("resnet18_head", cache_features=False, bn_freeze=True, **kw)) is None
     assert _speed(run_recipe("resnet18_head", train_bn=True, **kw)) is None  # BatchNorm trains
+    # 'auto' (the default): not with training-mode BatchNorm, whose batch statistics a cache cannot reproduce
+    d = run_recipe("resnet18_head", **kw)
+    assert _speed(d) is None and "training mode" in _config(d)["speed"]["feature_cache_decision"]
     assert body_calls == []
-    assert _speed(run_recipe("resnet18_head", aug="none", **kw))["views"] == 1
+    assert _speed(run_recipe("resnet18_head", aug="none", bn_freeze=True, **kw))["views"] == 1
+    assert _speed(run_recipe("vgg16_head", **kw))["views"] == 2  # no BatchNorm at all: cached by default
+    with pytest.raises(UserError, match="--cache_features must be auto, on or off"):
+        run_recipe("resnet18_head", cache_features="sometimes", **kw)
 
 
 def test_cached_head_is_the_models_head(tiny_data, tmp_path):
