@@ -174,7 +174,7 @@ def bench2(quick):
 # Configurations of measurement 3: (label, recipe overrides). The head-only recipe under the seed policy (training-
 # mode BatchNorm in the frozen body, the assignment's heavy augmentation), the same with fastai's BnFreeze, and
 # under the modern policy (BnFreeze, mild X-ray augmentation, lr_find, one-cycle AdamW).
-B3_CONFIGS = {"seed": ("seed policy, cache forced on", {"cache_features": "on"}), "bn_freeze": ("seed policy + bn_freeze", {"bn_freeze": "true"}),
+B3_CONFIGS = {"seed": ("seed policy, cache forced on", {"cache_features": "on"}), "bn_freeze": ("seed policy + bn_freeze, cache forced on", {"bn_freeze": "true", "cache_features": "on"}),
               "modern": ("modern policy", {"policy": "modern"})}
 
 

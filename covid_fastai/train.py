@@ -261,7 +261,7 @@ def _plain_epoch_log(learn, start_epoch: int = 0):
 
 def _trainer(learn, recipe: Recipe, cbs):
     "The Learner that fits: a head-only Learner on cached body features when the body is frozen, else `learn`."
-    use, why = use_feature_cache(learn, cache_mode(recipe.cache_features))
+    use, why = use_feature_cache(learn, cache_mode(recipe.cache_features), recipe.aug)
     learn.feature_cache_decision = why
     if use:
         t0 = time.perf_counter()

@@ -239,7 +239,7 @@ def _same_run(a: Path, b: Path):
 
 @pytest.mark.parametrize("recipe, schedule, extra", [
     ("resnet18_one", "one_cycle", {}),                     # full Learner, 1cycle schedule
-    ("resnet18_head", "constant", {"bn_freeze": True})])   # head on cached features
+    ("resnet18_head", "constant", {"cache_features": "on"})])   # head on cached features
 def test_interrupted_run_resumes_to_the_same_result(tiny_data, tmp_path, recipe, schedule, extra):
     kw = dict(data=str(tiny_data), epochs=3, schedule=schedule, **TINY, **extra)
     full = run_recipe(recipe, out=tmp_path / "full", **kw)

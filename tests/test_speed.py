@@ -112,7 +112,9 @@ def test_feature_cache_only_for_frozen_bodies(tiny_data, tmp_path, body_calls):
     assert _speed(d) is None and "training mode" in _config(d)["speed"]["feature_cache_decision"]
     assert body_calls == []
     assert _speed(run_recipe("resnet18_head", aug="none", bn_freeze=True, **kw))["views"] == 1
-    assert _speed(run_recipe("vgg16_head", **kw))["views"] == 2  # no BatchNorm at all: cached by default
+    d = run_recipe("vgg16_head", **kw)  # no BatchNorm, but the seed's heavy augmentation
+    assert _speed(d) is None and "too heavy" in _config(d)["speed"]["feature_cache_decision"]
+    assert _speed(run_recipe("vgg16_head", aug="xray", **kw))["views"] == 2  # mild augmentation: cached
     with pytest.raises(UserError, match="--cache_features must be auto, on or off"):
         run_recipe("resnet18_head", cache_features="sometimes", **kw)
 
