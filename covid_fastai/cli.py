@@ -170,7 +170,7 @@ class Commands:
         root = Path(out) if out is not None else OUTPUTS
         rows = []
         for r in recs:
-            print(f"== {r.name} ({r.policy} policy): {r.describe()}", flush=True)
+            print(f"== {r.name}: {r.describe()}", flush=True)
             run_dir = run(r, out=root)
             print(_summary(run_dir), flush=True)
             rows.append(sweep_row(run_dir, json.loads((run_dir / "config.json").read_text()),

@@ -70,7 +70,9 @@ class Recipe:
     labels: str = "folders"         # classes from 'folders', or 'fine_label' of <data>/labels.csv (3 classes)
     source: str = field(default="", compare=False)  # the file the recipe came from (filled in on load)
 
-    def describe(self) -> str: return self.description or f"{self.arch}: {self.plan.describe()}"
+    def describe(self) -> str:
+        "One line: what trains, and under which training policy."
+        return f"{self.description or f'{self.arch}: {self.plan.describe()}'}, {self.policy} policy"
 
 
 # The assignment's training policy, for faithful reproduction (see ../shared/seed/NOTES.md).

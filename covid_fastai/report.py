@@ -163,7 +163,7 @@ def write_report(run_dir, config: dict, metrics: dict, history: pd.DataFrame, fi
     run_dir = Path(run_dir)
     rec, data = config["recipe"], config["data"]
     classes = data["classes"]
-    L = [f"# {rec['name']}: {rec['description'] or rec['arch']}", ""]
+    L = [f"# {rec['name']}: {rec['description'] or rec['arch']}, {rec.get('policy', 'seed')} policy", ""]
     if data["synthetic"]:
         L += [f"> **{SYNTHETIC_BANNER}** This run used the generated demo set ({data['path']}): drawings, "
               "not chest X-rays. Its numbers only show that the pipeline runs.", ""]

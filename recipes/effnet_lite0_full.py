@@ -1,4 +1,4 @@
-"""EfficientNet-Lite0: entire network, seed policy.
+"""EfficientNet-Lite0: entire network.
 
 Run: python recipes/effnet_lite0_full.py [--data DIR] [--epochs N] ...
 """
@@ -7,7 +7,7 @@ from covid_fastai.cli import script_main
 
 recipe = Recipe(
     name="effnet_lite0_full",
-    description="EfficientNet-Lite0: entire network, seed policy",
+    description="EfficientNet-Lite0: entire network",
     arch="tf_efficientnet_lite0.in1k",
     plan=full(),
     **SEED_POLICY,

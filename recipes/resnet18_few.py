@@ -1,4 +1,4 @@
-"""ResNet-18: conv1, layer1, layer3 + head, seed policy.
+"""ResNet-18: conv1, layer1, layer3 + head.
 
 The seed's "few" list: conv1, layer1, layer3 (whole stages, their BatchNorms included).
 
@@ -11,7 +11,7 @@ from covid_fastai.cli import script_main
 
 recipe = Recipe(
     name="resnet18_few",
-    description="ResNet-18: conv1, layer1, layer3 + head, seed policy",
+    description="ResNet-18: conv1, layer1, layer3 + head",
     arch="resnet18.tv_in1k",
     plan=layers("conv1", "layer1", "layer3"),
     **SEED_POLICY,

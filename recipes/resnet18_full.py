@@ -1,4 +1,4 @@
-"""ResNet-18: entire network, seed policy.
+"""ResNet-18: entire network.
 
 Seed policy (../shared/seed/NOTES.md): head Linear-380-ReLU-Dropout(0.5)-Linear, SGD lr 1e-3 momentum 0.9,
 no weight decay or schedule, batch 128, 10 epochs, Resize 256 / RandomRotation 30 / RandomResizedCrop 224 /
@@ -9,7 +9,7 @@ from covid_fastai.cli import script_main
 
 recipe = Recipe(
     name="resnet18_full",
-    description="ResNet-18: entire network, seed policy",
+    description="ResNet-18: entire network",
     arch="resnet18.tv_in1k",
     plan=full(),
     **SEED_POLICY,

@@ -1,4 +1,4 @@
-"""ResNet-18: FC head only (body frozen), seed policy.
+"""ResNet-18: FC head only (body frozen).
 
 resnet18.tv_in1k are the torchvision weights the seed used (timm's plain resnet18 would be a1_in1k).
 
@@ -11,7 +11,7 @@ from covid_fastai.cli import script_main
 
 recipe = Recipe(
     name="resnet18_head",
-    description="ResNet-18: FC head only (body frozen), seed policy",
+    description="ResNet-18: FC head only (body frozen)",
     arch="resnet18.tv_in1k",
     plan=head(),
     **SEED_POLICY,

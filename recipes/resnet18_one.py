@@ -1,4 +1,4 @@
-"""ResNet-18: one conv (layer3.0.conv1) + head, seed policy.
+"""ResNet-18: one conv (layer3.0.conv1) + head.
 
 The seed's ResNet "one conv" row was labelled "feature layer 10", copied from the VGG table. We pick the
 same position as VGG's features.10: the first conv of the third stage (layer3.0.conv1, 128 -> 256 channels).
@@ -12,7 +12,7 @@ from covid_fastai.cli import script_main
 
 recipe = Recipe(
     name="resnet18_one",
-    description="ResNet-18: one conv (layer3.0.conv1) + head, seed policy",
+    description="ResNet-18: one conv (layer3.0.conv1) + head",
     arch="resnet18.tv_in1k",
     plan=layers("layer3.0.conv1"),
     **SEED_POLICY,

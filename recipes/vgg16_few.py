@@ -1,4 +1,4 @@
-"""VGG-16: convs features 0,5,10,12,19,21,26,28 + head, seed policy.
+"""VGG-16: convs features 0,5,10,12,19,21,26,28 + head.
 
 The seed's "few convs" list, as its report gives it.
 
@@ -11,7 +11,7 @@ from covid_fastai.cli import script_main
 
 recipe = Recipe(
     name="vgg16_few",
-    description="VGG-16: convs features 0,5,10,12,19,21,26,28 + head, seed policy",
+    description="VGG-16: convs features 0,5,10,12,19,21,26,28 + head",
     arch="vgg16.tv_in1k",
     plan=layers("features.0", "features.5", "features.10", "features.12",
                 "features.19", "features.21", "features.26", "features.28"),

@@ -1,4 +1,4 @@
-"""VGG-16: entire network, seed policy.
+"""VGG-16: entire network.
 
 Seed policy (../shared/seed/NOTES.md): head Linear-380-ReLU-Dropout(0.5)-Linear, SGD lr 1e-3 momentum 0.9,
 no weight decay or schedule, batch 128, 10 epochs, Resize 256 / RandomRotation 30 / RandomResizedCrop 224 /
@@ -9,7 +9,7 @@ from covid_fastai.cli import script_main
 
 recipe = Recipe(
     name="vgg16_full",
-    description="VGG-16: entire network, seed policy",
+    description="VGG-16: entire network",
     arch="vgg16.tv_in1k",
     plan=full(),
     **SEED_POLICY,

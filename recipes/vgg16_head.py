@@ -1,4 +1,4 @@
-"""VGG-16: FC head only (body frozen), seed policy.
+"""VGG-16: FC head only (body frozen).
 
 Seed policy (../shared/seed/NOTES.md): head Linear-380-ReLU-Dropout(0.5)-Linear, SGD lr 1e-3 momentum 0.9,
 no weight decay or schedule, batch 128, 10 epochs, Resize 256 / RandomRotation 30 / RandomResizedCrop 224 /
@@ -9,7 +9,7 @@ from covid_fastai.cli import script_main
 
 recipe = Recipe(
     name="vgg16_head",
-    description="VGG-16: FC head only (body frozen), seed policy",
+    description="VGG-16: FC head only (body frozen)",
     arch="vgg16.tv_in1k",
     plan=head(),
     **SEED_POLICY,

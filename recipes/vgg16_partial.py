@@ -1,4 +1,4 @@
-"""VGG-16: one conv (features.10) + head, seed policy.
+"""VGG-16: one conv (features.10) + head.
 
 features.10 is conv3_1 (128 -> 256 channels), the first conv of VGG-16's third stage: the seed's "one conv".
 
@@ -11,7 +11,7 @@ from covid_fastai.cli import script_main
 
 recipe = Recipe(
     name="vgg16_partial",
-    description="VGG-16: one conv (features.10) + head, seed policy",
+    description="VGG-16: one conv (features.10) + head",
     arch="vgg16.tv_in1k",
     plan=layers("features.10"),
     **SEED_POLICY,
