@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from pathlib import Path
+
+import pandas as pd
 
 import torch
 from fastai.vision.all import ProgressCallback, get_image_files
@@ -141,8 +144,16 @@ def predict_run(run_dir, paths, out=None, heatmaps: bool = False, tta: bool | No
     from PIL import Image
 
     from .train import new_run_dir
+    from .images import scan_images
     d, cfg, rec = load_run(run_dir)
-    files = _image_files(paths)
+    files, unreadable = scan_images(_image_files(paths))  # bad files get a row saying why, not a traceback
+    if not files:
+        raise UserError(f"none of the {len(unreadable)} file(s) given is a readable image (first: "
+                        f"{unreadable[0][0]}: {unreadable[0][1]}): pass image files or folders of images")
+    if unreadable:
+        warnings.warn(f"skipped {len(unreadable)} unreadable file(s), listed in the CSV with the reason: "
+                      f"{unreadable[0][0]}: {unreadable[0][1]}" + (" ..." if len(unreadable) > 1 else ""),
+                      stacklevel=2)
     classes = cfg["data"]["classes"]
     folders = XrayFolders(files[0].parent, {"train": {classes[0]: files}}, classes=[classes[0]])
     learn = run_learner(d, cfg, rec, folders, get_y=lambda f: classes[0])  # labels unused: predictions only
@@ -170,5 +181,10 @@ def predict_run(run_dir, paths, out=None, heatmaps: bool = False, tta: bool | No
                 Image.fromarray(overlay(imgs[j], cams[j])).save(h)
                 cols.append(str(h))
         df["heatmap"] = cols
+    if unreadable:
+        df["error"] = ""
+        df = pd.concat([df, pd.DataFrame({"file": [str(f) for f, _ in unreadable],
+                                          "error": [f"unreadable: {why}" for _, why in unreadable]})],
+                       ignore_index=True)
     df.to_csv(csv, index=False)
     return csv

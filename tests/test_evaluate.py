@@ -100,6 +100,22 @@ def test_predict_csv_and_heatmaps(run_dir, tiny_data, tmp_path, capsys):
     assert e.value.code == 2 and "exists" in capsys.readouterr().err
 
 
+def test_predict_lists_unreadable_files_instead_of_crashing(run_dir, tiny_data, tmp_path, capsys):
+    one = next((tiny_data / "valid" / "normal").iterdir())
+    bad = tmp_path / "notes.jpg"
+    bad.write_text("not an image")
+    out = tmp_path / "preds.csv"
+    with pytest.warns(UserWarning, match="skipped 1 unreadable file"):
+        main(["predict", str(run_dir), str(one), str(bad), "--out", str(out)])
+    df = pd.read_csv(out, keep_default_na=False)
+    assert list(df["file"]) == [str(one), str(bad)]
+    assert df["error"].iloc[0] == "" and df["error"].iloc[1].startswith("unreadable:")
+    assert df["p_infected"].iloc[1] == "" and 0 <= float(df["p_infected"].iloc[0]) <= 1
+    with pytest.raises(SystemExit) as e:
+        main(["predict", str(run_dir), str(bad), "--out", str(tmp_path / "x.csv")])
+    assert e.value.code == 2 and "none of the 1 file(s) given is a readable image" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda d, tmp: tmp / "nope", "does not exist"),
     (lambda d, tmp: shutil.copytree(d, tmp / "c", ignore=shutil.ignore_patterns("model.safetensors")),
