@@ -62,8 +62,7 @@ class Commands:
           export: also write fastai's pickled export.pkl (true/false; model.safetensors is always written)
           overrides: any recipe field, e.g. --epochs --lr --bs --size --data --pretrained --weights --seed --aug
         """
-        from .recipes import _to_bool
-        export = _to_bool("export", export)
+        export = _bool("export", export)
         if resume is not None:
             if overrides or out is not None:
                 raise UserError(f"--resume continues {resume} with the settings it recorded: drop "
@@ -85,9 +84,8 @@ class Commands:
           run_dir: the run folder, e.g. outputs/vgg16_head/20260101-120000
           export: also write fastai's pickled export.pkl at the end
         """
-        from .recipes import _to_bool
         from .train import resume
-        print(_summary(resume(run_dir, export=_to_bool("export", export))))
+        print(_summary(resume(run_dir, export=_bool("export", export))))
 
     def check(self, data: str, strict=False, limit: int = 50):
         """Pre-scan an X-ray folder: unreadable files, counts per split, duplicates across splits, labels.csv.
@@ -100,7 +98,6 @@ class Commands:
           limit: longest list printed per kind of problem (0: all)
         """
         from .check import check_data
-        from .recipes import _to_bool
         from .train import resolve_data
         rep = check_data(resolve_data(data))
         print("\n".join(rep.lines(limit=int(limit))))
@@ -108,7 +105,7 @@ class Commands:
             raise UserError(f"{rep.root} cannot be trained on: {rep.fatal[0]}" +
                             (f" (and {len(rep.fatal) - 1} more, listed above)" if len(rep.fatal) > 1 else "")
                             + ": add readable images or remove the folder")
-        if _to_bool("strict", strict) and rep.warnings: sys.exit(1)
+        if _bool("strict", strict) and rep.warnings: sys.exit(1)
 
     def evaluate(self, run_dir: str, data: str, tta: bool | None = None, threshold: float | None = None):
         """Evaluate a finished run on a labelled folder (DIR/<class>/ or DIR/test/<class>/); writes

@@ -13,16 +13,13 @@ from pathlib import Path
 
 import pandas as pd
 
-import torch
 from fastai.vision.all import ProgressCallback, get_image_files
 from safetensors.torch import load_file
 
-from .callbacks import BF16Autocast, bf16_supported
-from .data import XrayFolders, make_aug, xray_dls
+from .data import XrayFolders
 from .errors import UserError
 from .interpret import Evaluation, cam_images, predictions_frame, write_evaluation
 from .labels import fine_label_getter, read_labels
-from .models import xray_learner
 from .plans import Plan
 from .recipes import Recipe
 
@@ -47,19 +44,16 @@ def load_run(run_dir) -> tuple[Path, dict, Recipe]:
 
 def run_learner(d: Path, cfg: dict, rec: Recipe, folders: XrayFolders, get_y=None):
     "The run's Learner (its classes and eval transform) over `folders`, with the saved weights loaded."
-    classes = cfg["data"]["classes"]
-    dls = xray_dls(folders, make_aug(rec.aug, rec.size, rec.resize), bs=rec.bs, seed=rec.seed, num_workers=0,
-                   get_y=get_y, vocab=classes)
-    use_bf16 = cfg["speed"].get("bf16_autocast") and bf16_supported("cuda" if torch.cuda.is_available() else "cpu")
-    learn = xray_learner(dls, rec.arch, pretrained=False, head=rec.head, hidden=rec.hidden, dropout=rec.dropout,
-                         opt=rec.opt, mom=rec.mom, wd=rec.wd, train_bn=rec.train_bn, lr=rec.lr,
-                         cbs=[BF16Autocast()] if use_bf16 else [], path=d)
+    from .train import folders_learner
+    rec = dataclasses.replace(rec, bf16=bool(cfg["speed"].get("bf16_autocast")))  # as the run computed
+    learn = folders_learner(rec, folders, pretrained=False, get_y=get_y, vocab=cfg["data"]["classes"], num_workers=0,
+                            path=d)
     sd = load_file(d / "model.safetensors")
     try:
         learn.model.load_state_dict(sd)
     except RuntimeError as e:
         raise UserError(f"{d / 'model.safetensors'} does not fit the run's recipe ({str(e).splitlines()[0]})") from None
-    learn.model.to(dls.device).eval()
+    learn.model.to(learn.dls.device).eval()
     learn.remove_cb(ProgressCallback)  # one summary line per command; no redrawn bars in logs
     return learn
 

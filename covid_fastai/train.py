@@ -48,7 +48,7 @@ from .plans import Plan, apply_plan
 from .recipes import Recipe, cache_mode, load_recipe, with_overrides
 from .report import SYNTHETIC_BANNER, write_html, write_report
 
-__all__ = ["run", "run_recipe", "recipe_learner", "new_run_dir", "resolve_data", "HistoryCSV", "OUTPUTS",
+__all__ = ["run", "run_recipe", "recipe_learner", "folders_learner", "new_run_dir", "resolve_data", "HistoryCSV", "OUTPUTS",
            "resume", "recipe_from_config", "EpochCheckpoint", "load_export", "CHECKPOINT"]
 
 CHECKPOINT = "checkpoint.pt"
@@ -206,6 +206,24 @@ class EpochCheckpoint(FitOnlyCallback):
         tmp.replace(self.fname)  # a kill mid-write leaves the previous epoch's checkpoint intact
 
 
+def folders_learner(recipe: Recipe, folders, pretrained=None, get_y=None, vocab=None, num_workers=None, cbs=None,
+                    path=None):
+    """The recipe's Learner over `folders`: DataLoaders, speed callbacks (channels-last, bf16 where supported) and
+    model; no plan applied. `pretrained=None` follows the recipe (evaluation passes False and loads its own weights)."""
+    dls = xray_dls(folders, make_aug(recipe.aug, recipe.size, recipe.resize), bs=recipe.bs, seed=recipe.seed,
+                   valid_pct=recipe.valid_pct, num_workers=recipe.workers if num_workers is None else num_workers,
+                   get_y=get_y, vocab=vocab)
+    use_bf16 = recipe.bf16 and bf16_supported("cuda" if torch.cuda.is_available() else "cpu")
+    speed = ([ChannelsLast()] if recipe.channels_last else []) + ([BF16Autocast()] if use_bf16 else [])
+    learn = xray_learner(dls, recipe.arch, pretrained=recipe.pretrained if pretrained is None else pretrained,
+                         weights=recipe.weights, head=recipe.head, hidden=recipe.hidden, dropout=recipe.dropout,
+                         opt=recipe.opt, mom=recipe.mom, wd=recipe.wd, train_bn=recipe.train_bn, lr=recipe.lr,
+                         label_smoothing=recipe.label_smoothing, bn_freeze=recipe.bn_freeze,
+                         cbs=speed + list(cbs or []), path=path)
+    learn.bf16_used = use_bf16
+    return learn
+
+
 def recipe_learner(recipe: Recipe, path=None, cbs=None):
     "(Learner with the recipe's plan applied, XrayFolders) — for REPL use; `run` adds the run folder."
     folders = find_xray_folders(resolve_data(recipe.data))
@@ -213,15 +231,7 @@ def recipe_learner(recipe: Recipe, path=None, cbs=None):
     # Three-class mode: classes from labels.csv's fine_label (covid / pneumonia / normal) instead of folders.
     get_y, vocab = (fine_label_getter(folders.root, [f for s in folders.splits for f in folders.files(s)])
                     if recipe.labels == "fine_label" else (None, None))
-    dls = xray_dls(folders, make_aug(recipe.aug, recipe.size, recipe.resize), bs=recipe.bs, seed=recipe.seed,
-                   valid_pct=recipe.valid_pct, num_workers=recipe.workers, get_y=get_y, vocab=vocab)
-    use_bf16 = recipe.bf16 and bf16_supported("cuda" if torch.cuda.is_available() else "cpu")
-    speed = ([ChannelsLast()] if recipe.channels_last else []) + ([BF16Autocast()] if use_bf16 else [])
-    learn = xray_learner(dls, recipe.arch, pretrained=recipe.pretrained, weights=recipe.weights, head=recipe.head,
-                         hidden=recipe.hidden, dropout=recipe.dropout, opt=recipe.opt, mom=recipe.mom, wd=recipe.wd,
-                         train_bn=recipe.train_bn, lr=recipe.lr, label_smoothing=recipe.label_smoothing,
-                         bn_freeze=recipe.bn_freeze, cbs=speed + list(cbs or []), path=path)
-    learn.bf16_used = use_bf16
+    learn = folders_learner(recipe, folders, get_y=get_y, vocab=vocab, cbs=cbs, path=path)
     learn.trainable = apply_plan(learn, recipe.plan)
     return learn, folders
 
@@ -478,15 +488,12 @@ def _finish(run_dir, recipe, learn, folders, trainer, tp, config, export, t_star
 
 
 def _export(learn, run_dir: Path):
-    "fastai's `export.pkl` (a pickle: whoever loads it runs code it names), without this run's callbacks."
-    run_cbs = [cb for cb in learn.cbs if isinstance(cb, (TrainThroughput, HistoryCSV, EpochCheckpoint))]
-    learn.remove_cbs(run_cbs)
+    "fastai's `export.pkl` (a pickle: whoever loads it runs code it names); the run's callbacks left after the fit."
     logger, learn.logger = learn.logger, print
     try:
         learn.export(run_dir / "export.pkl")
     finally:
         learn.logger = logger
-        learn.add_cbs(run_cbs)
 
 
 def load_export(path, trust: bool = False):
