@@ -17,7 +17,7 @@ from sklearn import metrics as skm
 
 from .errors import UserError
 
-__all__ = ["positive_view", "choose_threshold", "binary_metrics", "bootstrap_ci", "one_vs_rest", "group_metrics",
+__all__ = ["positive_view", "choose_threshold", "sensitivity_at_specificity", "binary_metrics", "bootstrap_ci", "one_vs_rest", "group_metrics",
            "BOOTSTRAP_METRICS"]
 
 BOOTSTRAP_METRICS = ("accuracy", "balanced_accuracy", "sensitivity", "specificity", "ppv", "npv", "f1",
@@ -86,8 +86,21 @@ def choose_threshold(y, p, rule="youden") -> dict:
     return {"rule": rule, "value": float(thr[i]), "note": note}
 
 
+def sensitivity_at_specificity(y, p, min_specificity: float = 0.95) -> float | None:
+    """The highest sensitivity any threshold reaches on (y, p) while specificity stays >= `min_specificity`.
+
+    A point read off this split's own ROC curve, so threshold-free like the AUC (and as optimistic as any
+    threshold chosen on the data it is scored on); None with one class only.
+    """
+    y, p = np.asarray(y).astype(int), np.asarray(p, dtype=float)
+    if len(np.unique(y)) < 2: return None
+    fpr, tpr, _ = skm.roc_curve(y, p, drop_intermediate=False)
+    return float(tpr[(1 - fpr) >= min_specificity - 1e-12].max())
+
+
 def binary_metrics(y, p, threshold: float = 0.5) -> dict:
-    "Accuracy, balanced accuracy, sensitivity, specificity, PPV, NPV, F1, ROC AUC and PR AUC (scikit-learn)."
+    """Accuracy, balanced accuracy, sensitivity, specificity, PPV, NPV, F1, ROC AUC and PR AUC (scikit-learn),
+    and the threshold-free sensitivity at specificity >= 0.95 (`sens_at_spec95`)."""
     y, p = np.asarray(y).astype(int), np.asarray(p, dtype=float)
     pred = (p >= threshold).astype(int)
     two = len(np.unique(y)) == 2
@@ -104,6 +117,7 @@ def binary_metrics(y, p, threshold: float = 0.5) -> dict:
         "f1": _num(skm.f1_score(y, pred, pos_label=1, zero_division=nan)) if tp + fp + fn else None,
         "roc_auc": _num(skm.roc_auc_score(y, p)) if two else None,
         "pr_auc": _num(skm.average_precision_score(y, p)) if two else None,
+        "sens_at_spec95": sensitivity_at_specificity(y, p, 0.95),
         "confusion_matrix": [[int(tp), int(fn)], [int(fp), int(tn)]],  # rows true (positive, negative)
     }
 

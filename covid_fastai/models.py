@@ -18,7 +18,7 @@ from torch import nn
 
 from .errors import UserError
 
-__all__ = ["create_body", "seed_head", "layer_groups", "xray_learner", "class_f1", "OPTIMIZERS", "family"]
+__all__ = ["create_body", "seed_head", "linear_head", "HEADS", "layer_groups", "xray_learner", "class_f1", "OPTIMIZERS", "family"]
 
 
 def family(arch: str) -> str:
@@ -52,6 +52,19 @@ def seed_head(nf: int, n_out: int, hidden: int = 380, p: float = 0.5, pool: int 
     # torch.nn.Flatten (not fastai's view-based Flatten): channels-last activations are not viewable.
     return nn.Sequential(nn.AdaptiveAvgPool2d(pool), nn.Flatten(), nn.Linear(nf * pool * pool, hidden),
                          nn.ReLU(inplace=True), nn.Dropout(p), nn.Linear(hidden, n_out))
+
+
+def linear_head(nf: int, n_out: int, p: float = 0.2) -> nn.Sequential:
+    "timm's own classifier shape: global average pool -> flatten -> Dropout(p) -> Linear(nf, n_out)."
+    return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(p), nn.Linear(nf, n_out))
+
+
+# name -> (nf, n_out, hidden, dropout, arch) -> head module
+HEADS = {
+    "seed": lambda nf, n_out, hidden, p, arch: seed_head(nf, n_out, hidden, p, pool=7 if family(arch) == "vgg" else 1),
+    "fastai": lambda nf, n_out, hidden, p, arch: create_head(nf, n_out, lin_ftrs=[hidden], ps=p),
+    "linear": lambda nf, n_out, hidden, p, arch: linear_head(nf, n_out, p),
+}
 
 
 def _vgg_stage(name: str):
@@ -109,8 +122,9 @@ def xray_learner(dls, arch: str, pretrained: bool = True, weights=None, head: st
                  **kwargs) -> Learner:
     """A fastai `Learner` around timm `arch`, ImageNet weights when `pretrained`.
 
-    head: 'seed' (the assignment's Linear-380-ReLU-Dropout-Linear) or 'fastai' (`create_head` with
-    `lin_ftrs=[hidden]`). Layer groups: one per stage of the body, then the head (`learn.group_names`).
+    head: 'seed' (the assignment's Linear-380-ReLU-Dropout-Linear), 'fastai' (`create_head` with
+    `lin_ftrs=[hidden]`: concat pool, BatchNorm, two dropouts) or 'linear' (timm's classifier: pool, Dropout(dropout),
+    one Linear; `hidden` unused). Layer groups: one per stage of the body, then the head (`learn.group_names`).
     label_smoothing: > 0 uses fastai's `LabelSmoothingCrossEntropyFlat(eps=label_smoothing)`.
     bn_freeze: adds fastai's `BnFreeze`: BatchNorm layers whose parameters are frozen stay in eval mode.
     """
@@ -121,12 +135,8 @@ def xray_learner(dls, arch: str, pretrained: bool = True, weights=None, head: st
     else:
         provenance = {"source": "random-init", "note": "pretrained=False: no ImageNet weights"}
     nf, n_out = body.num_features, dls.c
-    if head == "seed":
-        head_mod = seed_head(nf, n_out, hidden, dropout, pool=7 if family(arch) == "vgg" else 1)
-    elif head == "fastai":
-        head_mod = create_head(nf, n_out, lin_ftrs=[hidden], ps=dropout)
-    else:
-        raise UserError(f"unknown head {head!r}: choose 'seed' or 'fastai'")
+    if head not in HEADS: raise UserError(f"unknown head {head!r}: choose one of {', '.join(HEADS)}")
+    head_mod = HEADS[head](nf, n_out, hidden, dropout, arch)
     model = add_head(TimmBody(body), nf, n_out, head=head_mod)
     # Normalise with the statistics the weights were trained with (timm's pretrained config), always, so
     # random-init and pretrained runs see the same inputs.

@@ -38,7 +38,8 @@ class Recipe:
     # model
     pretrained: bool = True         # ImageNet weights (covid_fastai.weights) or random init
     weights: str | None = None      # explicit weights file (.pth / .safetensors) to load
-    head: str = "seed"              # 'seed' (Linear-hidden-ReLU-Dropout-Linear) or 'fastai' (create_head)
+    head: str = "seed"              # 'seed' (Linear-hidden-ReLU-Dropout-Linear), 'fastai' (create_head) or 'linear'
+                                    # (timm's classifier: pool, dropout, Linear)
     hidden: int = 380               # hidden units of the head
     dropout: float = 0.5            # dropout before the last Linear
     train_bn: bool = False          # train BatchNorm affine params in frozen parts (fastai default True)
@@ -114,7 +115,10 @@ def _choices(key):
         from .models import OPTIMIZERS
         return sorted(OPTIMIZERS)
     if key == "policy": return sorted(POLICIES)
-    return {"schedule": ["constant", "one_cycle"], "head": ["fastai", "seed"],
+    if key == "head":
+        from .models import HEADS
+        return sorted(HEADS)
+    return {"schedule": ["constant", "one_cycle"],
             "labels": ["fine_label", "folders"]}.get(key)
 
 

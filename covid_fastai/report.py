@@ -36,7 +36,8 @@ def _fmt(v) -> str:
 
 _METRIC_NAMES = {"accuracy": "accuracy", "balanced_accuracy": "balanced accuracy", "sensitivity": "sensitivity (recall)",
                  "specificity": "specificity", "ppv": "PPV (precision)", "npv": "NPV", "f1": "F1",
-                 "roc_auc": "ROC AUC", "pr_auc": "PR AUC (average precision)"}
+                 "roc_auc": "ROC AUC", "pr_auc": "PR AUC (average precision)",
+                 "sens_at_spec95": "sensitivity at specificity >= 0.95 (this split's ROC)"}
 
 
 _CHOSEN = {"valid": "the run's validation split", None: "the run's validation split"}
@@ -57,7 +58,7 @@ def evaluation_md(metrics: dict, split_note: str = "") -> list[str]:
          "95% intervals: percentile bootstrap over images (1000 resamples, seeded); n/a = undefined on this data.",
          "", f"| metric | at 0.5 | 95% CI | at {thr['value']:.3f} | 95% CI |", "|---|---|---|---|---|"]
     for k, name in _METRIC_NAMES.items():
-        L.append(f"| {name} | {_fmt(a[k])} | {_ci(a['ci95'][k])} | {_fmt(b[k])} | {_ci(b['ci95'][k])} |")
+        L.append(f"| {name} | {_fmt(a[k])} | {_ci(a['ci95'].get(k))} | {_fmt(b[k])} | {_ci(b['ci95'].get(k))} |")
     L += ["", f"Confusion at 0.5 (rows true {pos} / other; columns predicted): `{a['confusion_matrix']}`; at "
           f"{thr['value']:.3f}: `{b['confusion_matrix']}`.", "",
           "![ROC and precision-recall](roc_pr.png)", "", "![calibration](calibration.png)", "",

@@ -29,6 +29,18 @@ def test_binary_metrics_match_sklearn(t):
     assert m["confusion_matrix"] == [[tp, fn], [fp, tn]]
 
 
+def test_sensitivity_at_specificity_reads_the_roc_curve():
+    # 6 negatives: specificity >= 0.95 allows no false positive; the top 3 scores are positives, the 4th (0.6) is not
+    assert binary_metrics(Y, P)["sens_at_spec95"] == 0.5
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 400)
+    p = np.clip(y * 0.3 + rng.random(400) * 0.7, 0, 1)
+    best = max(((p >= t) & (y == 1)).sum() / (y == 1).sum() for t in np.unique(p)
+               if ((p < t) & (y == 0)).sum() / (y == 0).sum() >= 0.95)
+    assert binary_metrics(y, p)["sens_at_spec95"] == pytest.approx(best)
+    assert binary_metrics(np.ones(3, int), np.array([0.2, 0.5, 0.9]))["sens_at_spec95"] is None
+
+
 def test_undefined_metrics_are_none():
     m = binary_metrics(np.ones(4, int), np.array([0.9, 0.2, 0.7, 0.6]), 0.5)
     assert m["sensitivity"] == 0.75 and m["specificity"] is None and m["npv"] == 0.0

@@ -43,6 +43,20 @@ def test_modern_learner_has_label_smoothing_bnfreeze_fastai_head_adamw(tiny_data
     assert not any(isinstance(c, BnFreeze) for c in seed.cbs)
 
 
+def test_linear_head_is_timms_classifier_shape_and_trains_cached(tiny_data, tmp_path):
+    "head='linear': pool -> flatten -> Dropout(p) -> one Linear(nf, 2); a cached head-only run trains it."
+    rec = _tiny(tiny_data, "effnet_lite0_head", policy="modern", head="linear", dropout=0.3, epochs=1, tta=False)
+    learn, _ = recipe_learner(rec)
+    lins = [m for m in learn.model[1].modules() if isinstance(m, nn.Linear)]
+    assert [(l.in_features, l.out_features) for l in lins] == [(learn.model[0].model.num_features, 2)]
+    assert [m.p for m in learn.model[1].modules() if isinstance(m, nn.Dropout)] == [0.3]
+    d = run(rec, out=tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    assert cfg["recipe"]["head"] == "linear" and cfg["status"] == "complete"
+    with pytest.raises(UserError, match="--head must be one of fastai, linear, seed"):
+        with_overrides(rec, head="mlp")
+
+
 def _bn_stats(learn):
     return [b.clone() for n, b in learn.model[0].named_buffers() if n.endswith("running_mean")]
 
