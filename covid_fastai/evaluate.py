@@ -20,7 +20,6 @@ from .data import XrayFolders
 from .errors import UserError
 from .interpret import Evaluation, cam_images, predictions_frame, write_evaluation
 from .labels import fine_label_getter, read_labels
-from .plans import Plan
 from .recipes import Recipe
 
 __all__ = ["load_run", "run_learner", "eval_folders", "evaluate_run", "predict_run"]
@@ -35,11 +34,8 @@ def load_run(run_dir) -> tuple[Path, dict, Recipe]:
     if not (d / "model.safetensors").is_file():
         raise UserError(f"{d} has no model.safetensors (the run did not finish?): pass a finished run folder")
     cfg = json.loads((d / "config.json").read_text())
-    r = dict(cfg["recipe"])
-    plan = {k: v for k, v in r.pop("plan").items() if k in {f.name for f in dataclasses.fields(Plan)}}
-    if "patterns" in plan: plan["patterns"] = tuple(plan["patterns"])
-    known = {f.name for f in dataclasses.fields(Recipe)}
-    return d, cfg, Recipe(plan=Plan(**plan), **{k: v for k, v in r.items() if k in known and k != "plan"})
+    from .train import recipe_from_config
+    return d, cfg, recipe_from_config(cfg)
 
 
 def run_learner(d: Path, cfg: dict, rec: Recipe, folders: XrayFolders, get_y=None):

@@ -31,7 +31,7 @@ class Recipe:
     # data
     data: str = "demo"              # a folder in ImageFolder layout, or 'demo' (synthetic)
     size: int = 224                 # network input size (crop)
-    resize: int | None = None       # short side before cropping (default size*256/224, the seed's 256 at 224)
+    resize: int | None = None       # short side before cropping (default: the augmentation's, see data.AUGMENTATIONS)
     aug: str = "seed"               # augmentation policy: see covid_fastai.data.AUGMENTATIONS
     bs: int = 128                   # batch size
     valid_pct: float = 0.2          # held-out part of train when the data has no valid/ folder

@@ -388,6 +388,7 @@ def _run_facts(recipe, learn, folders, trainer) -> dict:
     return {
         "data": {"path": str(folders.root), "synthetic": folders.synthetic, "classes": list(learn.dls.vocab),
                  "labels": recipe.labels,
+                 "resize": make_aug(recipe.aug, recipe.size, recipe.resize).resize_to,  # short side before crops
                  "counts": folders.counts(),
                  "valid": (f"folder {folders.valid_name}/" if folders.valid_name
                            else f"random {recipe.valid_pct:.0%} of train (seed {recipe.seed})"),
@@ -518,6 +519,8 @@ def recipe_from_config(config: dict) -> Recipe:
     fields = {f.name for f in dataclasses.fields(Recipe)} - {"plan"}
     r = {k: v for k, v in r.items() if k in fields}
     r["data"] = config["data"]["path"]
+    if r.get("resize") is None:  # the short side the run used; runs before it was recorded all used size*256/224
+        r["resize"] = config["data"].get("resize") or round(r.get("size", 224) * 256 / 224)
     return Recipe(plan=plan, **r)
 
 

@@ -211,3 +211,15 @@ def test_report_html_renders_in_headless_chromium(run_dir, tmp_path):
         a = np.asarray(im.convert("L"), dtype=float)
     assert a.shape == (2400, 1280) and a.std() > 20  # not a blank page
     assert (a[: 600] < 128).mean() > 0.01  # text and tables at the top, not only images further down
+
+
+def test_evaluation_uses_the_geometry_the_run_used(run_dir, tmp_path):
+    "config.json records the short side; evaluate/resume rebuild with it; older configs (none recorded) used 256/224."
+    from covid_fastai.evaluate import load_run
+    from covid_fastai.train import recipe_from_config
+    _, cfg, rec = load_run(run_dir)
+    assert cfg["data"]["resize"] == rec.resize == round(64 * 256 / 224)  # seed augmentation at 64 px
+    xray = {**cfg, "recipe": {**cfg["recipe"], "aug": "xray"}, "data": {**cfg["data"], "resize": 64}}
+    assert recipe_from_config(xray).resize == 64
+    old = {**xray, "data": {k: v for k, v in cfg["data"].items() if k != "resize"}}
+    assert recipe_from_config(old).resize == 73  # made before the xray geometry changed: evaluated as it ran

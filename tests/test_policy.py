@@ -84,6 +84,20 @@ def test_xray_augmentation_is_mild_and_never_flips():
     assert not any(isinstance(o, (T.RandomHorizontalFlip, T.RandomVerticalFlip)) for o in ops)
 
 
+def test_xray_evaluation_sees_the_whole_film():
+    "xray: short side resized to the crop size, so the centre crop trims only the long side; seed keeps 256/224."
+    from PIL import Image
+    im = Image.new("L", (300, 240))
+    for size in (224, 160):
+        xray = make_aug("xray", size)
+        assert xray.resize_to == size and xray.eval_tfm()(im).size == (size, size)
+        assert make_aug("seed", size).resize_to == round(size * 256 / 224)
+    assert make_aug("xray", 224, resize=256).resize_to == 256  # an explicit --resize wins
+    # a square film is shown whole: nothing cropped, only resized
+    sq = Image.linear_gradient("L").resize((300, 300))
+    assert list(make_aug("xray", 224).eval_tfm()(sq).getdata()) == list(sq.resize((224, 224), Image.BILINEAR).getdata())
+
+
 @pytest.mark.parametrize("cached", [True, False])
 def test_lr_find_picks_the_rate_the_fit_uses(tiny_data, tmp_path, monkeypatch, cached):
     seen = {}
