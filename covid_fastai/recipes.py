@@ -92,7 +92,7 @@ MODERN_POLICY = dict(policy="modern", head="fastai", hidden=512, dropout=0.5, op
 POLICIES = {"seed": SEED_POLICY, "modern": MODERN_POLICY}
 
 # What a command-line override may set, with checks; everything else in Recipe is fixed by the recipe file.
-_POSITIVE_INT = ("epochs", "bs", "size", "hidden", "cache_views")
+_POSITIVE_INT = ("epochs", "bs", "size", "resize", "hidden", "cache_views")
 _POSITIVE_FLOAT = ("lr", "lr_mult")
 _BOOL = ("pretrained", "bf16", "channels_last", "train_bn", "bn_freeze", "lr_find", "reproducible",
          "tta")
@@ -178,7 +178,11 @@ def with_overrides(recipe: Recipe, **overrides) -> Recipe:
                         if hint else f": options are {', '.join('--' + o for o in OVERRIDABLE)}"))
     checked = {k: _check(k, v) for k, v in overrides.items()}
     if "policy" in checked: recipe = dataclasses.replace(recipe, **POLICIES[checked["policy"]])
-    return dataclasses.replace(recipe, **checked)
+    out = dataclasses.replace(recipe, **checked)
+    if out.resize is not None and out.resize < out.size:
+        raise UserError(f"--resize {out.resize} is smaller than --size {out.size}: the short side is resized before "
+                        f"the {out.size} px crop, so it must be at least {out.size}")
+    return out
 
 
 def recipe_dirs() -> list[Path]:

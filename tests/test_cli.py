@@ -85,6 +85,8 @@ def test_list_shows_every_recipe():
     (["recipe", "vgg16_head", "--epochs", "-3"], "--epochs must be a positive whole number"),
     (["recipe", "vgg16_head", "--lr", "fast"], "--lr must be a positive number"),
     (["recipe", "vgg16_head", "--bs", "0"], "--bs must be a positive whole number"),
+    (["recipe", "vgg16_head", "--resize", "big"], "--resize must be a positive whole number"),
+    (["recipe", "vgg16_head", "--resize", "200"], "--resize 200 is smaller than --size 224"),
     (["recipe", "vgg16_head", "--epoch", "3"], "unknown option --epoch (did you mean --epochs"),
     (["recipe", "vgg16_head", "--data", "/no/such/dir"], "data folder /no/such/dir does not exist"),
     (["recipe", "vgg16_head", "--pretrained", "maybe"], "--pretrained must be true or false"),
