@@ -20,7 +20,7 @@ recipe = Recipe(
     description="EfficientNet-Lite0: entire network, best-in-budget settings",
     arch="tf_efficientnet_lite0.in1k",
     plan=full(),
-    **{**MODERN_POLICY, "label_smoothing": 0.0, "epochs": 5},
+    **{**MODERN_POLICY, "label_smoothing": 0.0, "epochs": 6},
 )
 
 if __name__ == "__main__":
