@@ -208,6 +208,9 @@ def _remember(key, arr):
         _DECODED_BYTES[0] += arr.nbytes
 
 
+SEED_RESIZE_RATIO = 256 / 224  # the assignment's Resize 256 before its 224 crops
+
+
 @dataclass(frozen=True)
 class SeedAug:
     """The assignment's torchvision pipeline, kept op for op so seed recipes are faithful.
@@ -217,7 +220,7 @@ class SeedAug:
     """
     size: int = 224           # crop size fed to the network
     resize: int | None = None  # short side before cropping; default round(size * resize_ratio)
-    resize_ratio: float = 256 / 224  # default short side over size: the seed's 256/224 (eval crops the central 87.5%)
+    resize_ratio: float = SEED_RESIZE_RATIO  # default short side over size (the seed's: eval crops the central 87.5%)
     rotate: float = 30.0      # max degrees of RandomRotation (0 = off)
     scale: tuple = (0.08, 1.0)  # RandomResizedCrop area range; (1, 1) = centre-ish full crops
     flip: bool = True         # horizontal flip (never vertical: anatomy is not up-down symmetric)
@@ -258,6 +261,9 @@ AUGMENTATIONS = {
 def make_aug(aug: str, size: int, resize: int | None = None) -> SeedAug:
     if aug not in AUGMENTATIONS:
         raise UserError(f"unknown augmentation {aug!r}: choose one of {sorted(AUGMENTATIONS)}")
+    if resize is not None and resize < size:
+        raise UserError(f"--resize {resize} is smaller than --size {size}: the short side is resized before the "
+                        f"{size} px crop, so it must be at least {size}")
     return SeedAug(size=size, resize=resize, **AUGMENTATIONS[aug])
 
 

@@ -18,9 +18,11 @@ from safetensors.torch import load_file
 
 from .data import XrayFolders
 from .errors import UserError
+from .images import scan_images
 from .interpret import Evaluation, cam_images, predictions_frame, write_evaluation
 from .labels import fine_label_getter, read_labels
 from .recipes import Recipe
+from .train import _write_json, folders_learner, new_run_dir, recipe_from_config
 
 __all__ = ["load_run", "run_learner", "eval_folders", "evaluate_run", "predict_run"]
 
@@ -34,13 +36,11 @@ def load_run(run_dir) -> tuple[Path, dict, Recipe]:
     if not (d / "model.safetensors").is_file():
         raise UserError(f"{d} has no model.safetensors (the run did not finish?): pass a finished run folder")
     cfg = json.loads((d / "config.json").read_text())
-    from .train import recipe_from_config
     return d, cfg, recipe_from_config(cfg)
 
 
 def run_learner(d: Path, cfg: dict, rec: Recipe, folders: XrayFolders, get_y=None):
     "The run's Learner (its classes and eval transform) over `folders`, with the saved weights loaded."
-    from .train import folders_learner
     rec = dataclasses.replace(rec, bf16=bool(cfg["speed"].get("bf16_autocast")))  # as the run computed
     learn = folders_learner(rec, folders, pretrained=False, get_y=get_y, vocab=cfg["data"]["classes"], num_workers=0,
                             path=d)
@@ -87,7 +87,6 @@ def evaluate_run(run_dir, data, tta: bool | None = None, threshold: float | None
     threshold the run chose on its validation split.
     """
     from .report import SYNTHETIC_BANNER, write_evaluation_report
-    from .train import _write_json, new_run_dir
     d, cfg, rec = load_run(run_dir)
     folders, split_dir = eval_folders(data, cfg)
     files = folders.files("train")
@@ -133,8 +132,6 @@ def predict_run(run_dir, paths, out=None, heatmaps: bool = False, tta: bool | No
     `RUN_DIR/predictions/<timestamp>.csv`); with `heatmaps`, Grad-CAM overlays in `<csv stem>_heatmaps/`."""
     from PIL import Image
 
-    from .train import new_run_dir
-    from .images import scan_images
     d, cfg, rec = load_run(run_dir)
     files, unreadable = scan_images(_image_files(paths))  # bad files get a row saying why, not a traceback
     if not files:

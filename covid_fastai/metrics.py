@@ -17,8 +17,8 @@ from sklearn import metrics as skm
 
 from .errors import UserError
 
-__all__ = ["positive_view", "choose_threshold", "sensitivity_at_specificity", "binary_metrics", "bootstrap_ci", "one_vs_rest", "group_metrics",
-           "BOOTSTRAP_METRICS"]
+__all__ = ["positive_view", "choose_threshold", "sensitivity_at_specificity", "binary_metrics", "bootstrap_ci",
+           "one_vs_rest", "group_metrics", "BOOTSTRAP_METRICS"]
 
 BOOTSTRAP_METRICS = ("accuracy", "balanced_accuracy", "sensitivity", "specificity", "ppv", "npv", "f1",
                      "roc_auc", "pr_auc")

@@ -18,7 +18,8 @@ from torch import nn
 
 from .errors import UserError
 
-__all__ = ["create_body", "seed_head", "linear_head", "HEADS", "layer_groups", "xray_learner", "class_f1", "OPTIMIZERS", "family"]
+__all__ = ["create_body", "seed_head", "linear_head", "HEADS", "layer_groups", "xray_learner", "class_f1", "OPTIMIZERS",
+           "family"]
 
 
 def family(arch: str) -> str:

@@ -178,11 +178,7 @@ def with_overrides(recipe: Recipe, **overrides) -> Recipe:
                         if hint else f": options are {', '.join('--' + o for o in OVERRIDABLE)}"))
     checked = {k: _check(k, v) for k, v in overrides.items()}
     if "policy" in checked: recipe = dataclasses.replace(recipe, **POLICIES[checked["policy"]])
-    out = dataclasses.replace(recipe, **checked)
-    if out.resize is not None and out.resize < out.size:
-        raise UserError(f"--resize {out.resize} is smaller than --size {out.size}: the short side is resized before "
-                        f"the {out.size} px crop, so it must be at least {out.size}")
-    return out
+    return dataclasses.replace(recipe, **checked)
 
 
 def recipe_dirs() -> list[Path]:

@@ -36,7 +36,7 @@ from safetensors.torch import save_file
 
 from . import __version__
 from .callbacks import BF16Autocast, ChannelsLast, FitOnlyCallback, TrainThroughput, bf16_supported
-from .data import find_xray_folders, make_aug, xray_dls
+from .data import SEED_RESIZE_RATIO, find_xray_folders, make_aug, xray_dls
 from .demo import demo_data
 from .errors import UserError
 from .features import head_learner, use_feature_cache
@@ -48,8 +48,8 @@ from .plans import Plan, apply_plan
 from .recipes import Recipe, cache_mode, load_recipe, with_overrides
 from .report import SYNTHETIC_BANNER, write_html, write_report
 
-__all__ = ["run", "run_recipe", "recipe_learner", "folders_learner", "new_run_dir", "resolve_data", "HistoryCSV", "OUTPUTS",
-           "resume", "recipe_from_config", "EpochCheckpoint", "load_export", "CHECKPOINT"]
+__all__ = ["run", "run_recipe", "recipe_learner", "folders_learner", "new_run_dir", "resolve_data", "HistoryCSV",
+           "OUTPUTS", "resume", "recipe_from_config", "EpochCheckpoint", "load_export", "CHECKPOINT"]
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -520,7 +520,7 @@ def recipe_from_config(config: dict) -> Recipe:
     r = {k: v for k, v in r.items() if k in fields}
     r["data"] = config["data"]["path"]
     if r.get("resize") is None:  # the short side the run used; runs before it was recorded all used size*256/224
-        r["resize"] = config["data"].get("resize") or round(r.get("size", 224) * 256 / 224)
+        r["resize"] = config["data"].get("resize") or round(r.get("size", 224) * SEED_RESIZE_RATIO)
     return Recipe(plan=plan, **r)
 
 
