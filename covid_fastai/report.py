@@ -177,8 +177,9 @@ def write_report(run_dir, config: dict, metrics: dict, history: pd.DataFrame, fi
           f"- Layer groups: {' | '.join(config['layer_groups'])}",
           f"- Optimiser {rec['opt']} lr {rec['lr']} (lr_mult {rec['lr_mult']}) momentum {rec['mom']} wd {rec['wd']}, "
           f"schedule {rec['schedule']}, {rec['epochs']} epochs, batch {rec['bs']}",
-          f"- Input {rec['size']} px, augmentation `{rec['aug']}`, head `{rec['head']}` ({rec['hidden']} hidden, "
-          f"dropout {rec['dropout']}), seed {rec['seed']}",
+          f"- Input {rec['size']} px, augmentation `{rec['aug']}`, head `{rec['head']}` ("
+          + ("" if rec['head'] == "linear" else f"{rec['hidden']} hidden, ")  # the linear head has no hidden layer
+          + f"dropout {rec['dropout']}), seed {rec['seed']}",
           f"- Data: `{data['path']}`; counts {data['counts']}; validation: {data['valid']}; "
           f"test: {data['test'] or 'none'}",
           f"- Speed: bf16 autocast {config['speed']['bf16_autocast']}, channels_last "

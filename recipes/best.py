@@ -6,9 +6,11 @@ from the start, under the modern policy with the changes the validation split ch
   rates lost to it (V1 vs V2).
 - plain cross-entropy: label smoothing 0.1 scored 2.5 points lower in the one pair run (V5 vs V6, within
   seed noise, so a lead); without it the probabilities are not squeezed, which the threshold choice uses.
+- timm's classifier shape for the head (pool, Dropout 0.2, one Linear) rather than fastai's (BatchNorm, 512 hidden
+  units, two dropouts): over 3 seeds on valid it scored 0.958-0.975 with ROC AUC 0.995-0.997 (V13, V16, V17).
 - the `xray` augmentation (rotation 10, RandomResizedCrop 70-100% of the film, no flips), evaluated on the
   whole film; TTA at evaluation.
-- EfficientNet-Lite0 rather than VGG-16 or ResNet-18: 0.4 GFLOPs at 224 px against 15.5 (VGG-16), so 5 full
+- EfficientNet-Lite0 rather than VGG-16 or ResNet-18: 0.4 GFLOPs at 224 px against 15.5 (VGG-16), so 6 full
   epochs fit the budget (about 90-110 s each here) with time for evaluation.
 Run: python -m covid_fastai recipe best --data ../shared/data/cxr
 """
@@ -20,7 +22,7 @@ recipe = Recipe(
     description="EfficientNet-Lite0: entire network, best-in-budget settings",
     arch="tf_efficientnet_lite0.in1k",
     plan=full(),
-    **{**MODERN_POLICY, "label_smoothing": 0.0, "epochs": 6},
+    **{**MODERN_POLICY, "label_smoothing": 0.0, "epochs": 6, "head": "linear", "dropout": 0.2},
 )
 
 if __name__ == "__main__":

@@ -53,6 +53,7 @@ def test_linear_head_is_timms_classifier_shape_and_trains_cached(tiny_data, tmp_
     d = run(rec, out=tmp_path)
     cfg = json.loads((d / "config.json").read_text())
     assert cfg["recipe"]["head"] == "linear" and cfg["status"] == "complete"
+    assert "head `linear` (dropout 0.3)" in (d / "report.md").read_text()  # no hidden layer to report
     with pytest.raises(UserError, match="--head must be one of fastai, linear, seed"):
         with_overrides(rec, head="mlp")
 
