@@ -7,7 +7,8 @@ from the start, under the modern policy with the changes the validation split ch
 - plain cross-entropy: label smoothing 0.1 scored 2.5 points lower in the one pair run (V5 vs V6, within
   seed noise, so a lead); without it the probabilities are not squeezed, which the threshold choice uses.
 - timm's classifier shape for the head (pool, Dropout 0.2, one Linear) rather than fastai's (BatchNorm, 512 hidden
-  units, two dropouts): over 3 seeds on valid it scored 0.958-0.975 with ROC AUC 0.995-0.997 (V13, V16, V17).
+  units, two dropouts): over the same 3 seeds on valid it scored 0.958-0.975 with ROC AUC 0.995-0.997, fastai's
+  0.931-0.964 with AUC 0.984-0.991 (V13/V16/V17 against V12/V18/V19).
 - the `xray` augmentation (rotation 10, RandomResizedCrop 70-100% of the film, no flips), evaluated on the
   whole film; TTA at evaluation.
 - EfficientNet-Lite0 rather than VGG-16 or ResNet-18: 0.4 GFLOPs at 224 px against 15.5 (VGG-16), so 6 full
