@@ -18,8 +18,8 @@ from torch import nn
 
 from .errors import UserError
 
-__all__ = ["create_body", "seed_head", "linear_head", "HEADS", "layer_groups", "xray_learner", "class_f1", "OPTIMIZERS",
-           "family"]
+__all__ = ["create_body", "seed_head", "linear_head", "HEADS", "head_summary", "layer_groups", "xray_learner",
+           "class_f1", "OPTIMIZERS", "family"]
 
 
 def family(arch: str) -> str:
@@ -66,6 +66,12 @@ HEADS = {
     "fastai": lambda nf, n_out, hidden, p, arch: create_head(nf, n_out, lin_ftrs=[hidden], ps=p),
     "linear": lambda nf, n_out, hidden, p, arch: linear_head(nf, n_out, p),
 }
+HEADS_WITHOUT_HIDDEN = {"linear"}  # heads that ignore `hidden`
+
+
+def head_summary(head: str, hidden: int, dropout: float) -> str:
+    "How a run's head is described in its report, e.g. '512 hidden, dropout 0.5' (no hidden units where unused)."
+    return ("" if head in HEADS_WITHOUT_HIDDEN else f"{hidden} hidden, ") + f"dropout {dropout}"
 
 
 def _vgg_stage(name: str):

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from .models import head_summary
+
 __all__ = ["SYNTHETIC_BANNER", "write_report", "evaluation_md", "write_evaluation_report", "md_to_html",
            "write_html", "sweep_row", "write_sweep"]
 
@@ -177,9 +179,8 @@ def write_report(run_dir, config: dict, metrics: dict, history: pd.DataFrame, fi
           f"- Layer groups: {' | '.join(config['layer_groups'])}",
           f"- Optimiser {rec['opt']} lr {rec['lr']} (lr_mult {rec['lr_mult']}) momentum {rec['mom']} wd {rec['wd']}, "
           f"schedule {rec['schedule']}, {rec['epochs']} epochs, batch {rec['bs']}",
-          f"- Input {rec['size']} px, augmentation `{rec['aug']}`, head `{rec['head']}` ("
-          + ("" if rec['head'] == "linear" else f"{rec['hidden']} hidden, ")  # the linear head has no hidden layer
-          + f"dropout {rec['dropout']}), seed {rec['seed']}",
+          f"- Input {rec['size']} px, augmentation `{rec['aug']}`, head `{rec['head']}` "
+          f"({head_summary(rec['head'], rec['hidden'], rec['dropout'])}), seed {rec['seed']}",
           f"- Data: `{data['path']}`; counts {data['counts']}; validation: {data['valid']}; "
           f"test: {data['test'] or 'none'}",
           f"- Speed: bf16 autocast {config['speed']['bf16_autocast']}, channels_last "
