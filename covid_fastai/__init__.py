@@ -3,7 +3,8 @@
 `from covid_fastai import *` gives the layered API: data (`find_xray_folders`, `xray_dls`), models
 (`xray_learner`), image reading (`open_xray`), fine-tune plans (`head`, `layers`, `full`, `freeze_to`,
 `apply_plan`), recipes (`Recipe`, `load_recipe`, `run_recipe`), interpretation (`Evaluation`), evaluation of
-finished runs (`evaluate_run`, `predict_run`) and reports.
+finished runs (`evaluate_run`, `predict_run`), sweeps (`run_sweep`, `resume_sweep`, `compare_runs`) and
+reports.
 """
 __version__ = "0.1.0"
 
@@ -23,3 +24,4 @@ from .callbacks import *  # noqa: E402,F401,F403
 from .interpret import *  # noqa: E402,F401,F403
 from .train import *  # noqa: E402,F401,F403
 from .evaluate import evaluate_run, predict_run  # noqa: E402,F401
+from .sweep import compare_runs, resume_sweep, run_sweep  # noqa: E402,F401

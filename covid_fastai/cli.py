@@ -1,4 +1,4 @@
-"""Command line: `python -m covid_fastai {list,recipe,sweep,resume,check,evaluate,predict,weights}` (python-fire).
+"""Command line: `python -m covid_fastai {list,recipe,sweep,compare,resume,check,evaluate,predict,weights}` (python-fire).
 
 Overrides are recipe fields as flags: `--epochs 2 --lr 3e-4 --bs 32 --size 128 --data DIR --pretrained false
 --seed 1 --out DIR`. Problems a user can fix print one line (`error: ...`) and exit with status 2; add
@@ -11,7 +11,6 @@ import json
 import signal
 import sys
 import warnings
-from datetime import datetime, timezone
 from pathlib import Path
 
 import fire
@@ -43,7 +42,7 @@ def _eval_summary(d: Path) -> str:
 
 
 class Commands:
-    "fastai + timm experiments on chest X-ray folders. Commands: list, recipe, sweep, resume, check, evaluate, predict, weights."
+    "fastai + timm experiments on chest X-ray folders. Commands: list, recipe, sweep, compare, resume, check, evaluate, predict, weights."
 
     def list(self):
         "Show the recipes with a one-line description each."
@@ -78,13 +77,17 @@ class Commands:
         print(_summary(run_dir))
 
     def resume(self, run_dir: str, export=False):
-        """Continue an interrupted (or failed) run in its own folder from its last finished epoch.
+        """Continue an interrupted (or failed) run in its own folder from its last finished epoch, or an
+        interrupted sweep (a folder with sweep.json) from where it stopped.
 
         Args:
-          run_dir: the run folder, e.g. outputs/vgg16_head/20260101-120000
-          export: also write fastai's pickled export.pkl at the end
+          run_dir: the run folder, e.g. outputs/vgg16_head/20260101-120000, or a sweep folder, outputs/sweeps/...
+          export: also write fastai's pickled export.pkl at the end (runs only)
         """
+        from .sweep import SWEEP_FILE, resume_sweep
         from .train import resume
+        if (Path(run_dir) / SWEEP_FILE).is_file():
+            return _print_comparison(resume_sweep(run_dir) / "comparison.md")
         print(_summary(resume(run_dir, export=_bool("export", export))))
 
     def check(self, data: str, strict=False, limit: int = 50):
@@ -149,34 +152,31 @@ class Commands:
     def sweep(self, pattern: str, out: str | None = None, policies: str | None = None, **overrides):
         """Run every recipe matching PATTERN (glob, or comma-separated names) and write a comparison table.
 
-        Writes <out>/sweeps/<timestamp>/comparison.{md,csv}; the same overrides apply to every recipe.
+        Writes <out>/sweeps/<timestamp>/: sweep.json (the plan) and comparison.{md,csv,html}, rewritten after
+        every finished run. The same overrides apply to every recipe. A stopped sweep continues with
+        `resume SWEEP_DIR` (finished runs are kept, an interrupted one continues from its last epoch).
 
         Args:
           pattern: recipe names or globs, e.g. 'vgg16_*' or vgg16_head,vgg16_full
           out: folder for run folders (default ./outputs)
           policies: e.g. seed,modern: run each recipe under each training policy, side by side in the table
         """
-        from .recipes import match_recipes, with_overrides
-        from .report import sweep_row, write_sweep
-        from .train import OUTPUTS, new_run_dir, run
-        if isinstance(pattern, (tuple, list)): pattern = ",".join(map(str, pattern))  # fire parses a,b as a tuple
-        if isinstance(policies, (tuple, list)): policies = ",".join(map(str, policies))
-        pols = [{"policy": p.strip()} for p in str(policies).split(",") if p.strip()] if policies else [{}]
-        # check every recipe and option before running any
-        recs = [with_overrides(r, **pol, **overrides) for r in match_recipes(str(pattern)) for pol in pols]
-        root = Path(out) if out is not None else OUTPUTS
-        rows = []
-        for r in recs:
-            print(f"== {r.name}: {r.describe()}", flush=True)
-            run_dir = run(r, out=root)
-            print(_summary(run_dir), flush=True)
-            rows.append(sweep_row(run_dir, json.loads((run_dir / "config.json").read_text()),
-                                  json.loads((run_dir / "metrics.json").read_text())))
-        sweep_dir = new_run_dir(root, "sweeps")
-        stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        md, csv = write_sweep(sweep_dir, rows, f"Sweep {pattern} ({stamp})")
-        print(f"comparison: {md}, {csv} and {md.with_suffix('.html')}")
+        from .sweep import run_sweep
+        _print_comparison(run_sweep(pattern, out=out, policies=policies, **overrides) / "comparison.md")
 
+    def compare(self, *run_dirs, out: str | None = None):
+        """Put finished runs side by side: the table a sweep writes, in <out>/comparisons/<timestamp>/.
+
+        Args:
+          run_dirs: run folders, e.g. outputs/vgg16_head/*
+          out: where the comparisons/ folder goes (default ./outputs)
+        """
+        from .sweep import compare_runs
+        _print_comparison(compare_runs(run_dirs, out=out))
+
+
+def _print_comparison(md: Path):
+    print(f"comparison: {md}, {md.with_suffix('.csv')} and {md.with_suffix('.html')}")
 
 def _weights_table(probe_hub: bool) -> str:
     from .recipes import list_recipes

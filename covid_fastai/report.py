@@ -230,7 +230,12 @@ def sweep_row(run_dir, config: dict, metrics: dict) -> dict:
     if "at_threshold" in metrics:
         t = metrics["at_threshold"]
         row.update({"threshold": round(t["threshold"], 4), "sensitivity (t)": t["sensitivity"],
-                    "specificity (t)": t["specificity"], "ROC AUC": t["roc_auc"]})
+                    "specificity (t)": t["specificity"], "ROC AUC": t["roc_auc"],
+                    "sensitivity at specificity >= 0.95": t.get("sens_at_spec95")})
+    by_source = (metrics.get("breakdowns") or {}).get("source")
+    if by_source:  # from labels.csv: the shared set's sources differ in class mix and look (see its README)
+        row["accuracy (t) by source"] = ", ".join(f"{g['group']} {g['accuracy']:.3f} ({g['n']})"
+                                                  for g in sorted(by_source, key=lambda g: -g["n"]))
     row.update({"confusion matrix (rows true)": _cm_text(metrics["confusion_matrix"], classes),
                 "train time (s)": round(metrics["train_seconds"], 1),
                 "images/s": round(metrics["train_images_per_s"], 1),
@@ -265,11 +270,13 @@ def write_sweep(out_dir, rows: list[dict], title: str) -> tuple[Path, Path]:
     show = [c for c in df.columns if c not in ("arch", "synthetic data")]
     for i, (arch, part) in enumerate(df.groupby("arch", sort=False), 1):
         L += [f"## Table {i}: {arch}", "", _md_table(part[show]), ""]
-    if df["policy"].nunique() > 1:
-        L += ["## Policies side by side", "", f"Accuracy on the {'/'.join(df['split'].unique())} split of each recipe "
-              "under each training policy (`--policies`).", "",
-              _md_table(df.pivot_table(index="recipe", columns="policy", values="accuracy", sort=False)
-                        .reset_index().rename_axis(columns=None)), ""]
+    if df["policy"].nunique() > 1 and not df.duplicated(["recipe", "policy"]).any():  # one run per cell, no means
+        L += ["## Policies side by side", "", f"Each recipe under each training policy (`--policies`), on the "
+              f"{'/'.join(df['split'].unique())} split.", ""]
+        for value in ("accuracy", "ROC AUC"):
+            if value not in df or df[value].isna().all(): continue
+            L += [f"{value}:", "", _md_table(df.pivot(index="recipe", columns="policy", values=value)
+                                             .reindex(index=df["recipe"].unique(), columns=df["policy"].unique()).reset_index().rename_axis(columns=None)), ""]
     md_path = out_dir / "comparison.md"
     md_path.write_text("\n".join(L))
     extra = []

@@ -337,12 +337,13 @@ def _mark(run_dir: Path, config: dict, **fields):
     except OSError: pass
 
 
-def run(recipe: Recipe, out=None, resume=None, export: bool = False, cbs=None) -> Path:
+def run(recipe: Recipe, out=None, resume=None, export: bool = False, cbs=None, started=None) -> Path:
     """Train and evaluate `recipe`; returns the run folder.
 
     resume: a run folder of this recipe with a `checkpoint.pt`: continue it from the next epoch (see `resume`).
     export: also write fastai's pickled `export.pkl` (`learn.export`); load it only with `load_export(trust=True)`.
     cbs: extra fastai callbacks for the fitting Learner (tests use one to interrupt a run).
+    started: called with the run folder as soon as it exists (a sweep records it, to resume the run later).
     """
     out = Path(out) if out is not None else OUTPUTS
     t_start = time.perf_counter()
@@ -360,6 +361,7 @@ def run(recipe: Recipe, out=None, resume=None, export: bool = False, cbs=None) -
                             f"or modified): resuming would not continue the same run; start a new one instead")
     else:
         run_dir = new_run_dir(out, recipe.name)
+    if started is not None: started(run_dir)
     with _run_lock(run_dir), _deterministic(recipe.reproducible):
         return _run_in(run_dir, recipe, learn, folders, state, export, list(cbs or []), t_start)
 

@@ -91,6 +91,7 @@ def test_list_shows_every_recipe():
     (["recipe", "vgg16_head", "--data", "/no/such/dir"], "data folder /no/such/dir does not exist"),
     (["recipe", "vgg16_head", "--pretrained", "maybe"], "--pretrained must be true or false"),
     (["sweep", "nothing_*"], "no recipe matches 'nothing_*'"),
+    (["sweep", "vgg16_head,vgg16_full", "--data", "/no/such/dir"], "data folder /no/such/dir does not exist"),
     (["recipe", "vgg16_head", "--schedule", "cosine"], "--schedule must be one of constant, one_cycle"),
     (["recipe", "vgg16_head", "--aug", "heavy"], "--aug must be one of none, seed"),
 ])

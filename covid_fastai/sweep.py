@@ -1,0 +1,203 @@
+"""Sweeps: recipes (each under one or more training policies) run one after another, side by side in one table.
+
+A sweep folder `<out>/sweeps/<timestamp>/` holds `sweep.json`, its plan: every recipe exactly as it will run
+(overrides applied, data path absolute) and, once it has started, each run's folder. The comparison
+(comparison.md/.csv/.html, see `report.write_sweep`) is rewritten after every finished run, so a sweep of several
+hours shows its results as they come.
+
+The VGG-16 grid takes hours on a 2-core CPU, so a sweep must survive being stopped (Ctrl-C, `kill`, a crash, a
+closed session). `resume_sweep(SWEEP_DIR)` (CLI: `resume SWEEP_DIR`) carries on from the plan: finished runs are
+kept as they are, a run with a finished epoch continues from its checkpoint (`train.resume`), one without starts
+again in a new folder, and the rest run. `compare_runs(RUN_DIRS)` makes the same table from any finished runs.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import shutil
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .errors import UserError
+from .plans import Plan
+from .recipes import Recipe, match_recipes, with_overrides
+from .report import sweep_row, write_sweep
+from .train import (
+    CHECKPOINT,
+    OUTPUTS,
+    _run_lock,
+    _write_json,
+    new_run_dir,
+    resolve_data,
+    resume,
+    run,
+)
+
+__all__ = ["SWEEP_FILE", "compare_runs", "plan_sweep", "resume_sweep", "run_sweep"]
+
+SWEEP_FILE = "sweep.json"
+
+
+def plan_sweep(pattern: str, policies: str | None = None, **overrides) -> list[Recipe]:
+    """Every recipe matching `pattern` (glob or comma-separated names) under each of `policies` ('seed,modern';
+    None: as the recipe file says), with the overrides applied. All are checked before any runs."""
+    pols = [p.strip() for p in str(policies).split(",") if p.strip()] if policies else [None]
+    recs = [with_overrides(r, **({"policy": p} if p else {}), **overrides) for r in match_recipes(pattern)
+            for p in pols]
+    # the plan is resumed from other folders and sessions: pin the data folder
+    return [r if r.data == "demo" else dataclasses.replace(r, data=str(resolve_data(r.data))) for r in recs]
+
+
+def _recipe_from_json(d: dict) -> Recipe:
+    "The exact Recipe that `dataclasses.asdict` wrote to sweep.json (JSON turns the plan's tuple into a list)."
+    d = dict(d)
+    p = d.pop("plan")
+    return Recipe(plan=Plan(p["kind"], tuple(p.get("patterns") or ()), p.get("n")), **d)
+
+
+def _status(run_dir) -> str | None:
+    "A run folder's status from its config.json ('complete', 'interrupted', ...), None if it never wrote one."
+    cfg = Path(run_dir) / "config.json" if run_dir else None
+    if cfg is None or not cfg.is_file(): return None
+    return json.loads(cfg.read_text()).get("status")
+
+
+def _row(run_dir) -> dict:
+    d = Path(run_dir)
+    return sweep_row(d, json.loads((d / "config.json").read_text()), json.loads((d / "metrics.json").read_text()))
+
+
+def run_sweep(pattern: str, out=None, policies: str | None = None, cbs=None, **overrides) -> Path:
+    """Run every recipe matching `pattern` under each of `policies`; returns the sweep folder, whose
+    comparison.md/.csv/.html put the runs side by side.
+
+    out: folder for the run folders and `sweeps/` (default ./outputs)
+    cbs: extra fastai callbacks for every run (tests use one to interrupt a sweep)
+    """
+    if isinstance(pattern, (tuple, list)): pattern = ",".join(map(str, pattern))  # fire parses a,b as a tuple
+    if isinstance(policies, (tuple, list)): policies = ",".join(map(str, policies))
+    recs = plan_sweep(str(pattern), policies, **overrides)
+    root = (Path(out) if out is not None else OUTPUTS).expanduser().resolve()
+    made = [d for d in (root, root / "sweeps") if not d.exists()]  # removed again if nothing runs
+    sweep_dir = new_run_dir(root, "sweeps")
+    manifest = {"pattern": str(pattern), "policies": policies, "overrides": {k: str(v) for k, v in overrides.items()},
+                "out": str(root), "created": datetime.now(timezone.utc).isoformat(), "status": "running",
+                "command": sys.argv, "runs": [{"recipe": dataclasses.asdict(r), "run_dir": None} for r in recs]}
+    _write_json(sweep_dir / SWEEP_FILE, manifest)
+    try:
+        return _carry_on(sweep_dir, manifest, cbs, fresh=True)
+    except BaseException:
+        if not _any_started(manifest):  # nothing to resume or keep
+            shutil.rmtree(sweep_dir, ignore_errors=True)
+            for d in reversed(made):
+                with contextlib.suppress(OSError): d.rmdir()
+        raise
+
+
+def resume_sweep(sweep_dir, cbs=None) -> Path:
+    "Carry on with an interrupted or failed sweep from its `sweep.json` (see the module docstring)."
+    sweep_dir = Path(sweep_dir).expanduser()
+    f = sweep_dir / SWEEP_FILE
+    if not f.is_file():
+        raise UserError(f"{sweep_dir} is not a sweep folder (no {SWEEP_FILE}): pass a folder a sweep created, "
+                        f"e.g. outputs/sweeps/<timestamp>")
+    manifest = json.loads(f.read_text())
+    if manifest.get("status") == "complete":
+        raise UserError(f"{sweep_dir} finished already (status complete): its table is {sweep_dir / 'comparison.md'}")
+    return _carry_on(sweep_dir, manifest, cbs)
+
+
+def _any_started(manifest) -> bool:
+    return any(it["run_dir"] for it in manifest["runs"])
+
+
+def _carry_on(sweep_dir: Path, manifest: dict, cbs, fresh: bool = False) -> Path:
+    """Run (or resume) every planned run that has not finished, rewriting the table after each.
+    fresh: a new sweep, whose folder goes if it stops before any run started (bad data, no weights, ...)."""
+    items, root = manifest["runs"], Path(manifest["out"])
+
+    def save(): _write_json(sweep_dir / SWEEP_FILE, manifest)
+    how = f"continue it with `python -m covid_fastai resume {sweep_dir}`"
+    with _run_lock(sweep_dir):
+        manifest.pop("error", None)
+        manifest["status"] = "running"
+        save()
+        try:
+            for i, item in enumerate(items):
+                rec, d = _recipe_from_json(item["recipe"]), item["run_dir"]
+                tag = f"[{i + 1}/{len(items)}] {rec.name} ({rec.policy} policy)"
+                if _status(d) == "complete":
+                    print(f"== {tag}: finished already in {d}", flush=True)
+                    continue
+                if d and (Path(d) / CHECKPOINT).is_file():
+                    print(f"== {tag}: resuming {d}", flush=True)
+                    resume(d, cbs=cbs)
+                else:
+                    print(f"== {tag}: {rec.describe()}", flush=True)
+
+                    def started(run_dir, item=item):
+                        item["run_dir"] = str(run_dir)
+                        save()
+                    run(rec, out=root, cbs=cbs, started=started)
+                print(f"   {_summary_line(item['run_dir'])}", flush=True)
+                _write_table(sweep_dir, manifest)
+        except KeyboardInterrupt:
+            if fresh and not _any_started(manifest): raise
+            manifest["status"] = "interrupted"
+            save()
+            print(f"interrupted: sweep {sweep_dir} has {_n_done(items)} of {len(items)} runs finished; {how}",
+                  file=sys.stderr, flush=True)
+            raise
+        except BaseException as e:
+            if fresh and not _any_started(manifest): raise
+            manifest.update(status="failed", error=" ".join(str(e).split())[:500] or type(e).__name__)
+            save()
+            print(f"sweep {sweep_dir} stopped with {_n_done(items)} of {len(items)} runs finished; fix the problem, "
+                  f"then {how}", file=sys.stderr, flush=True)
+            raise
+        manifest["status"] = "complete"
+        save()
+    return sweep_dir
+
+
+def _n_done(items) -> int:
+    return sum(_status(it["run_dir"]) == "complete" for it in items)
+
+
+def _summary_line(run_dir) -> str:
+    m = json.loads((Path(run_dir) / "metrics.json").read_text())
+    auc = (m.get("at_threshold") or {}).get("roc_auc")
+    return (f"{run_dir}: {m['split']} accuracy {m['accuracy']:.4f}" + (f", ROC AUC {auc:.3f}" if auc is not None else "")
+            + f"; trained {m['train_seconds']:.0f} s")
+
+
+def _write_table(sweep_dir: Path, manifest: dict):
+    "The comparison of the runs finished so far, in plan order."
+    done = [it["run_dir"] for it in manifest["runs"] if _status(it["run_dir"]) == "complete"]
+    if not done: return
+    n = len(manifest["runs"])
+    title = f"Sweep {manifest['pattern']} ({manifest['created'][:16].replace('T', ' ')} UTC)"
+    if len(done) < n: title += f": {len(done)} of {n} runs finished"
+    write_sweep(sweep_dir, [_row(d) for d in done], title)
+
+
+def compare_runs(run_dirs, out=None, title: str | None = None) -> Path:
+    """comparison.md/.csv/.html of finished run folders, side by side (the table a sweep writes), in
+    `<out>/comparisons/<timestamp>/` (out default ./outputs); returns comparison.md's path."""
+    dirs = [Path(d).expanduser() for d in run_dirs]
+    if not dirs: raise UserError("compare needs run folders, e.g. outputs/vgg16_head/20260101-120000")
+    for d in dirs:
+        st = _status(d)
+        if st is None:
+            raise UserError(f"{d} is not a run folder (no config.json): pass folders a run created, "
+                            f"e.g. outputs/<recipe>/<timestamp>")
+        if st != "complete" or not (d / "metrics.json").is_file():
+            fix = (f"continue it with `python -m covid_fastai resume {d}`" if (d / CHECKPOINT).is_file()
+                   else "leave it out")
+            raise UserError(f"{d} is not a finished run (status {st}): {fix}")
+    out_dir = new_run_dir((Path(out) if out is not None else OUTPUTS).expanduser(), "comparisons")
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    md, _ = write_sweep(out_dir, [_row(d) for d in dirs], title or f"Comparison of {len(dirs)} runs ({stamp})")
+    return md
