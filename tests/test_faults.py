@@ -260,15 +260,22 @@ def test_interrupted_run_resumes_to_the_same_result(tiny_data, tmp_path, recipe,
     _same_run(full, d)
 
 
-def test_kill_marks_interrupted_then_cli_resume(tiny_data, tmp_path, capsys):
-    args = ["recipe", "resnet18_one", "--data", tiny_data, "--epochs", 12, "--out", tmp_path, *TINY_ARGS]
+def signal_at_first_checkpoint(args, run_parent: Path, sig) -> subprocess.Popen:
+    "Start the CLI with `args`, send `sig` once a run folder under `run_parent` has a checkpoint; the finished process."
     p = subprocess.Popen([sys.executable, "-m", "covid_fastai", *map(str, args)], cwd=ROOT,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
-    while not list((tmp_path / "resnet18_one").glob("*/" + CHECKPOINT)) and time.time() < deadline:
+    while not list(run_parent.glob("*/" + CHECKPOINT)) and time.time() < deadline:
         time.sleep(0.05)
-    p.send_signal(signal.SIGTERM)  # `kill`
-    out, err = p.communicate(timeout=120)
+    p.send_signal(sig)
+    p.out, p.err = p.communicate(timeout=120)
+    return p
+
+
+def test_kill_marks_interrupted_then_cli_resume(tiny_data, tmp_path, capsys):
+    args = ["recipe", "resnet18_one", "--data", tiny_data, "--epochs", 12, "--out", tmp_path, *TINY_ARGS]
+    p = signal_at_first_checkpoint(args, tmp_path / "resnet18_one", signal.SIGTERM)  # `kill`
+    err = p.err
     (d,) = (tmp_path / "resnet18_one").iterdir()
     if p.returncode == 0:
         pytest.skip("the run finished before the signal arrived (machine too fast for 12 tiny epochs)")

@@ -8,12 +8,12 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 from fastai.vision.all import Callback
+from test_faults import signal_at_first_checkpoint
 
 from covid_fastai.cli import main
 from covid_fastai.report import sweep_row
@@ -103,13 +103,7 @@ def test_run_stopped_before_its_first_epoch_starts_again(tiny_data, tmp_path):
 def test_killed_sweep_resumes_from_the_cli(tiny_data, tmp_path):
     "SIGKILL (a closed session) leaves no chance to mark anything: `resume` must still carry on."
     args = ["sweep", "resnet18_head,resnet18_one", "--data", tiny_data, "--epochs", 6, "--out", tmp_path, *TINY_ARGS]
-    p = subprocess.Popen([sys.executable, "-m", "covid_fastai", *map(str, args)], cwd=ROOT,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while not list((tmp_path / "resnet18_one").glob("*/" + CHECKPOINT)) and time.time() < deadline:
-        time.sleep(0.05)
-    p.send_signal(signal.SIGKILL)
-    p.communicate(timeout=60)
+    p = signal_at_first_checkpoint(args, tmp_path / "resnet18_one", signal.SIGKILL)
     if p.returncode == 0:
         pytest.skip("the sweep finished before the signal arrived (machine too fast for 6 tiny epochs)")
     (sweep,) = (tmp_path / "sweeps").iterdir()
@@ -140,7 +134,7 @@ def finished(tiny_data, tmp_path_factory):
 
 
 def test_compare_puts_finished_runs_side_by_side(finished, tmp_path):
-    out, sweep, (seed, modern), stopped = finished
+    _, sweep, (seed, modern), _ = finished
     md = (sweep / "comparison.md").read_text()
     assert "## Policies side by side" in md and "ROC AUC:" in md
     r = subprocess.run([sys.executable, "-m", "covid_fastai", "compare", seed, modern, "--out", tmp_path], cwd=ROOT,
@@ -157,7 +151,7 @@ def test_compare_puts_finished_runs_side_by_side(finished, tmp_path):
 
 
 def test_compare_refuses_unfinished_runs(finished, tmp_path, capsys):
-    out, sweep, (seed, _), stopped = finished
+    _, _, (seed, _), stopped = finished
     for bad, msg in [(stopped, f"{stopped} is not a finished run (status interrupted): continue it with "
                                f"`python -m covid_fastai resume {stopped}`"),
                      (tmp_path, f"{tmp_path} is not a run folder (no config.json)")]:
@@ -169,7 +163,7 @@ def test_compare_refuses_unfinished_runs(finished, tmp_path, capsys):
 
 
 def test_sweep_row_gives_per_source_accuracy_and_the_roc_point(finished):
-    out, sweep, (seed, _), stopped = finished
+    seed = finished[2][0]
     config = json.loads((seed / "config.json").read_text())
     metrics = json.loads((seed / "metrics.json").read_text())
     assert "accuracy (t) by source" not in sweep_row(seed, config, metrics)  # no labels.csv: no sources
