@@ -86,8 +86,11 @@ class Commands:
         """
         from .sweep import SWEEP_FILE, resume_sweep
         from .train import resume
-        if (Path(run_dir) / SWEEP_FILE).is_file():
-            return _print_comparison(resume_sweep(run_dir) / "comparison.md")
+        d = Path(run_dir)
+        if (d / SWEEP_FILE).is_file(): return _print_comparison(resume_sweep(d) / "comparison.md")
+        if not (d / "config.json").is_file():
+            raise UserError(f"{d} is not a run folder (no config.json) nor a sweep folder (no {SWEEP_FILE}): pass "
+                            f"one a run or sweep created, e.g. outputs/<recipe>/<timestamp> or outputs/sweeps/<timestamp>")
         print(_summary(resume(run_dir, export=_bool("export", export))))
 
     def check(self, data: str, strict=False, limit: int = 50):

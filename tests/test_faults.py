@@ -308,7 +308,7 @@ def test_resume_refusals(tiny_data, tmp_path, capsys):
     code, err = main_exit(["recipe", "resnet18_head", "--resume", d, "--epochs", 5], capsys)
     assert code == 2 and "drop --epochs" in err[0]
     code, err = main_exit(["resume", tmp_path], capsys)
-    assert code == 2 and f"{tmp_path} is not a run folder (no config.json)" in err[0]
+    assert code == 2 and f"{tmp_path} is not a run folder (no config.json) nor a sweep folder" in err[0]
     with _run_lock(d):  # the run (or another resume) still going in some process
         with pytest.raises(UserError, match="is in use by another process"):
             resume(d)
