@@ -16,15 +16,9 @@ from pathlib import Path
 import fire
 
 from .errors import UserError
+from .train import run_summary
 
 __all__ = ["main", "script_main", "Commands"]
-
-
-def _summary(run_dir: Path) -> str:
-    m = json.loads((run_dir / "metrics.json").read_text())
-    f1 = ", ".join(f"F1 {c} {v['f1']:.3f}" for c, v in m["per_class"].items())
-    return (f"{run_dir}: {m['split']} accuracy {m['accuracy']:.4f}, {f1}; "
-            f"trained {m['train_seconds']:.0f} s at {m['train_images_per_s']:.1f} images/s")
 
 
 def _bool(key, v):
@@ -74,7 +68,7 @@ class Commands:
             return self.resume(resume, export=export)
         from .train import run_recipe
         run_dir = run_recipe(name, out=out, export=export, **overrides)
-        print(_summary(run_dir))
+        print(run_summary(run_dir))
 
     def resume(self, run_dir: str, export=False):
         """Continue an interrupted (or failed) run in its own folder from its last finished epoch, or an
@@ -91,7 +85,7 @@ class Commands:
         if not (d / "config.json").is_file():
             raise UserError(f"{d} is not a run folder (no config.json) nor a sweep folder (no {SWEEP_FILE}): pass "
                             f"one a run or sweep created, e.g. outputs/<recipe>/<timestamp> or outputs/sweeps/<timestamp>")
-        print(_summary(resume(run_dir, export=_bool("export", export))))
+        print(run_summary(resume(run_dir, export=_bool("export", export))))
 
     def check(self, data: str, strict=False, limit: int = 50):
         """Pre-scan an X-ray folder: unreadable files, counts per split, duplicates across splits, labels.csv.
@@ -241,6 +235,6 @@ def script_main(recipe, argv=None):
     from .recipes import with_overrides
 
     def _run(out: str | None = None, **overrides):
-        print(_summary(run(with_overrides(recipe, **overrides), out=out)))
+        print(run_summary(run(with_overrides(recipe, **overrides), out=out)))
 
     _fire(_run, list(sys.argv[1:] if argv is None else argv))

@@ -33,6 +33,7 @@ from .train import (
     resolve_data,
     resume,
     run,
+    run_summary,
 )
 
 __all__ = ["SWEEP_FILE", "compare_runs", "plan_sweep", "resume_sweep", "run_sweep"]
@@ -141,21 +142,17 @@ def _carry_on(sweep_dir: Path, manifest: dict, cbs, fresh: bool = False) -> Path
                         item["run_dir"] = str(run_dir)
                         save()
                     run(rec, out=root, cbs=cbs, started=started)
-                print(f"   {_summary_line(item['run_dir'])}", flush=True)
+                print(f"   {run_summary(Path(item['run_dir']))}", flush=True)
                 _write_table(sweep_dir, manifest)
-        except KeyboardInterrupt:
-            if fresh and not _any_started(manifest): raise
-            manifest["status"] = "interrupted"
-            save()
-            print(f"interrupted: sweep {sweep_dir} has {_n_done(items)} of {len(items)} runs finished; {how}",
-                  file=sys.stderr, flush=True)
-            raise
         except BaseException as e:
-            if fresh and not _any_started(manifest): raise
-            manifest.update(status="failed", error=" ".join(str(e).split())[:500] or type(e).__name__)
+            if fresh and not _any_started(manifest): raise  # run_sweep removes the folder: nothing to resume
+            stopped = isinstance(e, KeyboardInterrupt)  # Ctrl-C, or SIGTERM turned into it by the CLI
+            manifest.update(status="interrupted" if stopped else "failed",
+                            **({} if stopped else {"error": " ".join(str(e).split())[:500] or type(e).__name__}))
             save()
-            print(f"sweep {sweep_dir} stopped with {_n_done(items)} of {len(items)} runs finished; fix the problem, "
-                  f"then {how}", file=sys.stderr, flush=True)
+            done = f"{_n_done(items)} of {len(items)} runs finished"
+            print(f"interrupted: sweep {sweep_dir} has {done}; {how}" if stopped else
+                  f"sweep {sweep_dir} stopped with {done}; fix the problem, then {how}", file=sys.stderr, flush=True)
             raise
         manifest["status"] = "complete"
         save()
@@ -164,13 +161,6 @@ def _carry_on(sweep_dir: Path, manifest: dict, cbs, fresh: bool = False) -> Path
 
 def _n_done(items) -> int:
     return sum(_status(it["run_dir"]) == "complete" for it in items)
-
-
-def _summary_line(run_dir) -> str:
-    m = json.loads((Path(run_dir) / "metrics.json").read_text())
-    auc = (m.get("at_threshold") or {}).get("roc_auc")
-    return (f"{run_dir}: {m['split']} accuracy {m['accuracy']:.4f}" + (f", ROC AUC {auc:.3f}" if auc is not None else "")
-            + f"; trained {m['train_seconds']:.0f} s")
 
 
 def _write_table(sweep_dir: Path, manifest: dict):

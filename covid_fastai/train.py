@@ -49,7 +49,8 @@ from .recipes import Recipe, cache_mode, load_recipe, with_overrides
 from .report import SYNTHETIC_BANNER, write_html, write_report
 
 __all__ = ["run", "run_recipe", "recipe_learner", "folders_learner", "new_run_dir", "resolve_data", "HistoryCSV",
-           "OUTPUTS", "resume", "recipe_from_config", "EpochCheckpoint", "load_export", "CHECKPOINT"]
+           "OUTPUTS", "resume", "recipe_from_config", "EpochCheckpoint", "load_export", "CHECKPOINT",
+           "run_summary"]
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -524,6 +525,14 @@ def recipe_from_config(config: dict) -> Recipe:
     if r.get("resize") is None:  # the short side the run used; runs before it was recorded all used size*256/224
         r["resize"] = config["data"].get("resize") or round(r.get("size", 224) * SEED_RESIZE_RATIO)
     return Recipe(plan=plan, **r)
+
+
+def run_summary(run_dir: Path) -> str:
+    "One line for a finished run: its split accuracy, F1 per class and training time."
+    m = json.loads((run_dir / "metrics.json").read_text())
+    f1 = ", ".join(f"F1 {c} {v['f1']:.3f}" for c, v in m["per_class"].items())
+    return (f"{run_dir}: {m['split']} accuracy {m['accuracy']:.4f}, {f1}; "
+            f"trained {m['train_seconds']:.0f} s at {m['train_images_per_s']:.1f} images/s")
 
 
 def resume(run_dir, export: bool = False, cbs=None) -> Path:
