@@ -26,12 +26,15 @@ def _md_table(df: pd.DataFrame) -> str:
     cols = list(df.columns)
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for _, r in df.iterrows():
-        lines.append("| " + " | ".join(_fmt(r[c]) for c in cols) + " |")
+        lines.append("| " + " | ".join(_fmt(r[c], 1 if c in _ONE_DECIMAL else 4) for c in cols) + " |")
     return "\n".join(lines)
 
 
-def _fmt(v) -> str:
-    if isinstance(v, float): return "n/a" if v != v else f"{v:.4f}"
+_ONE_DECIMAL = ("train time (s)", "images/s")  # measured to a tenth; metrics keep 4 decimals
+
+
+def _fmt(v, digits: int = 4) -> str:
+    if isinstance(v, float): return "n/a" if v != v else f"{v:.{digits}f}"
     if v is None: return "n/a"
     return str(v)
 

@@ -129,3 +129,9 @@ def test_real_labels_join_and_breakdown(real_data):
     rows = {r["group"]: r for r in group_metrics(y, p, 0.5, j["source"])}
     assert rows["kermany"]["sensitivity"] == 1.0 and rows["kermany"]["specificity"] == 0.0
     assert set(pd.Series(j["fine_label"]).unique()) == {"covid", "pneumonia", "normal"}
+
+
+def test_comparison_markdown_gives_times_one_decimal_and_metrics_four():
+    from covid_fastai.report import _md_table
+    md = _md_table(pd.DataFrame([{"accuracy": 0.89722, "train time (s)": 3800.9, "images/s": 4.4, "ROC AUC": float("nan")}]))
+    assert md.splitlines()[-1] == "| 0.8972 | 3800.9 | 4.4 | n/a |"
