@@ -83,10 +83,12 @@ SEED_POLICY = dict(policy="seed", head="seed", hidden=380, dropout=0.5, opt="sgd
 
 # fastai practice: AdamW with one-cycle, label smoothing, fastai's head, frozen BatchNorm statistics in frozen parts,
 # mild X-ray augmentation, test-time augmentation (fastai `tta`) for the valid (threshold) and test predictions.
-# lr_find and discriminative rates are switches (`--lr_find true --lr_mult 10`), off by default: on this data
-# lr_find's valley (one epoch of mock training) suggested 1e-5..4e-4 and lost to a fixed 1e-3 (docs/experiments.md).
+# Discriminative rates as in fastai's `fine_tune`: slice(lr/100, lr) over the plan's layer groups. With one AdamW
+# rate of 1e-3 VGG-16 (no BatchNorm to rescale) blew up when 8 of its convs trained (docs/experiments.md, V20).
+# lr_find is a switch (`--lr_find true`), off by default: on this data its valley (one epoch of mock training)
+# suggested 1e-5..4e-4 and lost to a fixed 1e-3.
 MODERN_POLICY = dict(policy="modern", head="fastai", hidden=512, dropout=0.5, opt="adamw", lr=1e-3, lr_find=False,
-                     lr_mult=1.0, mom=0.9, wd=0.01, schedule="one_cycle", epochs=10, bs=64, size=224, aug="xray",
+                     lr_mult=100.0, mom=0.9, wd=0.01, schedule="one_cycle", epochs=10, bs=64, size=224, aug="xray",
                      train_bn=False, bn_freeze=True, label_smoothing=0.1, tta=True)
 
 POLICIES = {"seed": SEED_POLICY, "modern": MODERN_POLICY}

@@ -3,7 +3,7 @@ import json
 
 import pytest
 import torch
-from fastai.vision.all import BnFreeze, Learner, LabelSmoothingCrossEntropyFlat
+from fastai.vision.all import BnFreeze, Callback, Learner, LabelSmoothingCrossEntropyFlat
 from torch import nn
 from torchvision import transforms as T
 
@@ -117,3 +117,26 @@ def test_lr_find_picks_the_rate_the_fit_uses(tiny_data, tmp_path, monkeypatch, c
     assert lr > 0 and (d / "lr_find.png").stat().st_size > 0
     assert seen["lr_max"] == slice(lr / 10, lr)  # discriminative rates around the found lr
     assert len(open(d / "history.csv").read().splitlines()) == 2  # lr_find's mock training is not logged
+
+
+class _GroupLrs(Callback):
+    "Records each parameter group's learning rate at every training batch."
+    def before_fit(self): self.seen = []
+    def after_batch(self):
+        if self.training: self.seen.append([h["lr"] for h in self.opt.hypers])
+
+
+def test_modern_gives_discriminative_rates_over_the_plans_groups(tiny_data, tmp_path):
+    spy = _GroupLrs()
+    rec = _tiny(tiny_data, "resnet18_few", policy="modern", epochs=1)
+    assert rec.lr_mult == 100
+    run(rec, out=tmp_path, cbs=[spy])
+    first = spy.seen[0]
+    assert len(first) > 2 and all(a < b for a, b in zip(first, first[1:]))  # body groups rise towards the head
+    for lrs in spy.seen:  # fastai's slice(lr/100, lr): the ratio holds all through the one-cycle schedule
+        assert lrs[-1] / lrs[0] == pytest.approx(100)
+    assert max(max(lrs) for lrs in spy.seen) <= rec.lr * (1 + 1e-6)  # the head's rate is the policy's lr
+
+
+def test_best_keeps_one_rate():
+    assert load_recipe("best").lr_mult == 1  # chosen on valid with one rate (docs/experiments.md)
