@@ -7,7 +7,8 @@ import torch
 from fastai.callback.core import Callback, GatherPredsCallback
 from fastai.torch_core import to_float
 
-__all__ = ["BF16Autocast", "ChannelsLast", "TrainThroughput", "bf16_supported", "FitOnlyCallback"]
+__all__ = ["BF16Autocast", "ChannelsLast", "TrainThroughput", "bf16_supported", "FitOnlyCallback", "OneClassWarning",
+           "one_class_message"]
 
 
 def bf16_supported(device_type: str = "cpu") -> bool:
@@ -80,3 +81,40 @@ class TrainThroughput(FitOnlyCallback):
 
     @property
     def images_per_s(self) -> float: return sum(self.epoch_images) / max(self.seconds, 1e-9)
+
+
+def one_class_message(epoch: int, predicted, true, vocab) -> str | None:
+    """The warning for an epoch whose validation predictions (argmax class counts `predicted`) all fell in one class
+    although the targets (`true`, counts) hold more than one; None when nothing is wrong."""
+    if sum(1 for n in predicted if n) != 1 or sum(1 for n in true if n) < 2: return None
+    c = next(i for i, n in enumerate(predicted) if n)
+    return (f"epoch {epoch}: every validation image was predicted '{vocab[c]}'. The fit may have diverged (a rate "
+            f"too high for the layers that train: try a lower --lr, or --lr_mult 100) or may not have started")
+
+
+class OneClassWarning(FitOnlyCallback):
+    """Say so when a validation pass predicts one class for every image: a diverged fit (e.g. VGG-16 with one
+    AdamW rate of 1e-3 for 8 convs, docs/experiments.md) otherwise shows only as a flat accuracy in the log.
+    `warn(message)` receives each warning (the run records it in config.json; default: print to stderr)."""
+    order = 95
+
+    def __init__(self, warn=None): self.warn = warn
+
+    def before_validate(self): self.predicted, self.true = None, None
+
+    def after_batch(self):
+        if self.training or self.pred.ndim != 2: return
+        n = self.pred.shape[1]
+        p = torch.bincount(self.pred.argmax(1).cpu(), minlength=n)
+        t = torch.bincount(self.learn.yb[0].view(-1).long().cpu(), minlength=n)
+        self.predicted = p if self.predicted is None else self.predicted + p
+        self.true = t if self.true is None else self.true + t
+
+    def after_validate(self):
+        if self.predicted is None: return
+        msg = one_class_message(self.epoch, self.predicted.tolist(), self.true.tolist(), self.dls.vocab)
+        if msg is None: return
+        if self.warn is None:
+            import sys
+            print(f"warning: {msg}", file=sys.stderr, flush=True)
+        else: self.warn(msg)

@@ -173,6 +173,7 @@ def write_report(run_dir, config: dict, metrics: dict, history: pd.DataFrame, fi
     if data["synthetic"]:
         L += [f"> **{SYNTHETIC_BANNER}** This run used the generated demo set ({data['path']}): drawings, "
               "not chest X-rays. Its numbers only show that the pipeline runs.", ""]
+    for msg in config.get("warnings", []): L += [f"> **Warning:** {msg}", ""]
     w = config["weights"]
     L += ["## Setup", "",
           f"- Architecture: `{rec['arch']}`; weights: {w.get('source')}" + (f" ({w['file']})" if w.get("file") else "")

@@ -35,7 +35,7 @@ from fastai.vision.all import ProgressCallback, set_seed
 from safetensors.torch import save_file
 
 from . import __version__
-from .callbacks import BF16Autocast, ChannelsLast, FitOnlyCallback, TrainThroughput, bf16_supported
+from .callbacks import BF16Autocast, ChannelsLast, FitOnlyCallback, OneClassWarning, TrainThroughput, bf16_supported
 from .data import SEED_RESIZE_RATIO, find_xray_folders, make_aug, xray_dls
 from .demo import demo_data
 from .errors import UserError
@@ -424,19 +424,26 @@ def _run_in(run_dir, recipe, learn, folders, state, export, extra_cbs, t_start) 
     }
     config = {**{k: v for k, v in old.items() if k not in ("error", "resume", "stopped")}, **config}
     tp = TrainThroughput()
+
+    def warn(msg):  # kept in config.json (and so in the report), and said at once
+        config.setdefault("warnings", []).append(msg)
+        _write_json(run_dir / "config.json", config)
+        print(f"warning: {msg}", file=sys.stderr, flush=True)
+
     try:
         _write_json(run_dir / "config.json", config)  # from here on the folder says what it is
-        trainer = _prepare(run_dir, recipe, learn, state, tp, extra_cbs, start_epoch)
+        trainer = _prepare(run_dir, recipe, learn, state, tp, [OneClassWarning(warn), *extra_cbs], start_epoch)
         config.update(_run_facts(recipe, learn, folders, trainer))
         _write_json(run_dir / "config.json", config)
         if recipe.lr_find and "lr_find" not in config:  # a resumed run keeps the rate it started with
-            quiet = [tp, *extra_cbs, *trainer.cbs.filter(lambda c: isinstance(c, (HistoryCSV, EpochCheckpoint)))]
+            quiet = [tp, *extra_cbs, *trainer.cbs.filter(lambda c: isinstance(c, (HistoryCSV, EpochCheckpoint,
+                                                                                  OneClassWarning)))]
             config["lr_find"] = find_lr(trainer, recipe, run_dir, quiet=quiet)
             _write_json(run_dir / "config.json", config)
         _fit(trainer, recipe, config["lr_find"]["lr"] if recipe.lr_find else recipe.lr, start_epoch)
         # fastai's tta fires before_fit/after_fit: the run's callbacks leave before evaluation
         trainer.remove_cbs([*extra_cbs, *trainer.cbs.filter(lambda c: isinstance(c, (TrainThroughput, HistoryCSV,
-                                                                                      EpochCheckpoint)))])
+                                                                                      EpochCheckpoint, OneClassWarning)))])
         _finish(run_dir, recipe, learn, folders, trainer, tp, config, export, t_start)
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (the CLI turns it into KeyboardInterrupt)
         how = _how_to_continue(run_dir, recipe)

@@ -380,3 +380,27 @@ def test_interrupted_before_any_epoch_says_start_again(tiny_data, tmp_path, caps
     assert cfg["status"] == "interrupted" and "resume" not in cfg and cfg["data"]["counts"]
     code, err = main_exit(["resume", d], capsys)
     assert code == 2 and f"{d} has no {CHECKPOINT}: it stopped before its first epoch finished" in err[0]
+
+
+class _AlwaysNormal(Callback):
+    "Validation logits that favour 'normal' for every image: what a diverged fit looks like from outside."
+    def after_pred(self):
+        if not self.training: self.learn.pred = torch.tensor([-5.0, 5.0]).expand(len(self.pred), 2).clone()
+
+
+def test_one_class_validation_is_warned_and_recorded(tiny_data, tmp_path, capsys):
+    d = run_recipe("resnet18_head", out=tmp_path, data=str(tiny_data), epochs=2, cache_features="off",
+                   cbs=[_AlwaysNormal()], **TINY)
+    cfg = json.loads((d / "config.json").read_text())
+    assert [w.split(":")[0] for w in cfg["warnings"]] == ["epoch 0", "epoch 1"]
+    assert all("every validation image was predicted 'normal'" in w for w in cfg["warnings"])
+    assert "warning: epoch 1: every validation image was predicted 'normal'" in capsys.readouterr().err
+    assert "> **Warning:** epoch 0: every validation image" in (d / "report.md").read_text()
+
+
+def test_one_class_message_only_for_one_predicted_class_of_several():
+    from covid_fastai.callbacks import one_class_message
+    vocab = ["infected", "normal"]
+    assert one_class_message(3, [0, 8], [3, 5], vocab).startswith("epoch 3: every validation image was predicted 'normal'")
+    assert one_class_message(3, [2, 6], [3, 5], vocab) is None  # both classes predicted
+    assert one_class_message(3, [0, 8], [0, 8], vocab) is None  # a one-class validation split: nothing to say
