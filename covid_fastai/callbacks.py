@@ -95,10 +95,11 @@ def one_class_message(epoch: int, predicted, true, vocab) -> str | None:
 class OneClassWarning(FitOnlyCallback):
     """Say so when a validation pass predicts one class for every image: a diverged fit (e.g. VGG-16 with one
     AdamW rate of 1e-3 for 8 convs, docs/experiments.md) otherwise shows only as a flat accuracy in the log.
-    `warn(message)` receives each warning (the run records it in config.json; default: print to stderr)."""
+    `vocab`: the class names (a head-only Learner on cached features has no vocab of its own). `warn(message)`
+    receives each warning (the run records it in config.json); by default it is printed beside the epoch lines."""
     order = 95
 
-    def __init__(self, warn=None): self.warn = warn
+    def __init__(self, vocab, warn=None): self.vocab, self.warn = list(vocab), warn
 
     def before_validate(self): self.predicted, self.true = None, None
 
@@ -112,9 +113,7 @@ class OneClassWarning(FitOnlyCallback):
 
     def after_validate(self):
         if self.predicted is None: return
-        msg = one_class_message(self.epoch, self.predicted.tolist(), self.true.tolist(), self.dls.vocab)
+        msg = one_class_message(self.epoch, self.predicted.tolist(), self.true.tolist(), self.vocab)
         if msg is None: return
-        if self.warn is None:
-            import sys
-            print(f"warning: {msg}", file=sys.stderr, flush=True)
+        if self.warn is None: print(f"warning: {msg}", flush=True)
         else: self.warn(msg)

@@ -425,14 +425,15 @@ def _run_in(run_dir, recipe, learn, folders, state, export, extra_cbs, t_start) 
     config = {**{k: v for k, v in old.items() if k not in ("error", "resume", "stopped")}, **config}
     tp = TrainThroughput()
 
-    def warn(msg):  # kept in config.json (and so in the report), and said at once
+    def warn(msg):  # kept in config.json (and so in the report), and said at once beside the epoch lines
         config.setdefault("warnings", []).append(msg)
         _write_json(run_dir / "config.json", config)
-        print(f"warning: {msg}", file=sys.stderr, flush=True)
+        print(f"warning: {msg}", flush=True)
 
     try:
         _write_json(run_dir / "config.json", config)  # from here on the folder says what it is
-        trainer = _prepare(run_dir, recipe, learn, state, tp, [OneClassWarning(warn), *extra_cbs], start_epoch)
+        health = OneClassWarning(learn.dls.vocab, warn)
+        trainer = _prepare(run_dir, recipe, learn, state, tp, [health, *extra_cbs], start_epoch)
         config.update(_run_facts(recipe, learn, folders, trainer))
         _write_json(run_dir / "config.json", config)
         if recipe.lr_find and "lr_find" not in config:  # a resumed run keeps the rate it started with

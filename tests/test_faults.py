@@ -388,13 +388,14 @@ class _AlwaysNormal(Callback):
         if not self.training: self.learn.pred = torch.tensor([-5.0, 5.0]).expand(len(self.pred), 2).clone()
 
 
-def test_one_class_validation_is_warned_and_recorded(tiny_data, tmp_path, capsys):
-    d = run_recipe("resnet18_head", out=tmp_path, data=str(tiny_data), epochs=2, cache_features="off",
+@pytest.mark.parametrize("cache", ["off", "on"])  # on: a head-only Learner on cached features, which has no vocab
+def test_one_class_validation_is_warned_and_recorded(tiny_data, tmp_path, capsys, cache):
+    d = run_recipe("resnet18_head", out=tmp_path, data=str(tiny_data), epochs=2, cache_features=cache,
                    cbs=[_AlwaysNormal()], **TINY)
     cfg = json.loads((d / "config.json").read_text())
     assert [w.split(":")[0] for w in cfg["warnings"]] == ["epoch 0", "epoch 1"]
     assert all("every validation image was predicted 'normal'" in w for w in cfg["warnings"])
-    assert "warning: epoch 1: every validation image was predicted 'normal'" in capsys.readouterr().err
+    assert "warning: epoch 1: every validation image was predicted 'normal'" in capsys.readouterr().out
     assert "> **Warning:** epoch 0: every validation image" in (d / "report.md").read_text()
 
 
