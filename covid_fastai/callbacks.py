@@ -1,4 +1,4 @@
-"""fastai callbacks for speed on CPUs with bf16 units (AVX512-BF16/AMX) and for measuring throughput."""
+"""fastai callbacks: speed on CPUs with bf16 units (AVX512-BF16/AMX), throughput, and a one-class warning."""
 from __future__ import annotations
 
 import time
