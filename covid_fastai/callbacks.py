@@ -101,18 +101,16 @@ class OneClassWarning(FitOnlyCallback):
 
     def __init__(self, vocab, warn=None): self.vocab, self.warn = list(vocab), warn
 
-    def before_validate(self): self.predicted, self.true = None, None
+    def before_validate(self):  # argmax and target counts per class over the validation pass
+        self.predicted, self.true = (torch.zeros(len(self.vocab), dtype=torch.long) for _ in range(2))
 
     def after_batch(self):
-        if self.training or self.pred.ndim != 2: return
-        n = self.pred.shape[1]
-        p = torch.bincount(self.pred.argmax(1).cpu(), minlength=n)
-        t = torch.bincount(self.learn.yb[0].view(-1).long().cpu(), minlength=n)
-        self.predicted = p if self.predicted is None else self.predicted + p
-        self.true = t if self.true is None else self.true + t
+        if self.training: return
+        n = len(self.vocab)
+        self.predicted += torch.bincount(self.pred.argmax(1).cpu(), minlength=n)
+        self.true += torch.bincount(self.learn.yb[0].view(-1).long().cpu(), minlength=n)
 
     def after_validate(self):
-        if self.predicted is None: return
         msg = one_class_message(self.epoch, self.predicted.tolist(), self.true.tolist(), self.vocab)
         if msg is None: return
         if self.warn is None: print(f"warning: {msg}", flush=True)

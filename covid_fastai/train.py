@@ -410,6 +410,12 @@ def _run_facts(recipe, learn, folders, trainer) -> dict:
     }
 
 
+def _own_cbs(trainer, extra_cbs) -> list:
+    "The callbacks a run adds for its fit (loggers, checkpoints, warnings, the caller's): out of lr_find and evaluation."
+    return [*extra_cbs, *trainer.cbs.filter(lambda c: isinstance(c, (TrainThroughput, HistoryCSV, EpochCheckpoint,
+                                                                      OneClassWarning)))]
+
+
 def _run_in(run_dir, recipe, learn, folders, state, export, extra_cbs, t_start) -> Path:
     learn.path = run_dir
     start_epoch = state["epoch"] + 1 if state else 0
@@ -432,19 +438,16 @@ def _run_in(run_dir, recipe, learn, folders, state, export, extra_cbs, t_start) 
 
     try:
         _write_json(run_dir / "config.json", config)  # from here on the folder says what it is
-        health = OneClassWarning(learn.dls.vocab, warn)
-        trainer = _prepare(run_dir, recipe, learn, state, tp, [health, *extra_cbs], start_epoch)
+        trainer = _prepare(run_dir, recipe, learn, state, tp, [OneClassWarning(learn.dls.vocab, warn), *extra_cbs],
+                           start_epoch)
         config.update(_run_facts(recipe, learn, folders, trainer))
         _write_json(run_dir / "config.json", config)
         if recipe.lr_find and "lr_find" not in config:  # a resumed run keeps the rate it started with
-            quiet = [tp, *extra_cbs, *trainer.cbs.filter(lambda c: isinstance(c, (HistoryCSV, EpochCheckpoint,
-                                                                                  OneClassWarning)))]
-            config["lr_find"] = find_lr(trainer, recipe, run_dir, quiet=quiet)
+            config["lr_find"] = find_lr(trainer, recipe, run_dir, quiet=_own_cbs(trainer, extra_cbs))
             _write_json(run_dir / "config.json", config)
         _fit(trainer, recipe, config["lr_find"]["lr"] if recipe.lr_find else recipe.lr, start_epoch)
         # fastai's tta fires before_fit/after_fit: the run's callbacks leave before evaluation
-        trainer.remove_cbs([*extra_cbs, *trainer.cbs.filter(lambda c: isinstance(c, (TrainThroughput, HistoryCSV,
-                                                                                      EpochCheckpoint, OneClassWarning)))])
+        trainer.remove_cbs(_own_cbs(trainer, extra_cbs))
         _finish(run_dir, recipe, learn, folders, trainer, tp, config, export, t_start)
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (the CLI turns it into KeyboardInterrupt)
         how = _how_to_continue(run_dir, recipe)
