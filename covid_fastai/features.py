@@ -20,6 +20,7 @@ of them makes a new cache.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -83,11 +84,21 @@ def split_head(head: nn.Sequential) -> tuple[nn.Sequential, nn.Sequential]:
 
 
 def _files_digest(files) -> str:
+    """A hash of the files' paths and bytes. Bytes, not modification times: a data folder copied or provisioned
+    again with the same images keeps its digest, so its runs still resume and its feature caches still hit."""
     h = hashlib.sha256()
     for f in files:
-        st = os.stat(f)
-        h.update(f"{Path(f).resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        p = Path(f).resolve()
+        st = p.stat()
+        h.update(f"{p}|{_file_sha256(str(p), st.st_size, st.st_mtime_ns)}\n".encode())
     return h.hexdigest()
+
+
+@functools.lru_cache(maxsize=1 << 20)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    "One file's sha256, read once per process while its size and modification time stay the same."
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def feature_cache_key(arch: str, weights_sha: str | None, train_files, valid_files, size: int, resize: int,

@@ -5,6 +5,7 @@ Runs are tiny (random init, 32 px, batch 8) so the whole file stays within a few
 import errno
 import io
 import json
+import os
 import re
 import shutil
 import signal
@@ -321,6 +322,26 @@ def test_resume_refusals(tiny_data, tmp_path, capsys):
     code, err = main_exit(["resume", d], capsys)
     assert code == 2 and err == [f"error: {d} finished already (status complete): nothing to resume; start a new "
                                  f"run with `python -m covid_fastai recipe resnet18_head`"]
+
+
+def test_resume_follows_the_images_bytes_not_their_file_times(tiny_data, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe("resnet18_head", out=tmp_path / "o", cbs=[StopAfter(0)], data=str(data), epochs=2, **TINY)
+    (d,) = (tmp_path / "o" / "resnet18_head").iterdir()
+    capsys.readouterr()
+    f = next((data / "train" / "normal").iterdir())
+    good = f.read_bytes()
+    f.write_bytes(next((data / "train" / "infected").iterdir()).read_bytes())  # an image really changed
+    code, err = main_exit(["resume", d], capsys)
+    assert code == 2 and err == [f"error: the images under {data} changed since {d} started (files added, removed or "
+                                 f"modified): resuming would not continue the same run; start a new one instead"]
+    f.write_bytes(good)
+    for g in data.rglob("*.*"):  # the same images provisioned again: new modification times, same bytes
+        os.utime(g, ns=(10**18, 10**18))
+    resume(d)
+    assert json.loads((d / "config.json").read_text())["status"] == "complete"
 
 
 # ---------------------------------------------------------------- reproducibility, run folders
