@@ -14,8 +14,8 @@ Parameter-free pooling at the start of the head (e.g. ResNet's global average po
 caching, so the cache holds 512 numbers per image instead of 512x7x7.
 
 Caches live in `<cache>/features/<key>.safetensors`; the key covers the architecture, the weights' sha256,
-every image's path, size and mtime, the split, input size, augmentation, views and seed, so a change to any
-of them makes a new cache.
+every image's path and bytes (not its mtime: a data set copied again still hits), the split, input size,
+augmentation, views and seed, so a change to any of them makes a new cache.
 """
 from __future__ import annotations
 
