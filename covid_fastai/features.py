@@ -97,8 +97,10 @@ def _files_digest(files) -> str:
 @functools.lru_cache(maxsize=1 << 20)
 def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
     "One file's sha256, read once per process while its size and modification time stay the same."
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+    h = hashlib.sha256()
+    with open(path, "rb") as f:  # hashlib.file_digest needs Python 3.11; the project supports 3.10
+        for chunk in iter(lambda: f.read(1 << 20), b""): h.update(chunk)
+    return h.hexdigest()
 
 
 def feature_cache_key(arch: str, weights_sha: str | None, train_files, valid_files, size: int, resize: int,
