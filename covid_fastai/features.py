@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .cache import cache_dir
+from .check import sha256_file
 
 __all__ = ["body_is_frozen", "bn_in_training_mode", "use_feature_cache", "CACHE_SAFE_AUGS", "feature_cache_key", "split_head", "body_features", "head_learner", "FeatureViews"]
 
@@ -97,10 +98,7 @@ def _files_digest(files) -> str:
 @functools.lru_cache(maxsize=1 << 20)
 def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
     "One file's sha256, read once per process while its size and modification time stay the same."
-    h = hashlib.sha256()
-    with open(path, "rb") as f:  # hashlib.file_digest needs Python 3.11; the project supports 3.10
-        for chunk in iter(lambda: f.read(1 << 20), b""): h.update(chunk)
-    return h.hexdigest()
+    return sha256_file(path)
 
 
 def feature_cache_key(arch: str, weights_sha: str | None, train_files, valid_files, size: int, resize: int,
