@@ -87,6 +87,12 @@ def evaluate_run(run_dir, data, tta: bool | None = None, threshold: float | None
     threshold the run chose on its validation split.
     """
     from .report import SYNTHETIC_BANNER, write_evaluation_report
+    if threshold is not None:  # checked before any loading
+        try: t = float(threshold)
+        except (TypeError, ValueError): t = None
+        if t is None or not 0 < t < 1:  # rules like youden need the valid split: the run already applied its own
+            raise UserError(f"--threshold must be a number between 0 and 1, got {threshold!r} (the run's own "
+                            f"threshold, chosen on its validation split, is the default)")
     d, cfg, rec = load_run(run_dir)
     folders, split_dir = eval_folders(data, cfg)
     files = folders.files("train")
@@ -94,8 +100,6 @@ def evaluate_run(run_dir, data, tta: bool | None = None, threshold: float | None
     learn = run_learner(d, cfg, rec, folders, get_y)
     thr = dict(cfg.get("threshold") or {"rule": "0.5", "value": 0.5, "note": "the run recorded no threshold"})
     if threshold is not None:
-        t = float(threshold)
-        if not 0 < t < 1: raise UserError(f"--threshold must be between 0 and 1, got {threshold!r}")
         thr = {"rule": str(t), "value": t, "note": "given on the command line", "chosen_on": "command line"}
     tta = rec.tta if tta is None else bool(tta)
     if tta != rec.tta and threshold is None:  # TTA shifts probabilities: the run's threshold may not transfer
@@ -157,12 +161,18 @@ def predict_run(run_dir, paths, out=None, heatmaps: bool = False, tta: bool | No
         csv.parent.mkdir(parents=True, exist_ok=True)
     if heatmaps:
         hdir = csv.parent / f"{csv.stem}_heatmaps"
-        hdir.mkdir(exist_ok=True)
+        try: hdir.mkdir()
+        except FileExistsError:
+            raise UserError(f"{hdir} exists: pass another --out (heatmaps never overwrite)") from None
         from .gradcam import overlay
         cols = []
+        # each heatmap explains the class in the CSV's label column (decided at the run's threshold, maybe on TTA
+        # probabilities), not whatever one plain forward pass would pick
+        target = [classes.index(lab) if lab in classes else int(probs[k].argmax())
+                  for k, lab in enumerate(df["label"])]
         for i in range(0, len(files), 16):
             chunk = files[i:i + 16]
-            imgs, cams, _ = cam_images(learn, chunk)
+            imgs, cams, _ = cam_images(learn, chunk, target=target[i:i + 16])
             for j, f in enumerate(chunk):
                 h = hdir / f"{i + j:05d}_{f.stem}.png"
                 Image.fromarray(overlay(imgs[j], cams[j])).save(h)

@@ -101,13 +101,25 @@ def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
     return sha256_file(path)
 
 
+def targets_digest(dls) -> str:
+    """sha256 of the class list and each train and valid item's target, in order: what `--labels` and labels.csv
+    decide. Only get_y and Categorize run (`Datasets.tls[1]`), no image is decoded: milliseconds."""
+    h = hashlib.sha256(json.dumps([str(c) for c in dls.vocab]).encode())
+    for ds in (dls.train_ds, dls.valid_ds):
+        h.update(json.dumps([int(t) for t in ds.tls[1]]).encode())
+    return h.hexdigest()
+
+
 def feature_cache_key(arch: str, weights_sha: str | None, train_files, valid_files, size: int, resize: int,
-                      aug: str, views: int, seed: int, pre_pool: str, bn_train: bool = True) -> str:
-    "A hash of everything the cached features depend on."
+                      aug: str, views: int, seed: int, pre_pool: str, bn_train: bool = True,
+                      targets: str | None = None, bf16: bool = False, bs: int | None = None) -> str:
+    """A hash of everything the cached features depend on. The cache stores the targets too, so `targets`
+    (`targets_digest`) is part of it; `bs` matters only when BatchNorm runs in training mode (batch statistics)."""
     spec = {"arch": arch, "weights": weights_sha, "train": _files_digest(train_files),
             "valid": _files_digest(valid_files), "size": size, "resize": resize, "aug": aug, "views": views,
-            "seed": seed, "pre_pool": pre_pool, "bn_train": bn_train,
-            "version": 3}  # 3: images decoded by open_xray (always 8-bit gray)
+            "seed": seed, "pre_pool": pre_pool, "bn_train": bn_train, "targets": targets, "bf16": bf16,
+            "bs": bs if bn_train else None,
+            "version": 4}  # 3: images decoded by open_xray (always 8-bit gray); 4: targets, bf16 and bs in the key
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -153,7 +165,7 @@ def _compute_or_load(learn, recipe, pre_pool, views: int, bf16: bool) -> tuple[d
     bn_train = not recipe.bn_freeze  # BnFreeze keeps frozen BatchNorm in eval mode: features then depend on nothing else
     key = feature_cache_key(recipe.arch, learn.weights_provenance.get("sha256"), learn.dls.train.items,
                             learn.dls.valid.items, recipe.size, aug.resize_to, recipe.aug, views, recipe.seed,
-                            repr(pre_pool), bn_train)
+                            repr(pre_pool), bn_train, targets=targets_digest(learn.dls), bf16=bf16, bs=recipe.bs)
     path = cache_dir() / "features" / f"{key}.safetensors"
     buffers = dict(learn.model[0].named_buffers())  # BatchNorm running statistics (and counters)
     if path.exists():

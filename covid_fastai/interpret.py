@@ -142,7 +142,9 @@ def plot_extremes(ev: Evaluation, out_dir, k: int = 8, note: str = "", learn=Non
             n = max(len(chosen), 1)
             rows = 2 if learn is not None and len(chosen) else 1
             fig, axes = plt.subplots(rows, n, figsize=(2.3 * n, 2.9 if rows == 1 else 5.2), squeeze=False)
-            cams = cam_images(learn, [ev.items[i] for i in chosen]) if rows == 2 else None
+            # explain the class the title names: ev.preds may come from TTA, cam_images' own argmax from one pass
+            cams = cam_images(learn, [ev.items[i] for i in chosen], target=[int(ev.preds[i]) for i in chosen]) \
+                if rows == 2 else None
             for j, (ax, i) in enumerate(zip(axes[0], chosen)):
                 img = PILImage.create(ev.items[i])
                 img.thumbnail((256, 256))

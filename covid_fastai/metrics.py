@@ -1,8 +1,8 @@
 """Clinical metrics of a classifier's probabilities: numbers only (no model, no plots).
 
 The binary view is always "positive class vs the rest": `infected` when the classes have it; with three
-classes (covid / pneumonia / normal) p_infected = 1 - p_normal (= p_covid + p_pneumonia); otherwise class
-index 0. A case is called positive when its probability is >= the threshold (scikit-learn's `roc_curve`
+classes (covid / pneumonia / normal) p_infected = 1 - p_normal (= p_covid + p_pneumonia); with two classes one
+of which is `normal`, the other one; otherwise class index 0. A case is called positive when its probability is >= the threshold (scikit-learn's `roc_curve`
 convention). Point estimates come from scikit-learn; 95% confidence intervals from a seeded percentile
 bootstrap over cases, vectorised in numpy. A metric that is undefined on the data (e.g. sensitivity with no
 positive case, AUC with one class) is `None`, never an error.
@@ -33,15 +33,20 @@ def _num(v):
 def positive_view(classes: list, probs: np.ndarray, targs: np.ndarray) -> tuple[str, np.ndarray, np.ndarray]:
     """(name of the positive view, p_positive (n,), y_positive (n,) in {0,1}).
 
-    infected present -> its probability; 3+ classes with `normal` -> 'infected' = not normal (one minus
-    p_normal); else class index 0 against the rest.
+    infected present -> its probability; two classes, one of them `normal` (e.g. normal/pneumonia) -> the other
+    class; 3+ classes with `normal` -> 'infected' = not normal (one minus p_normal); else class index 0 against the
+    rest. Names compare case-insensitively (NORMAL/PNEUMONIA folders), so `normal` is never the positive class.
     """
     classes = list(classes)
-    if "infected" in classes:
-        i = classes.index("infected")
-        return "infected", probs[:, i], (targs == i).astype(int)
-    if "normal" in classes and len(classes) > 2:
-        i = classes.index("normal")
+    low = [str(c).lower() for c in classes]
+    if "infected" in low:
+        i = low.index("infected")
+        return str(classes[i]), probs[:, i], (targs == i).astype(int)
+    if "normal" in low:
+        i = low.index("normal")
+        if len(classes) == 2:  # the other class is the disease: its own probability and name
+            j = 1 - i
+            return str(classes[j]), probs[:, j], (targs == j).astype(int)
         return "infected", 1.0 - probs[:, i], (targs != i).astype(int)
     return str(classes[0]), probs[:, 0], (targs == 0).astype(int)
 

@@ -50,7 +50,8 @@ class Recipe:
     lr_find: bool = False           # pick lr with fastai's lr_find (valley suggestion) before fitting
     lr_mult: float = 1.0            # discriminative rates: lowest group's lr = lr / lr_mult (1 = one rate, the seed)
     label_smoothing: float = 0.0    # label smoothing of the cross-entropy (0 = plain, the seed)
-    mom: float = 0.9                # SGD momentum / Adam beta1
+    mom: float | None = 0.9         # SGD momentum / Adam beta1, held constant. None (modern): 0.9, and under one_cycle
+                                    # fastai's momentum cycle 0.95 -> 0.85 -> 0.95, which fit_one_cycle sets per batch
     wd: float = 0.0                 # weight decay
     schedule: str = "constant"      # 'constant' (learn.fit, the seed) or 'one_cycle' (fit_one_cycle)
     epochs: int = 10
@@ -88,7 +89,7 @@ SEED_POLICY = dict(policy="seed", head="seed", hidden=380, dropout=0.5, opt="sgd
 # lr_find is a switch (`--lr_find true`), off by default: on this data its valley (one epoch of mock training)
 # suggested 1e-5..4e-4 and lost to a fixed 1e-3.
 MODERN_POLICY = dict(policy="modern", head="fastai", hidden=512, dropout=0.5, opt="adamw", lr=1e-3, lr_find=False,
-                     lr_mult=100.0, mom=0.9, wd=0.01, schedule="one_cycle", epochs=10, bs=64, size=224, aug="xray",
+                     lr_mult=100.0, mom=None, wd=0.01, schedule="one_cycle", epochs=10, bs=64, size=224, aug="xray",
                      train_bn=False, bn_freeze=True, label_smoothing=0.1, tta=True)
 
 POLICIES = {"seed": SEED_POLICY, "modern": MODERN_POLICY}
@@ -151,10 +152,13 @@ def _check(key, v):
         try: fv = float(str(v))
         except ValueError: raise UserError(f"--{key} must be a positive number, got {v!r}") from None
         if not fv > 0: raise UserError(f"--{key} must be a positive number, got {v!r}")
+        if key == "lr_mult" and fv < 1:  # the lowest group's rate is lr / lr_mult: below 1 it would exceed the head's
+            raise UserError(f"--lr_mult must be at least 1 (1 = one rate for every layer group), got {v!r}")
         return fv
     if key in ("seed", "workers"):
         try: return int(str(v))
         except ValueError: raise UserError(f"--{key} must be a whole number, got {v!r}") from None
+    if key == "mom" and str(v).strip().lower() == "none": return None
     if key in ("dropout", "valid_pct", "wd", "mom", "label_smoothing"):
         try: fv = float(str(v))
         except ValueError: raise UserError(f"--{key} must be a number, got {v!r}") from None

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from fastai.torch_core import default_device, to_device
 from fastai.vision.all import ProgressCallback, set_seed
 from safetensors.torch import save_file
 
@@ -173,6 +174,11 @@ def _data_digest(learn) -> str:
     return _files_digest(items)
 
 
+def _targets_digest(learn) -> str:
+    from .features import targets_digest
+    return targets_digest(learn.dls)
+
+
 class EpochCheckpoint(FitOnlyCallback):
     """After every finished epoch, write `fname` atomically: what `resume` needs to continue exactly.
 
@@ -181,12 +187,19 @@ class EpochCheckpoint(FitOnlyCallback):
     """
     order = 90  # after Recorder (50) and HistoryCSV (60) have recorded the epoch
 
-    def __init__(self, fname, data_digest: str, state: dict | None = None):
-        self.fname, self.digest, self.state = Path(fname), data_digest, state
+    def __init__(self, fname, data_digest: str, state: dict | None = None, targets_digest: str | None = None):
+        self.fname, self.digest, self.targets, self.state = Path(fname), data_digest, targets_digest, state
         self.start_epoch = state["epoch"] + 1 if state else 0
 
     def before_epoch(self):
-        if self.state is None or self.epoch != self.start_epoch: return
+        if self.state is not None and self.epoch == self.start_epoch: self._restore()
+
+    def after_fit(self):
+        # interrupted after the last epoch's checkpoint (during evaluation): no epoch runs on resume, so restore
+        # here, before the TTA and plots that follow the fit
+        if self.state is not None and self.start_epoch >= self.n_epoch: self._restore()
+
+    def _restore(self):
         _set_rng_state(self.learn, self.state["rng"])
         sl = self.recorder.smooth_loss  # fastai's train_loss is smoothed across epochs
         sl.count, sl.val = self.state["smooth_loss"]["count"], self.state["smooth_loss"]["val"]
@@ -199,6 +212,7 @@ class EpochCheckpoint(FitOnlyCallback):
         tp = getattr(self.learn, "train_throughput", None)
         sl = self.recorder.smooth_loss
         ckpt = {"epoch": self.epoch, "n_epoch": self.n_epoch, "data_digest": self.digest,
+                "targets_digest": self.targets,
                 "model": self.learn.model.state_dict(), "opt": self.learn.opt.state_dict(),
                 "rng": _rng_state(self.learn), "smooth_loss": {"count": sl.count, "val": sl.val},
                 "throughput": [list(tp.epoch_times), list(tp.epoch_images)] if tp else [[], []]}
@@ -218,7 +232,7 @@ def folders_learner(recipe: Recipe, folders, pretrained=None, get_y=None, vocab=
     speed = ([ChannelsLast()] if recipe.channels_last else []) + ([BF16Autocast()] if use_bf16 else [])
     learn = xray_learner(dls, recipe.arch, pretrained=recipe.pretrained if pretrained is None else pretrained,
                          weights=recipe.weights, head=recipe.head, hidden=recipe.hidden, dropout=recipe.dropout,
-                         opt=recipe.opt, mom=recipe.mom, wd=recipe.wd, train_bn=recipe.train_bn, lr=recipe.lr,
+                         opt=recipe.opt, mom=0.9 if recipe.mom is None else recipe.mom, wd=recipe.wd, train_bn=recipe.train_bn, lr=recipe.lr,
                          label_smoothing=recipe.label_smoothing, bn_freeze=recipe.bn_freeze,
                          cbs=speed + list(cbs or []), path=path)
     learn.bf16_used = use_bf16
@@ -257,7 +271,10 @@ def _fit(learn, recipe: Recipe, lr: float | None = None, start_epoch: int = 0):
     "Fit for the recipe's epochs; from `start_epoch` on resume (fastai skips the earlier ones, schedule intact)."
     lr = recipe.lr if lr is None else lr
     lr = slice(lr / recipe.lr_mult, lr) if recipe.lr_mult > 1 else lr
-    if recipe.schedule == "one_cycle": learn.fit_one_cycle(recipe.epochs, lr, start_epoch=start_epoch)
+    if recipe.schedule == "one_cycle":
+        # fit_one_cycle schedules the momentum too, over-writing the optimiser's: an explicit `mom` is held constant
+        moms = None if recipe.mom is None else (recipe.mom,) * 3
+        learn.fit_one_cycle(recipe.epochs, lr, moms=moms, start_epoch=start_epoch)
     else: learn.fit(recipe.epochs, lr, start_epoch=start_epoch)  # 'constant', the seed: no schedule
 
 
@@ -360,6 +377,10 @@ def run(recipe: Recipe, out=None, resume=None, export: bool = False, cbs=None, s
         if state["data_digest"] != _data_digest(learn):
             raise UserError(f"the images under {folders.root} changed since {run_dir} started (files added, removed "
                             f"or modified): resuming would not continue the same run; start a new one instead")
+        if state.get("targets_digest", _targets_digest(learn)) != _targets_digest(learn):  # older checkpoints: none
+            raise UserError(f"the labels of the images under {folders.root} changed since {run_dir} started "
+                            f"(labels.csv or the class folders): resuming would not continue the same run; start a "
+                            f"new one instead")
     else:
         run_dir = new_run_dir(out, recipe.name)
     if started is not None: started(run_dir)
@@ -369,7 +390,7 @@ def run(recipe: Recipe, out=None, resume=None, export: bool = False, cbs=None, s
 
 def _prepare(run_dir, recipe, learn, state, tp, extra_cbs, start_epoch):
     "The Learner that fits, with the run's callbacks, and the checkpoint's state loaded when resuming."
-    ckpt = EpochCheckpoint(run_dir / CHECKPOINT, _data_digest(learn), state)
+    ckpt = EpochCheckpoint(run_dir / CHECKPOINT, _data_digest(learn), state, _targets_digest(learn))
     trainer = _trainer(learn, recipe, [tp, HistoryCSV(run_dir / "history.csv", start_epoch), ckpt] + extra_cbs)
     trainer.train_throughput = tp
     trainer.recorder.train_metrics = True
@@ -380,7 +401,9 @@ def _prepare(run_dir, recipe, learn, state, tp, extra_cbs, start_epoch):
         trainer.model.load_state_dict(state["model"])
         if trainer.opt is None: trainer.create_opt()
         from fastcore.foundation import L
-        trainer.opt.load_state_dict({"state": state["opt"]["state"], "hypers": L(state["opt"]["hypers"])})
+        device = getattr(trainer.dls, "device", default_device())  # where TrainEvalCallback puts the model
+        opt_state = state["opt"]["state"] if device is None else to_device(state["opt"]["state"], device)
+        trainer.opt.load_state_dict({"state": opt_state, "hypers": L(state["opt"]["hypers"])})
     return trainer
 
 

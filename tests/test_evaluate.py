@@ -98,6 +98,46 @@ def test_predict_csv_and_heatmaps(run_dir, tiny_data, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["predict", str(run_dir), str(one), "--out", str(out)])
     assert e.value.code == 2 and "exists" in capsys.readouterr().err
+    first = Path(df["heatmap"].iloc[0]).read_bytes()
+    with pytest.raises(SystemExit) as e:  # another file, same stem: the heatmap folder would be shared
+        main(["predict", str(run_dir), str(one), "--out", str(out.with_suffix(".txt")), "--heatmaps"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err == f"error: {out.parent / 'preds_heatmaps'} exists: pass another --out " \
+                                        f"(heatmaps never overwrite)"
+    assert Path(df["heatmap"].iloc[0]).read_bytes() == first and not out.with_suffix(".txt").exists()
+
+
+def test_grad_cam_explains_the_class_shown(run_dir, tiny_data, tmp_path, monkeypatch):
+    "Grids: the (TTA) prediction in the title; predict: the CSV's label. Not one plain pass's own argmax."
+    import covid_fastai.evaluate as E
+    import covid_fastai.interpret as I
+    seen = []
+    real = I.cam_images
+
+    def spy(learn, files, target=None):
+        seen.append((list(map(str, files)), target))
+        return real(learn, files, target)
+    monkeypatch.setattr(I, "cam_images", spy)
+    monkeypatch.setattr(E, "cam_images", spy)
+    d = E.evaluate_run(run_dir, tiny_data, tta=True, out=tmp_path / "ev")
+    pred = pd.read_csv(d / "predictions.csv").set_index("file")
+    shown = [(f, t) for files, tgt in seen for f, t in zip(files, tgt)]
+    assert shown and all(t == (0 if pred.loc[f, "p_infected"] >= 0.5 else 1) for f, t in shown)  # argmax of TTA
+    seen.clear()
+    out = tmp_path / "p.csv"
+    E.predict_run(run_dir, [tiny_data / "test"], out=out, heatmaps=True)
+    df = pd.read_csv(out).set_index("file")
+    shown = [(f, t) for files, tgt in seen for f, t in zip(files, tgt)]
+    assert len(shown) == len(df) and all(["infected", "normal"][t] == df.loc[f, "label"] for f, t in shown)
+
+
+def test_evaluate_threshold_rule_is_one_line(run_dir, tiny_data, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["evaluate", str(run_dir), "--data", str(tiny_data), "--threshold", "youden", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err == ("error: --threshold must be a number between 0 and 1, got 'youden' (the run's "
+                                         "own threshold, chosen on its validation split, is the default)")
+    assert not (tmp_path / "o").exists()
 
 
 def test_predict_lists_unreadable_files_instead_of_crashing(run_dir, tiny_data, tmp_path, capsys):

@@ -238,23 +238,31 @@ def _same_run(a: Path, b: Path):
     assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], rtol=0, atol=1e-6) for k in wa)
 
 
-@pytest.mark.parametrize("recipe, schedule, extra", [
-    ("resnet18_one", "one_cycle", {}),                     # full Learner, 1cycle schedule
-    ("resnet18_head", "constant", {"cache_features": "on"})])   # head on cached features
-def test_interrupted_run_resumes_to_the_same_result(tiny_data, tmp_path, recipe, schedule, extra):
+@pytest.mark.parametrize("recipe, schedule, extra, stop", [
+    ("resnet18_one", "one_cycle", {}, 0),                      # full Learner, 1cycle schedule
+    ("resnet18_head", "constant", {"cache_features": "on"}, 0),   # head on cached features
+    # stopped after the last epoch's checkpoint (as by Ctrl-C during evaluation): no epoch left to run, yet the
+    # TTA that follows must draw the same augmentations and the timings must survive
+    ("resnet18_one", "one_cycle", {"tta": "true"}, 2)])
+def test_interrupted_run_resumes_to_the_same_result(tiny_data, tmp_path, recipe, schedule, extra, stop):
     kw = dict(data=str(tiny_data), epochs=3, schedule=schedule, **TINY, **extra)
     full = run_recipe(recipe, out=tmp_path / "full", **kw)
     with pytest.raises(KeyboardInterrupt):
-        run_recipe(recipe, out=tmp_path / "cut", cbs=[StopAfter(0)], **kw)
+        run_recipe(recipe, out=tmp_path / "cut", cbs=[StopAfter(stop)], **kw)
     (d,) = (tmp_path / "cut" / recipe).iterdir()
     cfg = json.loads((d / "config.json").read_text())
     assert cfg["status"] == "interrupted" and cfg["resume"] == f"continue it with `python -m covid_fastai resume {d}`"
-    assert not (d / "metrics.json").exists() and len(pd.read_csv(d / "history.csv")) == 1
+    assert not (d / "metrics.json").exists() and len(pd.read_csv(d / "history.csv")) == stop + 1
     ckpt = torch.load(d / CHECKPOINT, weights_only=True)  # plain tensors and numbers: no pickle needed
-    assert ckpt["epoch"] == 0 and ckpt["n_epoch"] == 3
+    assert ckpt["epoch"] == stop and ckpt["n_epoch"] == 3
     assert resume(d) == d
     cfg = json.loads((d / "config.json").read_text())
-    assert cfg["status"] == "complete" and [r["from_epoch"] for r in cfg["resumed"]] == [1]
+    assert cfg["status"] == "complete" and [r["from_epoch"] for r in cfg["resumed"]] == [stop + 1]
+    m = json.loads((d / "metrics.json").read_text())
+    assert m["train_seconds"] > 0 and m["train_images_per_s"] > 0  # the interrupted process's epochs count
+    pa, pb = (pd.read_csv(x / "predictions.csv") for x in (full, d))
+    p_cols = [c for c in pa.columns if c.startswith("p_")]
+    np.testing.assert_allclose(pa[p_cols].to_numpy(), pb[p_cols].to_numpy(), rtol=0, atol=1e-6)
     assert list(pd.read_csv(d / "history.csv")["epoch"]) == [0, 1, 2]
     assert not (d / CHECKPOINT).exists()  # a complete run keeps model.safetensors only
     assert (cfg["speed"]["cached_features"] is not None) == (recipe == "resnet18_head")
@@ -342,6 +350,28 @@ def test_resume_follows_the_images_bytes_not_their_file_times(tiny_data, tmp_pat
         os.utime(g, ns=(10**18, 10**18))
     resume(d)
     assert json.loads((d / "config.json").read_text())["status"] == "complete"
+
+
+def test_resume_refuses_changed_labels(tiny_data, tmp_path, capsys):
+    "Same images, other targets (labels.csv edited): the run would not continue as it started."
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    files = sorted(p.relative_to(data).as_posix() for p in data.rglob("*.png"))
+    fine = ["covid" if f.split("/")[1] == "infected" else "normal" for f in files]
+    fine[0] = "pneumonia"  # every class present
+    (data / "labels.csv").write_text(pd.DataFrame({"file": files, "fine_label": fine}).to_csv(index=False))
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe("resnet18_head", out=tmp_path / "o", cbs=[StopAfter(0)], data=str(data), epochs=2,
+                   labels="fine_label", **TINY)
+    (d,) = (tmp_path / "o" / "resnet18_head").iterdir()
+    capsys.readouterr()
+    i = next(i for i, f in enumerate(files) if f.startswith("train/infected"))
+    fine[i] = "pneumonia" if fine[i] == "covid" else "covid"  # one training film relabelled
+    (data / "labels.csv").write_text(pd.DataFrame({"file": files, "fine_label": fine}).to_csv(index=False))
+    code, err = main_exit(["resume", d], capsys)
+    assert code == 2 and err == [f"error: the labels of the images under {data} changed since {d} started (labels.csv "
+                                 f"or the class folders): resuming would not continue the same run; start a new one "
+                                 f"instead"]
 
 
 # ---------------------------------------------------------------- reproducibility, run folders

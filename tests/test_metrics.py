@@ -98,6 +98,15 @@ def test_three_classes_one_vs_rest_and_infected_view():
     assert positive_view(["infected", "normal"], probs[:, :2], targs)[0] == "infected"
 
 
+@pytest.mark.parametrize("classes", [["normal", "pneumonia"], ["NORMAL", "PNEUMONIA"]])
+def test_normal_is_never_the_positive_class(classes):
+    "Kermany-style folders: the disease is positive, so sensitivity and the ROC are about finding it."
+    probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
+    name, p, y = positive_view(classes, probs, np.array([0, 1, 1]))
+    assert name == classes[1] and list(p) == [0.1, 0.8, 0.4] and list(y) == [0, 1, 1]
+    assert positive_view(["covid", "pneumonia"], probs, np.array([0, 1, 1]))[0] == "covid"  # no normal: index 0
+
+
 def test_group_metrics_per_source():
     rows = group_metrics(Y, P, 0.5, ["a"] * 6 + ["b"] * 6)
     assert [r["group"] for r in rows] == ["a", "b"] and rows[0]["n"] == 6

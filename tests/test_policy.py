@@ -1,4 +1,5 @@
 "Training policies: `--policy modern` really changes optimiser, loss, head, BatchNorm, augmentation and lr choice."
+import dataclasses
 import json
 
 import pytest
@@ -136,6 +137,30 @@ def test_modern_gives_discriminative_rates_over_the_plans_groups(tiny_data, tmp_
     for lrs in spy.seen:  # fastai's slice(lr/100, lr): the ratio holds all through the one-cycle schedule
         assert lrs[-1] / lrs[0] == pytest.approx(100)
     assert max(max(lrs) for lrs in spy.seen) <= rec.lr * (1 + 1e-6)  # the head's rate is the policy's lr
+
+
+class _Moms(Callback):
+    "Records the optimiser's momentum (Adam beta1) at every training batch."
+    def before_fit(self): self.seen = []
+    def after_batch(self):
+        if self.training: self.seen.append(self.opt.hypers[-1]["mom"])
+
+
+def test_one_cycle_momentum_cycles_unless_mom_is_given(tiny_data, tmp_path):
+    "fit_one_cycle schedules the momentum itself: modern leaves it fastai's cycle; an explicit --mom holds."
+    spy = _Moms()
+    rec = _tiny(tiny_data, "resnet18_one", policy="modern", epochs=2)
+    assert rec.mom is None
+    run(rec, out=tmp_path, cbs=[spy])
+    assert max(spy.seen) == pytest.approx(0.95) and min(spy.seen) < 0.9  # 0.95 -> 0.85 -> 0.95
+    run(dataclasses.replace(rec, mom=0.8), out=tmp_path, cbs=[spy])
+    assert spy.seen and set(spy.seen) == {0.8}
+    assert with_overrides(rec, mom="none").mom is None and with_overrides(rec, mom="0.7").mom == 0.7
+
+
+def test_lr_mult_below_one_is_refused():
+    with pytest.raises(UserError, match="--lr_mult must be at least 1"):
+        with_overrides(load_recipe("best"), lr_mult="0.5")
 
 
 def test_best_keeps_one_rate():
