@@ -128,8 +128,9 @@ def body_features(learn, dl, pre_pool: nn.Module, bf16: bool, channels_last: boo
                   train_mode: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     "Run the (frozen) body and the head's leading pooling over `dl`: (features, targets)."
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    body = learn.model[0].train(train_mode).to(memory_format=fmt)  # model and input in one format (else: slow)
-    device = next(body.parameters()).device
+    # on the device the Learner's batches go to (a GPU where there is one: the fit has not moved the model yet)
+    device = getattr(learn.dls, "device", None) or next(learn.model[0].parameters()).device
+    body = learn.model[0].train(train_mode).to(device, memory_format=fmt)  # model and input in one format (else: slow)
     feats, targs = [], []
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     for xb, yb in dl:
@@ -203,8 +204,9 @@ def head_learner(learn, recipe, views: int = 2, bf16: bool = False, cbs=None) ->
     train = FeatureViews([t[f"train_{v}"] for v in range(views)], [t[f"train_{v}_y"] for v in range(views)])
     valid = FeatureViews([t["valid"]], [t["valid_y"]])
     bs = recipe.bs
-    dls = DataLoaders(DataLoader(train, bs=bs, shuffle=True, drop_last=len(train) % bs == 1),
-                      DataLoader(valid, bs=bs))
+    device = getattr(learn.dls, "device", None)  # the head trains where the whole model would have
+    dls = DataLoaders(DataLoader(train, bs=bs, shuffle=True, drop_last=len(train) % bs == 1, device=device),
+                      DataLoader(valid, bs=bs, device=device), device=device)
     hl = Learner(dls, rest, loss_func=learn.loss_func, opt_func=learn.opt_func, lr=learn.lr, metrics=learn.metrics,
                  cbs=[SwitchView()] + list(cbs or []), path=learn.path, train_bn=learn.train_bn, wd=learn.wd)
     hl.features_from_disk, hl.feature_views = from_disk, views

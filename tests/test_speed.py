@@ -148,6 +148,7 @@ def test_cached_head_is_the_models_head(tiny_data, tmp_path):
     hl = F.head_learner(learn, rec)
     with hl.no_bar(), hl.no_logging(): hl.fit(2, 1e-2)
     assert not torch.equal(before, learn.model[1][5].weight)  # shared module was trained
+    assert hl.dls.device == learn.dls.device == hl.dls.train.device  # cached batches go where the model goes
     assert F.split_head(learn.model[1])[0][0].__class__.__name__ == "AdaptiveAvgPool2d"
 
 
