@@ -24,6 +24,32 @@ def tiny_data(tmp_path_factory) -> Path:
     return make_demo_data(tmp_path_factory.mktemp("tiny"), counts={"train": 12, "valid": 6, "test": 6}, size=64)
 
 
+class FineLabelled:
+    "A copy of tiny_data with a labels.csv of three fine labels (covid / pneumonia / normal); `write()` saves edits."
+    def __init__(self, src: Path, root: Path):
+        import shutil
+        shutil.copytree(src, root)
+        self.root = root
+        self.files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.png"))
+        self.fine = [("covid" if i % 2 else "pneumonia") if f.split("/")[1] == "infected" else "normal"
+                     for i, f in enumerate(self.files)]
+        self.write()
+
+    def write(self):
+        import pandas as pd
+        pd.DataFrame({"file": self.files, "fine_label": self.fine}).to_csv(self.root / "labels.csv", index=False)
+
+    def relabel_one_training_film(self):
+        i = next(i for i, f in enumerate(self.files) if f.startswith("train/infected"))
+        self.fine[i] = "pneumonia" if self.fine[i] == "covid" else "covid"
+        self.write()
+
+
+@pytest.fixture
+def fine_labelled(tiny_data, tmp_path) -> FineLabelled:
+    return FineLabelled(tiny_data, tmp_path / "fine")
+
+
 @pytest.fixture
 def real_data() -> Path:
     if not (REAL_DATA / "train").is_dir():

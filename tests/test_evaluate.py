@@ -211,13 +211,8 @@ def test_tta_augments_and_is_recorded(run_dir, tiny_data):
     assert np.allclose(tta.probs.sum(1), 1, atol=1e-5) and (tta.losses > 0).all()
 
 
-def test_three_class_fine_label_mode_with_tta(tiny_data, tmp_path):
-    data = tmp_path / "three"
-    shutil.copytree(tiny_data, data)
-    files = sorted(p.relative_to(data).as_posix() for p in data.rglob("*.png"))
-    fine = [("covid" if i % 2 else "pneumonia") if f.split("/")[1] == "infected" else "normal"
-            for i, f in enumerate(files)]
-    pd.DataFrame({"file": files, "fine_label": fine}).to_csv(data / "labels.csv", index=False)
+def test_three_class_fine_label_mode_with_tta(fine_labelled, tmp_path):
+    data, files = fine_labelled.root, fine_labelled.files
     # a plan that trains the body (no feature cache), with TTA: fastai's tta fires before_fit/after_fit, which
     # must not reset the training log or the throughput
     d = run_recipe("resnet18_one", out=tmp_path / "o", data=str(data), epochs=2, pretrained=False, size=32, bs=8,

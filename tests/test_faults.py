@@ -352,22 +352,15 @@ def test_resume_follows_the_images_bytes_not_their_file_times(tiny_data, tmp_pat
     assert json.loads((d / "config.json").read_text())["status"] == "complete"
 
 
-def test_resume_refuses_changed_labels(tiny_data, tmp_path, capsys):
+def test_resume_refuses_changed_labels(fine_labelled, tmp_path, capsys):
     "Same images, other targets (labels.csv edited): the run would not continue as it started."
-    data = tmp_path / "data"
-    shutil.copytree(tiny_data, data)
-    files = sorted(p.relative_to(data).as_posix() for p in data.rglob("*.png"))
-    fine = ["covid" if f.split("/")[1] == "infected" else "normal" for f in files]
-    fine[0] = "pneumonia"  # every class present
-    (data / "labels.csv").write_text(pd.DataFrame({"file": files, "fine_label": fine}).to_csv(index=False))
+    data = fine_labelled.root
     with pytest.raises(KeyboardInterrupt):
         run_recipe("resnet18_head", out=tmp_path / "o", cbs=[StopAfter(0)], data=str(data), epochs=2,
                    labels="fine_label", **TINY)
     (d,) = (tmp_path / "o" / "resnet18_head").iterdir()
     capsys.readouterr()
-    i = next(i for i, f in enumerate(files) if f.startswith("train/infected"))
-    fine[i] = "pneumonia" if fine[i] == "covid" else "covid"  # one training film relabelled
-    (data / "labels.csv").write_text(pd.DataFrame({"file": files, "fine_label": fine}).to_csv(index=False))
+    fine_labelled.relabel_one_training_film()
     code, err = main_exit(["resume", d], capsys)
     assert code == 2 and err == [f"error: the labels of the images under {data} changed since {d} started (labels.csv "
                                  f"or the class folders): resuming would not continue the same run; start a new one "
