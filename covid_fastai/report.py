@@ -144,11 +144,17 @@ def _cm_text(cm, classes) -> str:
     return "; ".join(f"{c}: {row}" for c, row in zip(classes, cm))
 
 
-def _momentum(rec: dict) -> str:
-    "The momentum (Adam beta1) the fit used: fit_one_cycle cycles it unless the recipe held it constant."
-    if rec.get("mom") is None:
-        return "0.95→0.85→0.95 (fastai's one-cycle)" if rec["schedule"] == "one_cycle" else "0.9"
-    return f"{rec['mom']} (constant)"
+def momentum_used(schedule: str, mom: float | None) -> str:
+    "The momentum (Adam beta1) a fit uses: fit_one_cycle cycles it unless the recipe holds it constant."
+    if mom is None: return "0.95→0.85→0.95 (fastai's one-cycle)" if schedule == "one_cycle" else "0.9 (constant)"
+    return f"{mom} (constant)"
+
+
+def _momentum(config: dict) -> str:
+    "As config.json records it; runs from before that record: fit_one_cycle always cycled, whatever `mom` said."
+    rec = config["recipe"]
+    if "momentum" in config: return config["momentum"]
+    return momentum_used(rec["schedule"], None if rec["schedule"] == "one_cycle" else rec["mom"])
 
 
 def _cache_note(config) -> str:
@@ -188,7 +194,7 @@ def write_report(run_dir, config: dict, metrics: dict, history: pd.DataFrame, fi
           f"- Plan: {rec['plan']['description']}; trainable: {config['trainable']['parameters']:,} parameters in "
           f"{config['trainable']['tensors']} tensors; train_bn={rec['train_bn']}",
           f"- Layer groups: {' | '.join(config['layer_groups'])}",
-          f"- Optimiser {rec['opt']} lr {rec['lr']} (lr_mult {rec['lr_mult']}) momentum {_momentum(rec)} wd {rec['wd']}, "
+          f"- Optimiser {rec['opt']} lr {rec['lr']} (lr_mult {rec['lr_mult']}) momentum {_momentum(config)} wd {rec['wd']}, "
           f"schedule {rec['schedule']}, {rec['epochs']} epochs, batch {rec['bs']}",
           f"- Input {rec['size']} px, augmentation `{rec['aug']}`, head `{rec['head']}` "
           f"({head_summary(rec['head'], rec['hidden'], rec['dropout'])}), seed {rec['seed']}",

@@ -47,7 +47,7 @@ from .metrics import binary_metrics, choose_threshold
 from .models import xray_learner
 from .plans import Plan, apply_plan
 from .recipes import Recipe, cache_mode, load_recipe, with_overrides
-from .report import SYNTHETIC_BANNER, write_html, write_report
+from .report import SYNTHETIC_BANNER, momentum_used, write_html, write_report
 
 __all__ = ["run", "run_recipe", "recipe_learner", "folders_learner", "new_run_dir", "resolve_data", "HistoryCSV",
            "OUTPUTS", "resume", "recipe_from_config", "EpochCheckpoint", "load_export", "CHECKPOINT",
@@ -422,6 +422,7 @@ def _run_facts(recipe, learn, folders, trainer) -> dict:
                  "skipped": folders.skipped_report()},
         "weights": learn.weights_provenance,
         "layer_groups": learn.group_names,
+        "momentum": momentum_used(recipe.schedule, recipe.mom),
         "trainable": {"parameters": n_train, "tensors": len(learn.trainable), "names": learn.trainable},
         "speed": {"bf16_autocast": learn.bf16_used, "channels_last": recipe.channels_last,
                   "torch_threads": torch.get_num_threads(), "loader_workers": learn.dls.train.fake_l.num_workers,

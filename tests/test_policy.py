@@ -151,10 +151,14 @@ def test_one_cycle_momentum_cycles_unless_mom_is_given(tiny_data, tmp_path):
     spy = _Moms()
     rec = _tiny(tiny_data, "resnet18_one", policy="modern", epochs=2)
     assert rec.mom is None
-    run(rec, out=tmp_path, cbs=[spy])
+    d = run(rec, out=tmp_path, cbs=[spy])
     assert max(spy.seen) == pytest.approx(0.95) and min(spy.seen) < 0.9  # 0.95 -> 0.85 -> 0.95
-    run(dataclasses.replace(rec, mom=0.8), out=tmp_path, cbs=[spy])
+    assert "momentum 0.95→0.85→0.95 (fastai's one-cycle)" in (d / "report.md").read_text()
+    d = run(dataclasses.replace(rec, mom=0.8), out=tmp_path, cbs=[spy])
     assert spy.seen and set(spy.seen) == {0.8}
+    assert json.loads((d / "config.json").read_text())["momentum"] == "0.8 (constant)"
+    from covid_fastai.report import _momentum  # runs recorded before "momentum" existed always cycled
+    assert _momentum({"recipe": {"schedule": "one_cycle", "mom": 0.9}}).startswith("0.95→0.85→0.95")
     assert with_overrides(rec, mom="none").mom is None and with_overrides(rec, mom="0.7").mom == 0.7
 
 
