@@ -46,9 +46,11 @@ IMAGE_EXTENSIONS = _image_extensions()
 
 
 def get_xray_files(path) -> list[Path]:
-    "Image files under `path` (recursively), by extension: fastai's image extensions plus `.dcm`/`.dicom`."
+    """Image files under `path` (recursively): fastai's image extensions plus `.dcm`/`.dicom`, and any other file
+    with the DICOM magic (scanners write names without extensions, or UIDs like `1.2.840.113619.2.320`)."""
     from fastai.vision.all import get_files
-    return sorted(get_files(path, extensions=IMAGE_EXTENSIONS, recurse=True))
+    files = get_files(path, recurse=True)  # fastai skips hidden files and folders
+    return sorted(f for f in files if f.suffix.lower() in IMAGE_EXTENSIONS or is_dicom(f))
 
 
 class UnreadableImage(Exception):
@@ -113,7 +115,8 @@ def _open_dicom(path: Path) -> Image.Image:
         c, w = first(center), max(first(width), 1.0)
         out = _to_uint8(hu, c - w / 2, c + w / 2)  # fastai's `windowed`: clamp to the window, then scale
     elif "VOILUTSequence" in ds:
-        out = _to_uint8(apply_voi_lut(px, ds).astype(np.float32))
+        # the VOI LUT maps the modality LUT's output (integer indices), not the stored pixels
+        out = _to_uint8(apply_voi_lut(np.rint(hu).astype(np.int64), ds).astype(np.float32))
     else:
         out = _to_uint8(hu)
     if str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1":
@@ -156,7 +159,11 @@ def open_xray(path, min_side: int | None = None) -> Image.Image:
         except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt data
             raise UnreadableImage(f"truncated or corrupt image data ({e})") from None
         if huge and min(im.size) >= 2 * target:
-            im = im.reduce(min(im.size) // target)  # box-average down before any mode conversion
+            # Image.reduce refuses 16-bit, palette and 1-bit modes: 16-bit goes to 32-bit ints (values kept, scaled
+            # by to_gray8 after), palette and 1-bit to 8-bit gray (nothing finer to keep)
+            if im.mode.startswith("I;16"): im = Image.fromarray(np.asarray(im).astype(np.int32))
+            elif im.mode in ("P", "1"): im = to_gray8(im)
+            im = im.reduce(min(im.size) // target)  # box-average down before any other mode conversion
         try:
             im = ImageOps.exif_transpose(im)
         except Exception:  # a broken EXIF block: keep the pixels as stored

@@ -175,6 +175,42 @@ def test_dicom_without_extension_and_without_window(tmp_path):
     assert out.min() == 0 and out.max() == 255 and np.abs(out - gradient(w=64, h=8)).max() <= 1
 
 
+def test_dicom_voi_lut_maps_the_rescaled_values(tmp_path):
+    "A VOI LUT Sequence (no window) applies to the modality LUT's output, as DICOM PS3.3 C.11 orders them."
+    from pydicom import dcmread
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+    raw = gradient(w=256, h=4, hi=1023, dtype=np.uint16)
+    f = write_dicom(tmp_path / "voi.dcm", raw, slope=2.0, intercept=-1000.0)  # values -1000..1046
+    ds = dcmread(f)
+    lut = Dataset()
+    lut.LUTDescriptor = [1024, 0, 12]  # entries for values 0..1023, 12-bit output
+    lut.add_new(0x00283006, "US", [min(4095, 4 * i) for i in range(1024)])  # LUTData
+    ds.VOILUTSequence = Sequence([lut])
+    ds.save_as(f)
+    out = np.asarray(open_xray(f)).astype(int)
+    value = raw * 2.0 - 1000
+    expect = np.rint(np.clip(4 * np.clip(value, 0, 1023), 0, 4095) * 255 / 4092)  # output range 0..4092
+    assert np.abs(out - expect).max() <= 1
+
+
+@pytest.mark.parametrize("mode", ["I;16", "P", "1"])
+def test_huge_image_of_any_mode_is_reduced(tmp_path, monkeypatch, mode):
+    "Image.reduce refuses 16-bit, palette and 1-bit images: such huge files still read (thresholds made small)."
+    import covid_fastai.images as I
+    monkeypatch.setattr(I, "HUGE_PIXELS", 1000)
+    monkeypatch.setattr(I, "HUGE_TARGET", 16)
+    g8 = Image.fromarray(gradient(w=128, h=64))
+    im = {"I;16": lambda: Image.fromarray(gradient(w=128, h=64, hi=4095, dtype=np.uint16)),
+          "P": lambda: g8.convert("RGB").convert("P", palette=Image.ADAPTIVE), "1": lambda: g8.convert("1")}[mode]()
+    f = tmp_path / "huge.png"
+    im.save(f)
+    out = open_xray(f)
+    assert out.mode == "L" and out.size == (32, 16)  # reduced by 64 // 16 = 4
+    a = np.asarray(out).astype(int)
+    assert np.abs(a.mean(0) - gradient(w=32, h=16)[0]).max() <= (40 if mode == "1" else 6)  # still the ramp
+
+
 def test_dicom_without_pixel_data_is_refused(tmp_path):
     f = write_dicom(tmp_path / "report.dcm", None)
     with pytest.raises(UnreadableImage, match="no pixel data"):
@@ -183,9 +219,11 @@ def test_dicom_without_pixel_data_is_refused(tmp_path):
 
 def test_dcm_files_are_listed(tmp_path):
     write_dicom(tmp_path / "a.dcm", gradient(8, 8, 100, np.uint16))
-    (tmp_path / "b.txt").write_text("x")
+    (tmp_path / "b.txt").write_text("x" * 200)
     Image.fromarray(gradient()).save(tmp_path / "c.png")
-    assert [p.name for p in get_xray_files(tmp_path)] == ["a.dcm", "c.png"]
+    write_dicom(tmp_path / "IM0001", gradient(8, 8, 100, np.uint16))  # no extension: found by the DICM magic
+    write_dicom(tmp_path / "1.2.840.113619.2.320", gradient(8, 8, 100, np.uint16))  # a UID name
+    assert [p.name for p in get_xray_files(tmp_path)] == ["1.2.840.113619.2.320", "IM0001", "a.dcm", "c.png"]
 
 
 def test_scan_splits_good_and_bad_and_remembers(tmp_path):
