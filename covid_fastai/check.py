@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .cache import sha256_file
 from .data import find_xray_folders, read_labels_csv
+from .labels import _relative, read_labels
 from .images import scan_images
 
 __all__ = ["DataCheck", "check_data", "sha256_file"]
@@ -87,7 +88,9 @@ def check_data(data) -> DataCheck:
     labels = None
     df = read_labels_csv(root)  # refuses rows that point outside the folder
     if df is not None:
-        listed = set(df["path"])
-        labels = {"rows": len(df), "not_listed": [f for f in allfiles if f.resolve() not in listed],
-                  "missing": sorted(p for p in listed if not p.exists())}
+        read_labels(root)  # refuses an image listed twice with different values
+        listed, paths = set(df["file"]), set(df["path"])
+        # joined as labels.join_labels joins: by the relative name, so a data folder of symlinks matches too
+        labels = {"rows": len(df), "not_listed": [f for f in allfiles if _relative(f, root) not in listed],
+                  "missing": sorted(p for p in paths if not p.exists())}
     return DataCheck(root, folders.synthetic, counts, bad, dups, labels, fatal)

@@ -23,7 +23,14 @@ def read_labels(root) -> pd.DataFrame | None:
     from .data import read_labels_csv
     df = read_labels_csv(root)
     if df is None: return None
-    return df.drop(columns="path").drop_duplicates("file").set_index("file")
+    df = df.drop(columns="path").drop_duplicates()  # a row repeated word for word says nothing new
+    twice = df["file"].duplicated(keep=False)
+    if twice.any():  # which row would win is arbitrary: refuse
+        name = df.loc[twice, "file"].iloc[0]
+        lines = ", ".join(str(i + 2) for i in df.index[df["file"] == name])  # header is line 1
+        raise UserError(f"{Path(root) / 'labels.csv'} lists {name!r} more than once with different values (lines "
+                        f"{lines}): keep one row per image")
+    return df.set_index("file")
 
 
 def join_labels(items, root, labels: pd.DataFrame | None, columns=("source", "fine_label", "patient_id")) -> dict:

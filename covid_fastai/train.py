@@ -366,6 +366,7 @@ def run(recipe: Recipe, out=None, resume=None, export: bool = False, cbs=None, s
     out = Path(out) if out is not None else OUTPUTS
     t_start = time.perf_counter()
     learn, folders = recipe_learner(recipe)
+    read_labels(folders.root)  # a bad labels.csv (used after training, for the breakdowns) fails now, not then
     state = None
     if resume is not None:
         run_dir = Path(resume)

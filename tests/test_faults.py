@@ -114,6 +114,21 @@ def test_check_fatal_and_labels_csv(tiny_data, tmp_path, capsys):
     out = capsys.readouterr().out
     assert code is None and f"labels.csv: {len(files)} rows; 1 image(s) not listed, 1 listed file(s) missing" in out
     assert f"not listed: {files[0]}" in out and "missing: train/normal/gone.png" in out
+    # a data folder made of symlinks to the split folders (as a view without test/ is): rows still join
+    view = tmp_path / "view"
+    view.mkdir()
+    for s in ("train", "valid", "test"): (view / s).symlink_to(root / s, target_is_directory=True)
+    pd.DataFrame({"file": files, "label": "x"}).to_csv(view / "labels.csv", index=False)
+    main(["check", "--data", str(view)])
+    assert f"labels.csv: {len(files)} rows; 0 image(s) not listed" in capsys.readouterr().out
+    # one image listed twice with different values: refused by check and by a run, before any training
+    pd.DataFrame({"file": files + files[:1], "label": "x", "fine_label": ["covid"] * len(files) + ["normal"]}).to_csv(
+        root / "labels.csv", index=False)
+    msg = (f"error: {root}/labels.csv lists {files[0]!r} more than once with different values (lines 2, "
+           f"{len(files) + 2}): keep one row per image")
+    assert main_exit(["check", "--data", root], capsys) == (2, [msg])
+    assert main_exit(["recipe", "resnet18_head", "--data", root, "--out", tmp_path / "o", *TINY_ARGS], capsys) == (2, [msg])
+    assert not (tmp_path / "o").exists()
     # a labels.csv pointing outside the data folder is refused
     (root / "labels.csv").write_text("file,label\n../../etc/passwd,normal\n")
     code, err = main_exit(["check", "--data", root], capsys)
