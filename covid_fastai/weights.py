@@ -358,7 +358,8 @@ def _apply(model: nn.Module, sd: dict, cfg: dict, origin: str) -> tuple[list, li
     """Load every model key the source provides; return (missing, unused, notes).
 
     Head keys may be missing on either side or differ in shape (another num_classes): skipped and
-    reported. A missing body key or a body shape mismatch means the weights are for another model.
+    reported. A missing body key, a body shape mismatch, or body tensors the model lacks (resnet34's weights
+    offered to resnet18 fit every resnet18 key) mean the weights are for another model.
     """
     from timm.models import adapt_input_conv
 
@@ -386,12 +387,15 @@ def _apply(model: nn.Module, sd: dict, cfg: dict, origin: str) -> tuple[list, li
                 mismatched.append(f"{k} {tuple(src.shape)} vs model {tuple(v.shape)}")
                 continue
         load[k] = src
-    if body_missing or mismatched:
+    extra = [k for k in sd if k not in target and not _is_head(k, classifiers) and not k.endswith("num_batches_tracked")]
+    if body_missing or mismatched or extra:
         what = []
         if body_missing:
             what.append(f"{len(body_missing)} body tensors missing (first: {body_missing[0]})")
         if mismatched:
             what.append(f"{len(mismatched)} shape mismatches (first: {mismatched[0]})")
+        if extra:
+            what.append(f"{len(extra)} body tensors this model does not have (first: {extra[0]})")
         raise WeightsUnavailable(
             f"weights from {origin} do not fit {cfg.get('architecture', 'this model')}: {', '.join(what)}; "
             "pass weights for this architecture with --weights FILE, or use --pretrained false"

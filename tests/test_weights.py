@@ -172,6 +172,11 @@ def test_missing_body_key_and_shape_mismatch_are_errors(tmp_path):
     with pytest.raises(WeightsUnavailable, match="shape mismatch"):
         W.load_pretrained(model, "resnet18", weights=f2)
 
+    f3 = tmp_path / "r34_whole.pth"  # every resnet18 key exists in resnet34 with the same shape
+    torch.save(_random_sd("resnet34"), f3)
+    with pytest.raises(WeightsUnavailable, match=r"body tensors this model does not have \(first: layer1.2.conv1.weight"):
+        W.load_pretrained(model, "resnet18", weights=f3)
+
 
 def test_file_that_needs_unpickling_code_is_refused(tmp_path):
     f = tmp_path / "evil.pth"
