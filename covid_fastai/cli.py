@@ -144,7 +144,7 @@ class Commands:
         Args:
           probe_hub: also try one connection to the Hugging Face hub (a few seconds at most)
         """
-        print(_weights_table(bool(probe_hub)))
+        print(_weights_table(_bool("probe_hub", probe_hub)))  # fire passes `false` as the string 'false'
 
     def sweep(self, pattern: str, out: str | None = None, policies: str | None = None, **overrides):
         """Run every recipe matching PATTERN (glob, or comma-separated names) and write a comparison table.

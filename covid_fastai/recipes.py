@@ -159,6 +159,8 @@ def _check(key, v):
         try: return int(str(v))
         except ValueError: raise UserError(f"--{key} must be a whole number, got {v!r}") from None
     if key == "mom" and str(v).strip().lower() == "none": return None
+    if key == "weights" and v is not None:  # pinned: a run or sweep may be resumed from another folder
+        return str(Path(str(v)).expanduser().resolve())
     if key in ("dropout", "valid_pct", "wd", "mom", "label_smoothing"):
         try: fv = float(str(v))
         except ValueError: raise UserError(f"--{key} must be a number, got {v!r}") from None
@@ -184,7 +186,11 @@ def with_overrides(recipe: Recipe, **overrides) -> Recipe:
                         if hint else f": options are {', '.join('--' + o for o in OVERRIDABLE)}"))
     checked = {k: _check(k, v) for k, v in overrides.items()}
     if "policy" in checked: recipe = dataclasses.replace(recipe, **POLICIES[checked["policy"]])
-    return dataclasses.replace(recipe, **checked)
+    out = dataclasses.replace(recipe, **checked)
+    if out.weights and not out.pretrained:
+        raise UserError(f"--weights {out.weights} is loaded only with pretrained weights on: drop --pretrained false "
+                        f"(or --weights for a random-init run)")
+    return out
 
 
 def recipe_dirs() -> list[Path]:

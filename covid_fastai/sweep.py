@@ -44,6 +44,8 @@ SWEEP_FILE = "sweep.json"
 def plan_sweep(pattern: str, policies: str | None = None, **overrides) -> list[Recipe]:
     """Every recipe matching `pattern` (glob or comma-separated names) under each of `policies` ('seed,modern';
     None: as the recipe file says), with the overrides applied. All are checked before any runs."""
+    if policies and "policy" in overrides:
+        raise UserError("pass either --policies (one run per policy) or --policy, not both")
     pols = [p.strip() for p in str(policies).split(",") if p.strip()] if policies else [None]
     recs = [with_overrides(r, **({"policy": p} if p else {}), **overrides) for r in match_recipes(pattern)
             for p in pols]

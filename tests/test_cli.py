@@ -178,7 +178,7 @@ def test_resnet18_without_weights_stops_with_the_ways_out(tiny_data, tmp_path, c
     assert not any(tmp_path.iterdir())
 
 
-def test_explicit_torchvision_weights_file_is_recorded(tiny_data, tmp_path):
+def test_explicit_torchvision_weights_file_is_recorded(tiny_data, tmp_path, monkeypatch):
     import hashlib
 
     import torch
@@ -186,13 +186,39 @@ def test_explicit_torchvision_weights_file_is_recorded(tiny_data, tmp_path):
     f = tmp_path / "resnet18-tv.pth"
     torch.manual_seed(0)
     torch.save(torchvision.models.resnet18().state_dict(), f)
-    d = run_recipe("resnet18_head", out=tmp_path / "o", data=str(tiny_data), weights=str(f), epochs=1, size=32, bs=8)
+    monkeypatch.chdir(tmp_path)  # given relative: recorded absolute, so `resume` works from any folder
+    d = run_recipe("resnet18_head", out=tmp_path / "o", data=str(tiny_data), weights=f.name, epochs=1, size=32, bs=8)
     cfg, _ = check_run(d, epochs=1, synthetic=True)
     w = cfg["weights"]
+    assert cfg["recipe"]["weights"] == str(f)
     assert w["source"] == "file" and w["file"] == str(f) and w["sha256"] == hashlib.sha256(f.read_bytes()).hexdigest()
     # the frozen body kept the file's tensors exactly
     sd = load_file(d / "model.safetensors")
     assert torch.equal(sd["0.model.layer2.0.conv1.weight"], torch.load(f, weights_only=True)["layer2.0.conv1.weight"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["recipe", "resnet18_head", "--weights", "w.pth", "--pretrained", "false"],
+     "is loaded only with pretrained weights on: drop --pretrained false"),
+    (["sweep", "vgg16_head", "--policies", "seed,modern", "--policy", "modern"],
+     "pass either --policies (one run per policy) or --policy, not both"),
+])
+def test_contradictory_options_are_one_line(args, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([*args, "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "\n" not in err and message in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_weights_probe_hub_false_does_not_probe(monkeypatch, capsys):
+    from covid_fastai import weights
+    probes = []
+    monkeypatch.setattr(weights, "_hub_reachable", lambda *a, **k: probes.append(1) or False)
+    main(["weights", "--probe_hub", "false"])
+    assert probes == [] and "| vgg16.tv_in1k |" in capsys.readouterr().out
+    main(["weights", "--probe_hub", "true"])
+    assert probes
 
 
 def test_sweep_runs_each_recipe_under_each_policy(tiny_data, tmp_path):
