@@ -267,6 +267,26 @@ def make_aug(aug: str, size: int, resize: int | None = None) -> SeedAug:
     return SeedAug(size=size, resize=resize, **AUGMENTATIONS[aug])
 
 
+def patients_of(folders: XrayFolders) -> dict | None:
+    "{image path: patient_id} from labels.csv when it has that column with any value, else None."
+    from .labels import join_labels, read_labels
+    labels = read_labels(folders.root)
+    if labels is None or "patient_id" not in labels.columns or not labels["patient_id"].astype(bool).any(): return None
+    files = folders.files("train")
+    return dict(zip(files, join_labels(files, folders.root, labels, columns=("patient_id",))["patient_id"]))
+
+
+def patient_splitter(valid_pct: float, seed: int, patient: dict):
+    """A fastai splitter that holds out a random `valid_pct` of the patients, not of the images: one patient's films
+    are alike, and in both sets they would flatter the validation score. An image without a patient is its own."""
+    def _inner(items):
+        groups = [patient.get(o) or f"image:{o}" for o in items]
+        ids = sorted(set(groups))
+        held = set(np.random.default_rng(seed).permutation(ids)[:int(round(valid_pct * len(ids)))])
+        return ([i for i, g in enumerate(groups) if g not in held], [i for i, g in enumerate(groups) if g in held])
+    return _inner
+
+
 def xray_datablock(folders: XrayFolders, aug: SeedAug, seed: int = 42, valid_pct: float = 0.2, get_y=None,
                    vocab=None) -> DataBlock:
     """A DataBlock over train (+ valid) images; classes from folder names (or `get_y`/`vocab`, e.g. the
@@ -276,7 +296,9 @@ def xray_datablock(folders: XrayFolders, aug: SeedAug, seed: int = 42, valid_pct
         splitter = FuncSplitter(lambda f: f in valid)
         get_items = lambda _: folders.files("train") + folders.files("valid")
     else:
-        splitter = RandomSplitter(valid_pct, seed=seed)
+        patient = patients_of(folders)
+        splitter = (RandomSplitter(valid_pct, seed=seed) if patient is None
+                    else patient_splitter(valid_pct, seed, patient))
         get_items = lambda _: folders.files("train")
     # Images are decoded (and resized) once; grayscale X-rays become 3 identical channels after augmentation.
     images = TransformBlock(type_tfms=DecodeOnce(aug.resize_to), batch_tfms=IntToFloatTensor)

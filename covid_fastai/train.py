@@ -37,7 +37,7 @@ from safetensors.torch import save_file
 
 from . import __version__
 from .callbacks import BF16Autocast, ChannelsLast, FitOnlyCallback, OneClassWarning, TrainThroughput, bf16_supported
-from .data import SEED_RESIZE_RATIO, find_xray_folders, make_aug, xray_dls
+from .data import SEED_RESIZE_RATIO, find_xray_folders, make_aug, patients_of, xray_dls
 from .demo import demo_data
 from .errors import UserError
 from .features import head_learner, use_feature_cache
@@ -418,7 +418,9 @@ def _run_facts(recipe, learn, folders, trainer) -> dict:
                  "resize": make_aug(recipe.aug, recipe.size, recipe.resize).resize_to,  # short side before crops
                  "counts": folders.counts(),
                  "valid": (f"folder {folders.valid_name}/" if folders.valid_name
-                           else f"random {recipe.valid_pct:.0%} of train (seed {recipe.seed})"),
+                           else f"random {recipe.valid_pct:.0%} of train"
+                           + (" patients (labels.csv patient_id)" if patients_of(folders) else "")
+                           + f" (seed {recipe.seed})"),
                  "test": "folder test/" if folders.has_test else None,
                  "skipped": folders.skipped_report()},
         "weights": learn.weights_provenance,

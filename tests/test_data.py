@@ -83,6 +83,23 @@ def test_random_valid_split_without_valid_folder(tiny_data, tmp_path):
     assert list(a.valid.items) == list(b.valid.items)  # seeded
 
 
+def test_random_valid_split_keeps_each_patient_on_one_side(tiny_data, tmp_path):
+    "With patient_id in labels.csv the held-out part is a share of the patients: no patient in both sets."
+    import pandas as pd
+    root = tmp_path / "d"
+    shutil.copytree(tiny_data, root)
+    shutil.rmtree(root / "valid")
+    files = sorted(p.relative_to(root).as_posix() for p in (root / "train").rglob("*.png"))
+    patient = {f: f"p{i // 3}" for i, f in enumerate(files)}  # 24 films, 8 patients of 3 films each
+    pd.DataFrame({"file": files, "patient_id": [patient[f] for f in files]}).to_csv(root / "labels.csv", index=False)
+    f = find_xray_folders(root)
+    for seed in (1, 2, 3):
+        dls = xray_dls(f, make_aug("none", 32), bs=4, seed=seed, valid_pct=0.25)
+        side = lambda dl: {patient[Path(i).relative_to(root).as_posix()] for i in dl.items}
+        assert not side(dls.train) & side(dls.valid) and len(side(dls.valid)) == 2  # 25% of 8 patients
+        assert len(dls.valid_ds) == 6 and len(dls.train_ds) == 18
+
+
 def test_small_train_set_still_trains(tiny_data):
     "A train set smaller than a batch keeps its one partial batch (fastai would drop it)."
     f = find_xray_folders(tiny_data)
