@@ -562,6 +562,8 @@ def recipe_from_config(config: dict) -> Recipe:
     r["data"] = config["data"]["path"]
     if r.get("resize") is None:  # the short side the run used; runs before it was recorded all used size*256/224
         r["resize"] = config["data"].get("resize") or round(r.get("size", 224) * SEED_RESIZE_RATIO)
+    if "momentum" not in config and r.get("schedule") == "one_cycle":
+        r["mom"] = None  # before config.json recorded it, fit_one_cycle always cycled the momentum: resume alike
     return Recipe(plan=plan, **r)
 
 

@@ -159,6 +159,11 @@ def test_one_cycle_momentum_cycles_unless_mom_is_given(tiny_data, tmp_path):
     assert json.loads((d / "config.json").read_text())["momentum"] == "0.8 (constant)"
     from covid_fastai.report import _momentum  # runs recorded before "momentum" existed always cycled
     assert _momentum({"recipe": {"schedule": "one_cycle", "mom": 0.9}}).startswith("0.95→0.85→0.95")
+    from covid_fastai.train import recipe_from_config  # and resume such a run the same way
+    cfg = json.loads((d / "config.json").read_text())
+    assert recipe_from_config(cfg).mom == 0.8
+    del cfg["momentum"]
+    assert recipe_from_config(cfg).mom is None
     assert with_overrides(rec, mom="none").mom is None and with_overrides(rec, mom="0.7").mom == 0.7
 
 
