@@ -161,7 +161,7 @@ def open_xray(path, min_side: int | None = None) -> Image.Image:
         if huge and min(im.size) >= 2 * target:
             # Image.reduce refuses 16-bit, palette and 1-bit modes: 16-bit goes to 32-bit ints (values kept, scaled
             # by to_gray8 after), palette and 1-bit to 8-bit gray (nothing finer to keep)
-            if im.mode.startswith("I;16"): im = Image.fromarray(np.asarray(im).astype(np.int32))
+            if im.mode.startswith("I;16"): im = im.convert("I")
             elif im.mode in ("P", "1"): im = to_gray8(im)
             im = im.reduce(min(im.size) // target)  # box-average down before any other mode conversion
         try:

@@ -150,11 +150,15 @@ def momentum_used(schedule: str, mom: float | None) -> str:
     return f"{mom} (constant)"
 
 
-def _momentum(config: dict) -> str:
-    "As config.json records it; runs from before that record: fit_one_cycle always cycled, whatever `mom` said."
+def mom_trained_with(config: dict) -> float | None:
+    "A run's `mom` as it trained: before config.json recorded 'momentum', fit_one_cycle always cycled (None)."
     rec = config["recipe"]
-    if "momentum" in config: return config["momentum"]
-    return momentum_used(rec["schedule"], None if rec["schedule"] == "one_cycle" else rec["mom"])
+    if "momentum" not in config and rec.get("schedule") == "one_cycle": return None
+    return rec.get("mom")
+
+
+def _momentum(config: dict) -> str:
+    return config.get("momentum") or momentum_used(config["recipe"]["schedule"], mom_trained_with(config))
 
 
 def _cache_note(config) -> str:

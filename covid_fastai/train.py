@@ -47,7 +47,7 @@ from .metrics import binary_metrics, choose_threshold
 from .models import xray_learner
 from .plans import Plan, apply_plan
 from .recipes import Recipe, cache_mode, load_recipe, with_overrides
-from .report import SYNTHETIC_BANNER, momentum_used, write_html, write_report
+from .report import SYNTHETIC_BANNER, mom_trained_with, momentum_used, write_html, write_report
 
 __all__ = ["run", "run_recipe", "recipe_learner", "folders_learner", "new_run_dir", "resolve_data", "HistoryCSV",
            "OUTPUTS", "resume", "recipe_from_config", "EpochCheckpoint", "load_export", "CHECKPOINT",
@@ -378,7 +378,8 @@ def run(recipe: Recipe, out=None, resume=None, export: bool = False, cbs=None, s
         if state["data_digest"] != _data_digest(learn):
             raise UserError(f"the images under {folders.root} changed since {run_dir} started (files added, removed "
                             f"or modified): resuming would not continue the same run; start a new one instead")
-        if state.get("targets_digest", _targets_digest(learn)) != _targets_digest(learn):  # older checkpoints: none
+        saved = state.get("targets_digest")  # None in checkpoints from before labels were checked
+        if saved is not None and saved != _targets_digest(learn):
             raise UserError(f"the labels of the images under {folders.root} changed since {run_dir} started "
                             f"(labels.csv or the class folders): resuming would not continue the same run; start a "
                             f"new one instead")
@@ -562,8 +563,7 @@ def recipe_from_config(config: dict) -> Recipe:
     r["data"] = config["data"]["path"]
     if r.get("resize") is None:  # the short side the run used; runs before it was recorded all used size*256/224
         r["resize"] = config["data"].get("resize") or round(r.get("size", 224) * SEED_RESIZE_RATIO)
-    if "momentum" not in config and r.get("schedule") == "one_cycle":
-        r["mom"] = None  # before config.json recorded it, fit_one_cycle always cycled the momentum: resume alike
+    r["mom"] = mom_trained_with(config)
     return Recipe(plan=plan, **r)
 
 
