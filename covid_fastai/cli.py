@@ -7,6 +7,8 @@ Overrides are recipe fields as flags: `--epochs 2 --lr 3e-4 --bs 32 --size 128 -
 """
 from __future__ import annotations
 
+import difflib
+import inspect
 import json
 import signal
 import sys
@@ -57,15 +59,7 @@ class Commands:
         """
         export = _bool("export", export)
         if resume is not None:
-            if overrides or out is not None:
-                raise UserError(f"--resume continues {resume} with the settings it recorded: drop "
-                                f"{', '.join('--' + k for k in [*overrides, *(['out'] if out else [])])}")
-            cfg = Path(resume) / "config.json"
-            recorded = json.loads(cfg.read_text())["recipe"]["name"] if cfg.is_file() else None
-            if recorded is not None and recorded != Path(name).stem and recorded != name:
-                raise UserError(f"{resume} is a run of recipe {recorded!r}, not {name!r}: "
-                                f"use `python -m covid_fastai resume {resume}`")
-            return self.resume(resume, export=export)
+            return _resume_as(name, Path(name).stem, run_dir=resume, export=export, out=out, overrides=overrides)
         from .train import run_recipe
         run_dir = run_recipe(name, out=out, export=export, **overrides)
         print(run_summary(run_dir))
@@ -99,15 +93,21 @@ class Commands:
         """
         from .check import check_data
         from .train import resolve_data
+        try: n = int(limit)
+        except (TypeError, ValueError): n = -1
+        if n < 0 or str(n) != str(limit).strip():
+            raise UserError(f"--limit must be a whole number >= 0 (0: list all), got {limit!r}")
+        strict = _bool("strict", strict)  # both checked before the scan
         rep = check_data(resolve_data(data))
-        print("\n".join(rep.lines(limit=int(limit))))
+        print("\n".join(rep.lines(limit=n)))
         if rep.fatal:
             raise UserError(f"{rep.root} cannot be trained on: {rep.fatal[0]}" +
                             (f" (and {len(rep.fatal) - 1} more, listed above)" if len(rep.fatal) > 1 else "")
                             + ": add readable images or remove the folder")
-        if _bool("strict", strict) and rep.warnings: sys.exit(1)
+        if strict and rep.warnings: sys.exit(1)
 
-    def evaluate(self, run_dir: str, data: str, tta: bool | None = None, threshold: float | None = None):
+    def evaluate(self, run_dir: str, data: str, tta: bool | None = None, threshold: float | None = None,
+                 out: str | None = None):
         """Evaluate a finished run on a labelled folder (DIR/<class>/ or DIR/test/<class>/); writes
         RUN_DIR/evaluations/<timestamp>/ (metrics.json, predictions.csv, plots, report.md, report.html).
 
@@ -116,12 +116,14 @@ class Commands:
           data: folder of class sub-folders, or with a test/ folder inside
           tta: test-time augmentation (default: as the run)
           threshold: decision threshold on p(infected) instead of the one the run chose on its validation split
+          out: folder for the evaluations/<timestamp>/ folder instead of RUN_DIR
         """
         from .evaluate import evaluate_run
-        d = evaluate_run(run_dir, data, tta=None if tta is None else _bool("tta", tta), threshold=threshold)
+        d = evaluate_run(run_dir, data, tta=None if tta is None else _bool("tta", tta), threshold=threshold, out=out)
         print(_eval_summary(d))
 
-    def predict(self, run_dir: str, *paths, out: str | None = None, heatmaps: bool = False, tta: bool | None = None):
+    def predict(self, run_dir: str, *paths, out: str | None = None, heatmaps: bool = False, tta: bool | None = None,
+                threshold: float | None = None):
         """Predict image files or folders with a finished run: CSV of file, p_infected and the label at the
         run's threshold (to --out, or RUN_DIR/predictions/<timestamp>/predictions.csv).
 
@@ -131,11 +133,12 @@ class Commands:
           out: CSV file to write (must not exist)
           heatmaps: also write Grad-CAM overlays (PNG) beside the CSV
           tta: test-time augmentation (default: as the run)
+          threshold: decision threshold on p(infected) for the label column instead of the run's own
         """
         from .evaluate import predict_run
         if not paths: raise UserError("predict needs image files or folders after RUN_DIR")
         csv = predict_run(run_dir, paths, out=out, heatmaps=_bool("heatmaps", heatmaps),
-                          tta=None if tta is None else _bool("tta", tta))
+                          tta=None if tta is None else _bool("tta", tta), threshold=threshold)
         print(f"{csv}: {sum(1 for _ in open(csv)) - 1} images")
 
     def weights(self, probe_hub: bool = False):
@@ -172,6 +175,19 @@ class Commands:
         _print_comparison(compare_runs(run_dirs, out=out))
 
 
+def _resume_as(*names, run_dir, export, out, overrides):
+    "`--resume RUN_DIR` on a recipe (by name or file): the run must be of that recipe, with no new settings."
+    if overrides or out is not None:
+        raise UserError(f"--resume continues {run_dir} with the settings it recorded: drop "
+                        f"{', '.join('--' + k for k in [*overrides, *(['out'] if out else [])])}")
+    cfg = Path(run_dir) / "config.json"
+    recorded = json.loads(cfg.read_text())["recipe"]["name"] if cfg.is_file() else None
+    if recorded is not None and recorded not in names:
+        raise UserError(f"{run_dir} is a run of recipe {recorded!r}, not {names[0]!r}: "
+                        f"use `python -m covid_fastai resume {run_dir}`")
+    return Commands().resume(run_dir, export=export)
+
+
 def _print_comparison(md: Path):
     print(f"comparison: {md}, {md.with_suffix('.csv')} and {md.with_suffix('.html')}")
 
@@ -205,6 +221,47 @@ def _one_line_warnings():
     warnings.showwarning = showwarning
 
 
+def _check_args(fn, args, what: str):
+    """Refuse options and arguments `fn` does not take, before it runs: fire would call it with what it can use
+    and only then fail on the rest, after the work was done (a CSV written at the wrong threshold)."""
+    params = inspect.signature(fn).parameters
+    kinds = {p.kind for p in params.values()}
+    named = [n for n, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    flags, positional, i = [], [], 0
+    while i < len(args):  # fire's reading: `--key value`, `--key=value`, or a bare `--key` (true)
+        a = str(args[i])
+        if a.startswith("--") and len(a) > 2:
+            flags.append(a[2:].split("=", 1)[0].replace("-", "_"))
+            if "=" not in a and i + 1 < len(args) and not str(args[i + 1]).startswith("--"): i += 1
+        else: positional.append(a)
+        i += 1
+    if inspect.Parameter.VAR_KEYWORD not in kinds:
+        for k in flags:
+            if k not in named:
+                close = difflib.get_close_matches(k, named, n=2)
+                opts = ", ".join("--" + n for n in named if params[n].default is not params[n].empty) or "none"
+                raise UserError(f"unknown option --{k} for {what}" +
+                                (f" (did you mean {', '.join('--' + c for c in close)}?)" if close else f": options are {opts}"))
+    free = [n for n, p in params.items() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and n not in flags]
+    if inspect.Parameter.VAR_POSITIONAL not in kinds and len(positional) > len(free):
+        raise UserError(f"unexpected argument {positional[len(free)]!r} for {what}: "
+                        f"`python -m covid_fastai {what} --help` shows what it takes")
+
+
+def _check_command(component, argv):
+    "A misspelt command or an option a command does not take: one line, before anything runs."
+    if any(a in ("--help", "-h") for a in map(str, argv)): return  # fire's help
+    if not isinstance(component, type):
+        return _check_args(component, argv, "this recipe file")
+    commands = [n for n, v in vars(component).items() if callable(v) and not n.startswith("_")]
+    if not argv or str(argv[0]) not in commands:
+        if not argv: return  # fire lists the commands
+        close = difflib.get_close_matches(str(argv[0]), commands, n=2)
+        raise UserError(f"unknown command {argv[0]!r}" + (f" (did you mean {', '.join(close)}?)" if close else "")
+                        + f": commands are {', '.join(commands)}")
+    _check_args(getattr(component(), str(argv[0])), argv[1:], str(argv[0]))  # bound: no `self`
+
+
 def _fire(component, argv):
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
@@ -212,6 +269,7 @@ def _fire(component, argv):
     try: old = signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
     except ValueError: old = None  # not the main thread: leave signals alone
     try:
+        _check_command(component, argv)
         fire.Fire(component, command=argv, name="covid_fastai")
     except UserError as e:
         if debug: raise
@@ -234,7 +292,10 @@ def script_main(recipe, argv=None):
     from .train import run
     from .recipes import with_overrides
 
-    def _run(out: str | None = None, **overrides):
-        print(run_summary(run(with_overrides(recipe, **overrides), out=out)))
+    def _run(out: str | None = None, resume: str | None = None, export=False, **overrides):
+        export = _bool("export", export)
+        if resume is not None:  # the same options as `python -m covid_fastai recipe NAME`
+            return _resume_as(recipe.name, run_dir=resume, export=export, out=out, overrides=overrides)
+        print(run_summary(run(with_overrides(recipe, **overrides), out=out, export=export)))
 
     _fire(_run, list(sys.argv[1:] if argv is None else argv))

@@ -79,6 +79,17 @@ def eval_folders(data, cfg: dict) -> tuple[XrayFolders, Path]:
     return XrayFolders(root, {"train": by_class}, classes=list(by_class)), split_dir
 
 
+def _fixed_threshold(threshold) -> float | None:
+    "A threshold given on the command line: a number in (0, 1), or None for the run's own."
+    if threshold is None: return None
+    try: t = float(threshold)
+    except (TypeError, ValueError): t = None
+    if t is None or not 0 < t < 1:  # rules like youden need the valid split: the run already applied its own
+        raise UserError(f"--threshold must be a number between 0 and 1, got {threshold!r} (the run's own "
+                        f"threshold, chosen on its validation split, is the default)")
+    return t
+
+
 def evaluate_run(run_dir, data, tta: bool | None = None, threshold: float | None = None, out=None) -> Path:
     """Evaluate a finished run on a labelled folder; writes `RUN_DIR/evaluations/<timestamp>/` (metrics.json,
     predictions.csv, plots, report.md, report.html) and returns it.
@@ -87,12 +98,7 @@ def evaluate_run(run_dir, data, tta: bool | None = None, threshold: float | None
     threshold the run chose on its validation split.
     """
     from .report import SYNTHETIC_BANNER, write_evaluation_report
-    if threshold is not None:  # checked before any loading
-        try: t = float(threshold)
-        except (TypeError, ValueError): t = None
-        if t is None or not 0 < t < 1:  # rules like youden need the valid split: the run already applied its own
-            raise UserError(f"--threshold must be a number between 0 and 1, got {threshold!r} (the run's own "
-                            f"threshold, chosen on its validation split, is the default)")
+    t = _fixed_threshold(threshold)  # checked before any loading
     d, cfg, rec = load_run(run_dir)
     folders, split_dir = eval_folders(data, cfg)
     files = folders.files("train")
@@ -131,11 +137,15 @@ def _image_files(paths) -> list[Path]:
     return out
 
 
-def predict_run(run_dir, paths, out=None, heatmaps: bool = False, tta: bool | None = None) -> Path:
-    """CSV of file, p_infected, label at the run's threshold for image files/folders (written to `out` or
-    `RUN_DIR/predictions/<timestamp>.csv`); with `heatmaps`, Grad-CAM overlays in `<csv stem>_heatmaps/`."""
+def predict_run(run_dir, paths, out=None, heatmaps: bool = False, tta: bool | None = None,
+                threshold: float | None = None) -> Path:
+    """CSV of file, p_infected, label at the run's threshold (or `threshold`) for image files/folders (written to
+    `out` or `RUN_DIR/predictions/<timestamp>.csv`); with `heatmaps`, Grad-CAM overlays in `<csv stem>_heatmaps/`."""
     from PIL import Image
 
+    t = _fixed_threshold(threshold)
+    if out is not None and Path(out).exists():  # before the model runs: never overwrite, never waste the work
+        raise UserError(f"{out} exists: pass another --out (predictions never overwrite)")
     d, cfg, rec = load_run(run_dir)
     files, unreadable = scan_images(_image_files(paths))  # bad files get a row saying why, not a traceback
     if not files:
@@ -150,7 +160,7 @@ def predict_run(run_dir, paths, out=None, heatmaps: bool = False, tta: bool | No
     learn = run_learner(d, cfg, rec, folders, get_y=lambda f: classes[0])  # labels unused: predictions only
     dl = learn.dls.test_dl(files)
     probs = (learn.tta(dl=dl)[0] if (rec.tta if tta is None else tta) else learn.get_preds(dl=dl)[0]).float().numpy()
-    thr = (cfg.get("threshold") or {"value": 0.5})["value"]
+    thr = t if t is not None else (cfg.get("threshold") or {"value": 0.5})["value"]
     df = predictions_frame(files, classes, probs, thr)
     if out is None:
         pdir = new_run_dir(d, "predictions")  # a fresh timestamped folder: never overwrites

@@ -188,7 +188,9 @@ def plot_roc_pr(ev: Evaluation, threshold: float, path, title: str) -> Path:
     a1.set(xlabel="1 - specificity", ylabel="sensitivity", title=f"ROC ({name} vs rest)", xlim=(0, 1), ylim=(0, 1.02))
     a2.set(xlabel="recall (sensitivity)", ylabel="precision (PPV)", title="precision-recall", xlim=(0, 1),
            ylim=(0, 1.02))
-    for a in (a1, a2): a.legend(fontsize=8, loc="lower right" if a is a1 else "lower left"); a.grid(alpha=0.3)
+    for a in (a1, a2):
+        if a.get_legend_handles_labels()[0]: a.legend(fontsize=8, loc="lower right" if a is a1 else "lower left")
+        a.grid(alpha=0.3)
     fig.suptitle(title, fontsize=10)
     return _save(fig, path)
 

@@ -240,7 +240,13 @@ def list_recipes() -> list[Recipe]:
 def match_recipes(pattern: str) -> list[Recipe]:
     "Recipes whose name matches a glob (`vgg16_*`) or a comma-separated list of names/globs."
     pats = [p.strip() for p in pattern.split(",") if p.strip()]
-    names = [n for n in recipe_files() if any(fnmatch.fnmatchcase(n, p) for p in pats)]
-    if not names:
-        raise UserError(f"no recipe matches {pattern!r}: see `python -m covid_fastai list`")
+    files = list(recipe_files())
+    names = []  # in the order listed, each once: a typo must not quietly drop a run from an hours-long sweep
+    for p in pats:
+        hits = [n for n in files if fnmatch.fnmatchcase(n, p)]
+        if not hits:
+            close = difflib.get_close_matches(p, files, n=3, cutoff=0.5)
+            raise UserError(f"no recipe matches {p!r}" + (f" (did you mean {', '.join(close)}?)" if close else "")
+                            + ": see `python -m covid_fastai list`")
+        names += [n for n in hits if n not in names]
     return [load_recipe(n) for n in names]

@@ -45,7 +45,8 @@ _METRIC_NAMES = {"accuracy": "accuracy", "balanced_accuracy": "balanced accuracy
                  "sens_at_spec95": "sensitivity at specificity >= 0.95 (this split's ROC)"}
 
 
-_CHOSEN = {"valid": "the run's validation split", None: "the run's validation split"}
+_CHOSEN = {"valid": "the run's validation split", None: "the run's validation split",
+           "recipe": "no data (a fixed number in the run's settings)"}
 
 
 def _ci(ci) -> str: return "n/a" if not ci else f"{ci[0]:.3f}-{ci[1]:.3f}"
@@ -161,6 +162,14 @@ def _momentum(config: dict) -> str:
     return config.get("momentum") or momentum_used(config["recipe"]["schedule"], mom_trained_with(config))
 
 
+def _lr(config: dict) -> str:
+    "The rate the fit used: the recipe's, or the one lr_find picked (config.json's `lr_find`)."
+    f = config.get("lr_find")
+    if not config["recipe"].get("lr_find") or not f: return f"lr {config['recipe']['lr']}"
+    if f.get("used_fallback"): return f"lr {f['lr']:.3g} (lr_find found no valley: the recipe's rate)"
+    return f"lr {f['lr']:.3g} (lr_find's valley, {f['iterations']} iterations; lr_find.png)"
+
+
 def _cache_note(config) -> str:
     cf = config["speed"].get("cached_features")
     if not cf: return ""
@@ -198,7 +207,7 @@ def write_report(run_dir, config: dict, metrics: dict, history: pd.DataFrame, fi
           f"- Plan: {rec['plan']['description']}; trainable: {config['trainable']['parameters']:,} parameters in "
           f"{config['trainable']['tensors']} tensors; train_bn={rec['train_bn']}",
           f"- Layer groups: {' | '.join(config['layer_groups'])}",
-          f"- Optimiser {rec['opt']} lr {rec['lr']} (lr_mult {rec['lr_mult']}) momentum {_momentum(config)} wd {rec['wd']}, "
+          f"- Optimiser {rec['opt']} {_lr(config)} (lr_mult {rec['lr_mult']}) momentum {_momentum(config)} wd {rec['wd']}, "
           f"schedule {rec['schedule']}, {rec['epochs']} epochs, batch {rec['bs']}",
           f"- Input {rec['size']} px, augmentation `{rec['aug']}`, head `{rec['head']}` "
           f"({head_summary(rec['head'], rec['hidden'], rec['dropout'])}), seed {rec['seed']}",
@@ -221,7 +230,8 @@ def write_report(run_dir, config: dict, metrics: dict, history: pd.DataFrame, fi
           f"Confusion matrix at argmax (rows true, columns predicted, order {classes}): "
           f"`{metrics['confusion_matrix']}`", "",
           "![confusion matrix](confusion_matrix.png)", "",
-          *evaluation_md(metrics, "" if split == "test" else " (the same split: optimistic)"),
+          *evaluation_md(metrics, "" if split == "test" or metrics["threshold"].get("chosen_on") == "recipe"
+                         else " (the same split: optimistic)"),
           "## Training curves", "", "![curves](curves.png)", "",
           "Per epoch (train_loss is fastai's smoothed training loss; train metrics are taken with augmentation "
           "and dropout on):", "", _md_table(history.round(4)), "",

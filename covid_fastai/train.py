@@ -511,7 +511,8 @@ def _finish(run_dir, recipe, learn, folders, trainer, tp, config, export, t_star
     ev = Evaluation.of(learn, dl, split, tta=recipe.tta)
     valid_ev = ev if split == "valid" else Evaluation.of(learn, learn.dls.valid, "valid", tta=recipe.tta)
     _, pv, yv = valid_ev.positive()
-    threshold = {**choose_threshold(yv, pv, recipe.threshold), "chosen_on": "valid"}
+    threshold = choose_threshold(yv, pv, recipe.threshold)
+    threshold["chosen_on"] = "recipe" if threshold["note"] == "fixed" else "valid"  # a fixed number saw no data
     note = f" {SYNTHETIC_BANNER}" if folders.synthetic else ""
     m, files = write_evaluation(run_dir, ev, threshold, f"{recipe.name}: {split} split", note, learn=learn,
                                 labels=read_labels(folders.root), root=folders.root)

@@ -103,6 +103,46 @@ def test_bad_input_is_one_line_exit_2(args, message, tmp_path, capsys):
     assert not any(tmp_path.iterdir())  # nothing half-made
 
 
+@pytest.mark.parametrize("args, message", [
+    # fire would run these commands with what it can use and only then fail on the rest, after the work
+    (["predict", "{tmp}/run", "{tmp}/a.png", "--foo", "1", "--out", "{tmp}/p.csv"],
+     "unknown option --foo for predict: options are --out, --heatmaps, --tta, --threshold"),
+    (["evaluate", "{tmp}/run", "--data", "{tmp}", "--tresh", "0.3"], "unknown option --tresh for evaluate"),
+    (["compare", "{tmp}/run", "--foo", "1", "--out", "{tmp}"], "unknown option --foo for compare: options are --out"),
+    (["resume", "{tmp}/run", "--epochs", "3"], "unknown option --epochs for resume: options are --export"),
+    (["check", "--data", "{tmp}", "--limit", "x"], "--limit must be a whole number >= 0 (0: list all), got 'x'"),
+    (["list", "extra"], "unexpected argument 'extra' for list"),
+    (["recipee", "vgg16_head"], "unknown command 'recipee' (did you mean recipe?): commands are list, recipe"),
+    (["sweep", "vgg16_head,vgg16_ful", "--out", "{tmp}"],
+     "no recipe matches 'vgg16_ful' (did you mean vgg16_full"),
+])
+def test_commands_refuse_what_they_do_not_take_before_running(args, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([a.format(tmp=tmp_path) for a in args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err == [err[0]] and err[0].startswith("error: ") and message in err[0], err
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_sweep_list_keeps_the_order_given():
+    from covid_fastai.recipes import match_recipes
+    assert [r.name for r in match_recipes("vgg16_full, resnet18_*,vgg16_full")] == \
+        ["vgg16_full", "resnet18_few", "resnet18_full", "resnet18_head", "resnet18_one"]
+
+
+def test_recipe_file_takes_export_and_resume(tmp_path, capsys):
+    from covid_fastai.cli import script_main
+    from covid_fastai.recipes import load_recipe
+    rec = load_recipe("vgg16_head")
+    for argv, message in [(["--export", "maybe"], "--export must be true or false"),
+                          (["--resume", str(tmp_path), "--epochs", "2"], "--resume continues"),
+                          (["--resume", str(tmp_path)], "is not a run folder")]:
+        with pytest.raises(SystemExit) as e:
+            script_main(rec, argv)
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and err.startswith("error: ") and message in err and "\n" not in err, err
+
+
 def test_bad_input_exit_code_from_the_shell(tmp_path):
     r = cli("recipe", "vgg16_head", "--epochs", "many", "--out", tmp_path)
     assert r.returncode == 2 and r.stderr.strip() == "error: --epochs must be a positive whole number, got 'many'"

@@ -107,6 +107,24 @@ def test_predict_csv_and_heatmaps(run_dir, tiny_data, tmp_path, capsys):
     assert Path(df["heatmap"].iloc[0]).read_bytes() == first and not out.with_suffix(".txt").exists()
 
 
+def test_predict_threshold_and_evaluate_out(run_dir, tiny_data, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "p.csv"
+    main(["predict", str(run_dir), str(tiny_data / "test"), "--threshold", "0.99", "--out", str(out)])
+    df = pd.read_csv(out)
+    assert ((df["p_infected"] >= 0.99) == (df["label"] == "infected")).all()
+    main(["evaluate", str(run_dir), "--data", str(tiny_data), "--threshold", "0.4", "--out", str(tmp_path / "ev")])
+    (ev,) = (tmp_path / "ev" / "evaluations").iterdir()
+    assert json.loads((ev / "metrics.json").read_text())["threshold"]["value"] == 0.4
+    capsys.readouterr()
+    import covid_fastai.evaluate as E  # an existing --out is refused before the model is loaded and run
+
+    monkeypatch.setattr(E, "load_run", lambda *a, **k: pytest.fail("loaded the run before refusing --out"))
+    with pytest.raises(SystemExit) as e:
+        main(["predict", str(run_dir), str(tiny_data / "test"), "--out", str(out)])
+    assert e.value.code == 2 and capsys.readouterr().err.strip() == \
+        f"error: {out} exists: pass another --out (predictions never overwrite)"
+
+
 def test_grad_cam_explains_the_class_shown(run_dir, tiny_data, tmp_path, monkeypatch):
     "Grids: the (TTA) prediction in the title; predict: the CSV's label. Not one plain pass's own argmax."
     import covid_fastai.evaluate as E

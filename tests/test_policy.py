@@ -111,13 +111,17 @@ def test_lr_find_picks_the_rate_the_fit_uses(tiny_data, tmp_path, monkeypatch, c
 
     monkeypatch.setattr(Learner, "fit_one_cycle", spy)
     rec = _tiny(tiny_data, "effnet_lite0_head", policy="modern", epochs=1, cache_features=cached, lr_find=True,
-                lr_mult=10)
+                lr_mult=10, threshold="0.3")
     d = run(rec, out=tmp_path)
     cfg = json.loads((d / "config.json").read_text())
     lr = cfg["lr_find"]["lr"]
     assert lr > 0 and (d / "lr_find.png").stat().st_size > 0
     assert seen["lr_max"] == slice(lr / 10, lr)  # discriminative rates around the found lr
     assert len(open(d / "history.csv").read().splitlines()) == 2  # lr_find's mock training is not logged
+    report = (d / "report.md").read_text()
+    assert f"adamw lr {lr:.3g} (lr_find" in report  # the rate the fit used, not the recipe's 1e-3
+    # (the same run, to save a fit) a fixed --threshold was chosen on no data, and the report says so
+    assert cfg["threshold"]["chosen_on"] == "recipe" and "chosen on no data (a fixed number" in report
 
 
 class _GroupLrs(Callback):
