@@ -251,7 +251,9 @@ def assess(ev: Evaluation, threshold: dict, labels: pd.DataFrame | None = None, 
     one-vs-rest per class with 3+ classes, and per-source / per-fine-label breakdowns from labels.csv."""
     name, p, y = ev.positive()
     out = {"split": ev.split, **ev.metrics(), "tta": ev.tta, "positive_class": name,
-           "balanced_accuracy": float(skm.balanced_accuracy_score(ev.targs, ev.preds)), "threshold": threshold}
+           # undefined with one class present (sklearn would warn and give that class's recall)
+           "balanced_accuracy": float(skm.balanced_accuracy_score(ev.targs, ev.preds))
+           if len(np.unique(ev.targs)) > 1 else None, "threshold": threshold}
     for key, t in (("at_0.5", 0.5), ("at_threshold", threshold["value"])):
         out[key] = {**M.binary_metrics(y, p, t), "ci95": M.bootstrap_ci(y, p, t, n_boot=n_boot, seed=seed)}
     if len(ev.classes) > 2: out["one_vs_rest"] = M.one_vs_rest(ev.classes, ev.probs, ev.targs)

@@ -5,6 +5,7 @@ import json
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -123,6 +124,18 @@ def test_predict_threshold_and_evaluate_out(run_dir, tiny_data, tmp_path, capsys
         main(["predict", str(run_dir), str(tiny_data / "test"), "--out", str(out)])
     assert e.value.code == 2 and capsys.readouterr().err.strip() == \
         f"error: {out} exists: pass another --out (predictions never overwrite)"
+
+
+def test_evaluate_on_one_class_says_undefined_without_warnings(run_dir, tiny_data, tmp_path):
+    from covid_fastai.evaluate import evaluate_run
+    one = tmp_path / "only" / "infected"
+    shutil.copytree(tiny_data / "test" / "infected", one)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # sklearn's and matplotlib's complaints about one class
+        d = evaluate_run(run_dir, tmp_path / "only", out=tmp_path / "ev")
+    m = json.loads((d / "metrics.json").read_text())
+    assert m["balanced_accuracy"] is None and m["at_0.5"]["roc_auc"] is None and m["at_0.5"]["specificity"] is None
+    assert m["n"] == len(list(one.iterdir()))
 
 
 def test_grad_cam_explains_the_class_shown(run_dir, tiny_data, tmp_path, monkeypatch):
