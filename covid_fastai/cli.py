@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import json
+import re
 import signal
 import sys
 import warnings
@@ -227,12 +228,13 @@ def _check_args(fn, args, what: str):
     params = inspect.signature(fn).parameters
     kinds = {p.kind for p in params.values()}
     named = [n for n, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    is_flag = re.compile(r"^--?[A-Za-z_]").match  # as fire reads them: `-3` is a value, `-key` a flag
     flags, positional, i = [], [], 0
     while i < len(args):  # fire's reading: `--key value`, `--key=value`, or a bare `--key` (true)
         a = str(args[i])
-        if a.startswith("--") and len(a) > 2:
-            flags.append(a[2:].split("=", 1)[0].replace("-", "_"))
-            if "=" not in a and i + 1 < len(args) and not str(args[i + 1]).startswith("--"): i += 1
+        if is_flag(a):
+            flags.append(a.lstrip("-").split("=", 1)[0].replace("-", "_"))
+            if "=" not in a and i + 1 < len(args) and not is_flag(str(args[i + 1])): i += 1
         else: positional.append(a)
         i += 1
     if inspect.Parameter.VAR_KEYWORD not in kinds:
