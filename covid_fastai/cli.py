@@ -252,12 +252,11 @@ def _check_args(fn, args, what: str):
 
 def _check_command(component, argv):
     "A misspelt command or an option a command does not take: one line, before anything runs."
-    if any(a in ("--help", "-h") for a in map(str, argv)): return  # fire's help
+    if not argv or any(a in ("--help", "-h") for a in map(str, argv)): return  # fire lists commands / shows help
     if not isinstance(component, type):
         return _check_args(component, argv, "this recipe file")
     commands = [n for n, v in vars(component).items() if callable(v) and not n.startswith("_")]
-    if not argv or str(argv[0]) not in commands:
-        if not argv: return  # fire lists the commands
+    if str(argv[0]) not in commands:
         close = difflib.get_close_matches(str(argv[0]), commands, n=2)
         raise UserError(f"unknown command {argv[0]!r}" + (f" (did you mean {', '.join(close)}?)" if close else "")
                         + f": commands are {', '.join(commands)}")
