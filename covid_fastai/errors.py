@@ -1,15 +1,66 @@
-"""One exception type for problems a user can fix.
+"""Errors a user can fix, typed, each carrying what is wrong (the path or value) and the fix.
 
-The CLI prints such an error as a single line (``error: ...``) and exits with status 2; anything
-else is a bug and keeps its traceback. Messages name the offending path or value and the fix.
+Only the CLI turns them into one `error: ...` line (exit status 2); anything else is a bug and keeps its
+traceback. A fix that is a library command carries it as a `Command`: the CLI spells it
+`python -m covid_fastai resume RUN`, and Python callers read `resume('RUN')`.
 """
+from __future__ import annotations
 
-__all__ = ["UserError", "WeightsUnavailable"]
+from typing import NamedTuple
+
+__all__ = ["Command", "UserError", "DataError", "RecipeError", "RunFolderError", "ModelFileError",
+           "WeightsUnavailable", "RunInterrupted"]
+
+
+class Command(NamedTuple):
+    "A library command that fixes or continues something: `name` is the CLI command and the Python function."
+    name: str
+    args: tuple = ()
+    options: tuple = ()  # (flag, value) pairs, e.g. (("data", "DIR"),)
+
+    def __str__(self):  # the Python spelling; cli.py has the shell one
+        opts = [f"{k}={v!r}" for k, v in self.options]
+        return f"{self.name}({', '.join([*map(repr, map(str, self.args)), *opts])})"
 
 
 class UserError(Exception):
-    "A problem with the user's input or environment, explained in one line."
+    """A problem with the user's input or environment, explained in one line: `problem` names the path or value,
+    `fix` says what to do. In `fix`, `{command}` stands for `command`, spelt for whoever reads it."""
+
+    def __init__(self, problem: str, fix: str = "", *, path=None, command: Command | None = None):
+        self.problem, self.fix, self.path, self.command = problem, fix, path, command
+        super().__init__(self.message())
+
+    def message(self, spell=str) -> str:
+        "The one line, with `command` spelt by `spell` (the CLI passes its shell spelling)."
+        fix = self.fix.replace("{command}", f"`{spell(self.command)}`") if self.command is not None else self.fix
+        return f"{self.problem}: {fix}" if fix else self.problem
+
+
+class DataError(UserError):
+    "A data folder, labels.csv or image that cannot be used as it is."
+
+
+class RecipeError(UserError):
+    "An unknown recipe, option or option value."
+
+
+class RunFolderError(UserError):
+    "A run or sweep folder that is missing, busy, finished or cannot be resumed."
+
+
+class ModelFileError(UserError):
+    "A run's model file that is missing, damaged or does not fit its recipe."
 
 
 class WeightsUnavailable(UserError):
     "Pretrained weights were asked for but none of the sources could provide them."
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM during a run: the folder is marked `interrupted` (config.json) before this is raised.
+    `command` continues it (`resume`), or starts it again when no epoch had finished."""
+
+    def __init__(self, run_dir, epochs_done: int, command: Command):
+        self.run_dir, self.epochs_done, self.command = run_dir, epochs_done, command
+        super().__init__(f"{run_dir} interrupted after {epochs_done} finished epoch(s); {command}")
