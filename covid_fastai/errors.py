@@ -59,8 +59,13 @@ class WeightsUnavailable(UserError):
 
 class RunInterrupted(KeyboardInterrupt):
     """Ctrl-C or SIGTERM during a run: the folder is marked `interrupted` (config.json) before this is raised.
-    `command` continues it (`resume`), or starts it again when no epoch had finished."""
+    `fix` says how to go on, with `{command}` standing for `command` (`resume RUN`, or the recipe again when no
+    epoch had finished), as in `UserError`."""
 
-    def __init__(self, run_dir, epochs_done: int, command: Command):
-        self.run_dir, self.epochs_done, self.command = run_dir, epochs_done, command
-        super().__init__(f"{run_dir} interrupted after {epochs_done} finished epoch(s); {command}")
+    def __init__(self, run_dir, epochs_done: int, fix: str, command: Command):
+        self.run_dir, self.epochs_done, self.fix, self.command = run_dir, epochs_done, fix, command
+        super().__init__(self.message())
+
+    def message(self, spell=str) -> str:
+        done = f" after {self.epochs_done} finished epoch(s)" if self.epochs_done else ""
+        return f"{self.run_dir} is marked incomplete{done}; {self.fix.replace('{command}', f'`{spell(self.command)}`')}"
