@@ -1,4 +1,4 @@
-"""EfficientNet-Lite0: entire network.
+"""EfficientNet-Lite0: entire network, under the assignment's training policy (docs/recipes.md).
 
 Run: python recipes/effnet_lite0_full.py [--data DIR] [--epochs N] ...
 """

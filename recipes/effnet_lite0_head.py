@@ -1,7 +1,7 @@
-"""EfficientNet-Lite0: head only (body frozen).
+"""EfficientNet-Lite0: head only (body frozen), under the assignment's training policy (docs/recipes.md).
 
-The CPU-fast backbone beside VGG-16 and ResNet-18 in the seed grid, with genuine ImageNet weights available
-offline (covid_fastai.weights). The frozen body runs on cached features (covid_fastai.features).
+The CPU-fast backbone beside VGG-16 and ResNet-18 in the assignment grid, with genuine ImageNet weights available
+offline (docs/weights.md). A frozen body can run on cached features (docs/speed.md).
 Run: python recipes/effnet_lite0_head.py [--data DIR] [--epochs N] ...
 """
 from covid_fastai import SEED_POLICY, Recipe, head

@@ -1,10 +1,7 @@
-"""ResNet-18: FC head only (body frozen).
+"""ResNet-18: FC head only (body frozen), under the assignment's training policy (docs/recipes.md).
 
-resnet18.tv_in1k are the torchvision weights the seed used (timm's plain resnet18 would be a1_in1k).
-
-Seed policy (../shared/seed/NOTES.md): head Linear-380-ReLU-Dropout(0.5)-Linear, SGD lr 1e-3 momentum 0.9,
-no weight decay or schedule, batch 128, 10 epochs, Resize 256 / RandomRotation 30 / RandomResizedCrop 224 /
-flip, BatchNorm frozen with the body. Run: python recipes/resnet18_head.py [--data DIR] [--epochs N] ...
+resnet18.tv_in1k: the torchvision weights the assignment used (docs/weights.md).
+Run: python recipes/resnet18_head.py [--data DIR] [--epochs N] ...
 """
 from covid_fastai import SEED_POLICY, Recipe, head
 from covid_fastai.cli import script_main

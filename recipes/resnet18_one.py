@@ -1,11 +1,8 @@
-"""ResNet-18: one conv (layer3.0.conv1) + head.
+"""ResNet-18: one conv (layer3.0.conv1) + head, under the assignment's training policy (docs/recipes.md).
 
-The seed's ResNet "one conv" row was labelled "feature layer 10", copied from the VGG table. We pick the
+The assignment's ResNet "one conv" row was labelled "feature layer 10", copied from the VGG table. We pick the
 same position as VGG's features.10: the first conv of the third stage (layer3.0.conv1, 128 -> 256 channels).
-
-Seed policy (../shared/seed/NOTES.md): head Linear-380-ReLU-Dropout(0.5)-Linear, SGD lr 1e-3 momentum 0.9,
-no weight decay or schedule, batch 128, 10 epochs, Resize 256 / RandomRotation 30 / RandomResizedCrop 224 /
-flip, BatchNorm frozen with the body. Run: python recipes/resnet18_one.py [--data DIR] [--epochs N] ...
+Run: python recipes/resnet18_one.py [--data DIR] [--epochs N] ...
 """
 from covid_fastai import SEED_POLICY, Recipe, layers
 from covid_fastai.cli import script_main

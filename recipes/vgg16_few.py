@@ -1,10 +1,7 @@
-"""VGG-16: convs features 0,5,10,12,19,21,26,28 + head.
+"""VGG-16: convs features 0,5,10,12,19,21,26,28 + head, under the assignment's training policy (docs/recipes.md).
 
-The seed's "few convs" list, as its report gives it.
-
-Seed policy (../shared/seed/NOTES.md): head Linear-380-ReLU-Dropout(0.5)-Linear, SGD lr 1e-3 momentum 0.9,
-no weight decay or schedule, batch 128, 10 epochs, Resize 256 / RandomRotation 30 / RandomResizedCrop 224 /
-flip, BatchNorm frozen with the body. Run: python recipes/vgg16_few.py [--data DIR] [--epochs N] ...
+The assignment's "few convs" list, as its report gives it.
+Run: python recipes/vgg16_few.py [--data DIR] [--epochs N] ...
 """
 from covid_fastai import SEED_POLICY, Recipe, layers
 from covid_fastai.cli import script_main

@@ -1,10 +1,7 @@
-"""VGG-16: one conv (features.10) + head.
+"""VGG-16: one conv (features.10) + head, under the assignment's training policy (docs/recipes.md).
 
-features.10 is conv3_1 (128 -> 256 channels), the first conv of VGG-16's third stage: the seed's "one conv".
-
-Seed policy (../shared/seed/NOTES.md): head Linear-380-ReLU-Dropout(0.5)-Linear, SGD lr 1e-3 momentum 0.9,
-no weight decay or schedule, batch 128, 10 epochs, Resize 256 / RandomRotation 30 / RandomResizedCrop 224 /
-flip, BatchNorm frozen with the body. Run: python recipes/vgg16_partial.py [--data DIR] [--epochs N] ...
+features.10 is conv3_1 (128 -> 256 channels), the first conv of VGG-16's third stage: the assignment's "one conv".
+Run: python recipes/vgg16_partial.py [--data DIR] [--epochs N] ...
 """
 from covid_fastai import SEED_POLICY, Recipe, layers
 from covid_fastai.cli import script_main
