@@ -1,8 +1,7 @@
 """EfficientNet-Lite0: last two block stages (blocks.5, blocks.6) + conv_head + head.
 
-Under the assignment's training policy (docs/recipes.md).
-
-EfficientNet's stages are small, so its usual partial fine-tune is the top of the body, not one early conv.
+Under the assignment's training policy (docs/recipes.md). EfficientNet's stages are small, so its usual partial
+fine-tune is the top of the body, not one early conv.
 Run: python recipes/effnet_lite0_partial.py [--data DIR] [--epochs N] ...
 """
 from covid_fastai import SEED_POLICY, Recipe, layers
