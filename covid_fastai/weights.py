@@ -239,7 +239,9 @@ def load_pretrained(model: nn.Module, arch: str, weights: str | Path | None = No
         log.info("pretrained %s from %s: %s", arch, source, full)
         return _provenance(want, source, file, sha, missing, unused, full)
 
-    if weights is not None:  # an explicit file wins over everything
+    # An explicit file wins over everything. (Not timm's `pretrained_cfg_overlay=dict(file=...)`: it loads
+    # non-strictly for a headless body and would accept another model's weights; see covid_fastai.statedicts.)
+    if weights is not None:
         path = Path(weights).expanduser()
         if not path.is_file():
             raise WeightsUnavailable(f"weights file {path} does not exist", "pass an existing .pth/.safetensors "
