@@ -1,8 +1,8 @@
 """Grad-CAM heatmaps for the fastai model `nn.Sequential(TimmBody(timm_model), head)` built in models.py.
 
-The feature map is the body's last convolutional output: ResNet `layer4`, EfficientNet `conv_head`+`bn2`
-(the body's output), and for VGG the last ReLU before the final max-pool (twice the resolution of the
-pooled map). Grad-CAM weights each channel by the spatial mean of the class score's gradient and keeps the
+The feature map is the family's `ArchCfg.cam_layer` (covid_fastai.archs), by default the body's output, its last
+feature map: ResNet `layer4`, EfficientNet `conv_head`+`bn2`; for VGG the last ReLU before the final max-pool
+(twice the resolution of the pooled map). Grad-CAM weights each channel by the spatial mean of the class score's gradient and keeps the
 positive part (Selvaraju et al. 2017). It runs in fp32 (no autocast), in eval mode, and needs no trainable
 body: the input carries the gradient.
 """
@@ -13,16 +13,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .archs import arch_cfg
+
 __all__ = ["cam_layer", "grad_cam", "overlay"]
 
 
 def cam_layer(model: nn.Module) -> nn.Module:
-    "The module whose output Grad-CAM explains."
+    "The module whose output Grad-CAM explains: the family's `cam_layer` of the timm body, else the body itself."
     body = model[0].model if hasattr(model[0], "model") else model[0]
-    feats = getattr(body, "features", None)
-    if isinstance(feats, nn.Sequential) and isinstance(feats[-1], nn.MaxPool2d):
-        return feats[-2]  # VGG: last conv block's ReLU, before the final pool
-    return model[0]  # ResNet (ends with layer4), EfficientNet (conv_head, bn2): the body's output
+    layer = arch_cfg(body).cam_layer
+    return layer(body) if layer else model[0]
 
 
 @torch.no_grad()

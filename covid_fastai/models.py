@@ -6,7 +6,6 @@
 """
 from __future__ import annotations
 
-import re
 from functools import partial
 
 import timm
@@ -16,18 +15,11 @@ from sklearn import metrics as skm
 from timm.models import group_parameters
 from torch import nn
 
-from .errors import UserError
+from .archs import arch_cfg, family
+from .errors import RecipeError
 
 __all__ = ["create_body", "seed_head", "linear_head", "HEADS", "head_summary", "layer_groups", "xray_learner",
            "class_f1", "OPTIMIZERS", "family"]
-
-
-def family(arch: str) -> str:
-    "Architecture family of a timm name: 'vgg16.tv_in1k' -> 'vgg'."
-    name = arch.split(".")[0]
-    for fam in ("vgg", "resnet", "efficientnet", "convnext"):
-        if fam in name: return fam
-    return name
 
 
 def create_body(arch: str) -> nn.Module:
@@ -36,11 +28,8 @@ def create_body(arch: str) -> nn.Module:
         model = timm.create_model(arch, pretrained=False, num_classes=0)
     except RuntimeError as e:  # timm: "Unknown model (...)"
         close = timm.list_models(f"*{arch.split('.')[0]}*")[:10]
-        raise UserError(f"unknown timm architecture {arch!r}: {e}; similar names: {close}") from None
-    if family(arch) == "vgg":
-        # timm keeps torchvision's fc6/fc7 as `pre_logits` (a 7x7 conv of 103M parameters); the seed replaced
-        # the whole classifier with its own head, and `forward_features` never calls it, so drop it.
-        model.pre_logits = nn.Identity()
+        raise RecipeError(f"unknown timm architecture {arch!r} ({e})", f"similar names: {close}") from None
+    if arch_cfg(arch).drop_pre_logits: model.pre_logits = nn.Identity()  # see covid_fastai.archs
     return model
 
 
@@ -48,7 +37,7 @@ def seed_head(nf: int, n_out: int, hidden: int = 380, p: float = 0.5, pool: int 
     """The assignment's head: [pool] -> flatten -> Linear(nf*pool*pool, hidden) -> ReLU -> Dropout(p) -> Linear.
 
     `pool=7` keeps VGG's 7x7x512 = 25088 flattened features (torchvision's AdaptiveAvgPool2d((7, 7)));
-    `pool=1` is ResNet's global average pool (512 features).
+    `pool=1` is ResNet's global average pool (512 features). `HEADS` takes it from the family's `ArchCfg.seed_pool`.
     """
     # torch.nn.Flatten (not fastai's view-based Flatten): channels-last activations are not viewable.
     return nn.Sequential(nn.AdaptiveAvgPool2d(pool), nn.Flatten(), nn.Linear(nf * pool * pool, hidden),
@@ -62,7 +51,7 @@ def linear_head(nf: int, n_out: int, p: float = 0.2) -> nn.Sequential:
 
 # name -> (nf, n_out, hidden, dropout, arch) -> head module
 HEADS = {
-    "seed": lambda nf, n_out, hidden, p, arch: seed_head(nf, n_out, hidden, p, pool=7 if family(arch) == "vgg" else 1),
+    "seed": lambda nf, n_out, hidden, p, arch: seed_head(nf, n_out, hidden, p, pool=arch_cfg(arch).seed_pool),
     "fastai": lambda nf, n_out, hidden, p, arch: create_head(nf, n_out, lin_ftrs=[hidden], ps=p),
     "linear": lambda nf, n_out, hidden, p, arch: linear_head(nf, n_out, p),
 }
@@ -74,20 +63,12 @@ def head_summary(head: str, hidden: int, dropout: float) -> str:
     return ("" if head in HEADS_WITHOUT_HIDDEN else f"{hidden} hidden, ") + f"dropout {dropout}"
 
 
-def _vgg_stage(name: str):
-    "VGG layer groups: one per stage, stages end at the max-pools (features.4, 9, 16, 23, 30)."
-    i = int(re.match(r"features\.(\d+)", name).group(1))
-    return sum(i > p for p in (4, 9, 16, 23))
-
-
-# Layer grouping per family, as timm group matchers; others use the model's own coarse `group_matcher`
-# (ResNet: stem + one group per stage; EfficientNet: stem + one group per block stage + head conv).
-GROUP_MATCHERS = {"vgg": lambda model: _vgg_stage}
-
-
 def layer_groups(body: nn.Module, arch: str) -> list[tuple[str, list[str]]]:
-    "[(group label, [parameter names])] for the body, in forward order, from timm's group matchers."
-    matcher = GROUP_MATCHERS.get(family(arch), lambda m: m.group_matcher(coarse=True))(body)
+    """[(group label, [parameter names])] for the body, in forward order, from timm's group matchers: the family's
+    `ArchCfg.group_matcher`, else the model's own coarse one (ResNet: stem + one group per stage; EfficientNet:
+    stem + one group per block stage + head conv)."""
+    own = arch_cfg(arch).group_matcher
+    matcher = own(body) if own else body.group_matcher(coarse=True)
     groups = group_parameters(body, matcher)
     out = []
     for _, names in sorted(groups.items()):
@@ -142,7 +123,7 @@ def xray_learner(dls, arch: str, pretrained: bool = True, weights=None, head: st
     else:
         provenance = {"source": "random-init", "note": "pretrained=False: no ImageNet weights"}
     nf, n_out = body.num_features, dls.c
-    if head not in HEADS: raise UserError(f"unknown head {head!r}: choose one of {', '.join(HEADS)}")
+    if head not in HEADS: raise RecipeError(f"unknown head {head!r}", f"choose one of {', '.join(HEADS)}")
     head_mod = HEADS[head](nf, n_out, hidden, dropout, arch)
     model = add_head(TimmBody(body), nf, n_out, head=head_mod)
     # Normalise with the statistics the weights were trained with (timm's pretrained config), always, so
@@ -151,7 +132,7 @@ def xray_learner(dls, arch: str, pretrained: bool = True, weights=None, head: st
     if not dls.after_batch.fs.filter(lambda t: isinstance(t, Normalize)):
         dls.add_tfms([Normalize.from_stats(cfg["mean"], cfg["std"])], "after_batch")
     groups = layer_groups(body, arch)
-    if opt not in OPTIMIZERS: raise UserError(f"unknown optimiser {opt!r}: choose one of {sorted(OPTIMIZERS)}")
+    if opt not in OPTIMIZERS: raise RecipeError(f"unknown optimiser {opt!r}", f"choose one of {sorted(OPTIMIZERS)}")
     metrics = [accuracy] + [class_f1(i, c) for i, c in enumerate(dls.vocab)]
     loss = LabelSmoothingCrossEntropyFlat(eps=label_smoothing) if label_smoothing > 0 else CrossEntropyLossFlat()
     cbs = list(cbs or []) + ([BnFreeze()] if bn_freeze else [])

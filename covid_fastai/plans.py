@@ -17,7 +17,7 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass
 
-from .errors import UserError
+from .errors import RecipeError
 
 __all__ = ["Plan", "head", "layers", "full", "freeze_to", "apply_plan", "trainable_names", "body_module_names"]
 
@@ -71,8 +71,8 @@ def apply_plan(learn, plan: Plan) -> list[str]:
     elif plan.kind == "freeze_to":
         n_groups = len(learn.opt.param_lists)
         if not 0 <= plan.n < n_groups:
-            raise UserError(f"freeze_to({plan.n}) is out of range: this model has {n_groups} layer groups "
-                            f"({', '.join(learn.group_names)}); use 0..{n_groups - 1}")
+            raise RecipeError(f"freeze_to({plan.n}) is out of range: this model has {n_groups} layer groups "
+                              f"({', '.join(learn.group_names)})", f"use 0..{n_groups - 1}")
         learn.freeze_to(plan.n)
     elif plan.kind == "layers":
         learn.freeze()
@@ -82,12 +82,12 @@ def apply_plan(learn, plan: Plan) -> list[str]:
         for pat in plan.patterns:
             hits = [n for n in named if _match(pat, n)]
             if not hits:
-                raise UserError(f"layer pattern {pat!r} matches no module of {learn.arch}: valid names are "
-                                f"{', '.join(v for v in valid if v.count('.') <= 1)} (deeper names and globs "
-                                f"like 'layer3.*' work too)")
+                raise RecipeError(f"layer pattern {pat!r} matches no module of {learn.arch}",
+                                  f"valid names are {', '.join(v for v in valid if v.count('.') <= 1)} (deeper "
+                                  f"names and globs like 'layer3.*' work too)")
             for n in hits: named[n].requires_grad_(True)
     else:
-        raise UserError(f"unknown plan kind {plan.kind!r}: use head(), layers(...), full() or freeze_to(n)")
+        raise RecipeError(f"unknown plan kind {plan.kind!r}", "use head(), layers(...), full() or freeze_to(n)")
     return trainable_names(learn)
 
 

@@ -4,8 +4,9 @@ import pytest
 import torch
 from fastai.vision.all import TimmBody, add_head
 
+from covid_fastai.archs import arch_cfg
 from covid_fastai.gradcam import cam_layer, grad_cam, overlay
-from covid_fastai.models import create_body, family, seed_head
+from covid_fastai.models import create_body, seed_head
 
 
 @pytest.mark.parametrize("arch, layer", [("vgg16.tv_in1k", "ReLU"), ("resnet18.tv_in1k", "TimmBody"),
@@ -14,7 +15,7 @@ def test_grad_cam_shape_and_class_dependence(arch, layer):
     torch.manual_seed(0)
     body = create_body(arch)
     nf = body.num_features
-    model = add_head(TimmBody(body), nf, 2, head=seed_head(nf, 2, pool=7 if family(arch) == "vgg" else 1))
+    model = add_head(TimmBody(body), nf, 2, head=seed_head(nf, 2, pool=arch_cfg(arch).seed_pool))
     for p in model[0].parameters(): p.requires_grad_(False)  # a frozen body, as in head-only plans
     model.train()
     x = torch.randn(3, 3, 96, 64)

