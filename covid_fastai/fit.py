@@ -35,7 +35,7 @@ def mom_trained_with(config: dict) -> float | None:
 
 
 def learning_rates(recipe: Recipe, lr: float | None = None):
-    "The rate to fit with (`lr`, else the recipe's), spread as `slice(lr / lr_mult, lr)` over the groups when lr_mult > 1."
+    "The rate to fit with (`lr`, else the recipe's), as `slice(lr / lr_mult, lr)` over the groups when lr_mult > 1."
     lr = recipe.lr if lr is None else lr
     return slice(lr / recipe.lr_mult, lr) if recipe.lr_mult > 1 else lr
 

@@ -94,8 +94,7 @@ def _run_in(r: _Run):
         print(f"warning: {msg}", flush=True)
 
     try:
-        r.cbs = [OneClassWarning(learn.dls.vocab, warn), *r.cbs]
-        trainer = _prepare(r)
+        trainer = _prepare(r, warn)
         config.update(run_facts(r.recipe, learn, r.folders, trainer))
         rd.save()
         if r.recipe.lr_find and "lr_find" not in config:  # a resumed run keeps the rate it started with
@@ -124,12 +123,13 @@ def _run_in(r: _Run):
         raise
 
 
-def _prepare(r: _Run) -> Learner:
-    "The Learner that fits, with the run's callbacks, and the checkpoint's state loaded when resuming."
+def _prepare(r: _Run, warn) -> Learner:
+    """The Learner that fits, with the run's callbacks, and the checkpoint's state loaded when resuming.
+    `warn(message)`: where the one-class warning goes."""
     learn, d = r.learn, r.dir
-    ckpt = EpochCheckpoint.of(learn, d.checkpoint, r.state)
-    trainer = fitting_learner(learn, r.recipe, [r.throughput, HistoryCSV(d / "history.csv", r.start_epoch), ckpt,
-                                                *r.cbs])
+    cbs = [r.throughput, HistoryCSV(d / "history.csv", r.start_epoch), EpochCheckpoint.of(learn, d.checkpoint, r.state),
+           OneClassWarning(learn.dls.vocab, warn), *r.cbs]
+    trainer = fitting_learner(learn, r.recipe, cbs)
     trainer.train_throughput = r.throughput
     trainer.recorder.train_metrics = True
     if not sys.stdout.isatty():
@@ -141,7 +141,7 @@ def _prepare(r: _Run) -> Learner:
 
 
 def _own_cbs(r: _Run) -> list:
-    "The callbacks a run adds for its fit (loggers, checkpoints, warnings, the caller's): out of lr_find and evaluation."
+    "The callbacks a run adds for its fit (loggers, checkpoints, warnings, the caller's): out of lr_find and evaluation"
     return [*r.cbs, *r.trainer.cbs.filter(lambda c: isinstance(c, (TrainThroughput, HistoryCSV, EpochCheckpoint,
                                                                      OneClassWarning)))]
 
