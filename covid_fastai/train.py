@@ -141,7 +141,7 @@ def _prepare(r: _Run, warn) -> Learner:
 
 
 def _own_cbs(r: _Run) -> list:
-    "The callbacks a run adds for its fit (loggers, checkpoints, warnings, the caller's): out of lr_find and evaluation"
+    "The run's own fit callbacks (loggers, checkpoint, warnings, the caller's): out of lr_find and evaluation."
     return [*r.cbs, *r.trainer.cbs.filter(lambda c: isinstance(c, (TrainThroughput, HistoryCSV, EpochCheckpoint,
                                                                      OneClassWarning)))]
 
