@@ -22,6 +22,10 @@ from .plans import *  # noqa: E402,F401,F403
 from .recipes import *  # noqa: E402,F401,F403
 from .callbacks import *  # noqa: E402,F401,F403
 from .interpret import *  # noqa: E402,F401,F403
+from .rundir import *  # noqa: E402,F401,F403
+from .learner import *  # noqa: E402,F401,F403
+from .checkpoint import EpochCheckpoint  # noqa: E402,F401
+from .export import load_export  # noqa: E402,F401
 from .train import *  # noqa: E402,F401,F403
 from .evaluate import evaluate_run, predict_run  # noqa: E402,F401
 from .sweep import compare_runs, resume_sweep, run_sweep  # noqa: E402,F401

@@ -1,14 +1,16 @@
-"""fastai callbacks: speed on CPUs with bf16 units (AVX512-BF16/AMX), throughput, and a one-class warning."""
+"""fastai callbacks: speed on CPUs with bf16 units (AVX512-BF16/AMX), throughput, the epoch log, a one-class warning."""
 from __future__ import annotations
 
+import os
 import time
 
 import torch
 from fastai.callback.core import Callback, GatherPredsCallback
+from fastai.callback.progress import CSVLogger
 from fastai.torch_core import to_float
 
 __all__ = ["BF16Autocast", "ChannelsLast", "TrainThroughput", "bf16_supported", "FitOnlyCallback", "OneClassWarning",
-           "one_class_message"]
+           "one_class_message", "HistoryCSV", "plain_epoch_log"]
 
 
 def bf16_supported(device_type: str = "cpu") -> bool:
@@ -79,9 +81,6 @@ class TrainThroughput(FitOnlyCallback):
     @property
     def seconds(self) -> float: return sum(self.epoch_times)
 
-    @property
-    def images_per_s(self) -> float: return sum(self.epoch_images) / max(self.seconds, 1e-9)
-
 
 def one_class_message(epoch: int, predicted, true, vocab) -> str | None:
     """The warning for an epoch whose validation predictions (argmax class counts `predicted`) all fell in one class
@@ -115,3 +114,50 @@ class OneClassWarning(FitOnlyCallback):
         if msg is None: return
         if self.warn is None: print(f"warning: {msg}", flush=True)
         else: self.warn(msg)
+
+
+class HistoryCSV(FitOnlyCallback, CSVLogger):
+    """fastai's `CSVLogger` for history.csv, one row per epoch as it finishes: losses and metrics (train and valid)
+    without fastai's formatted `time`, then `train_seconds` (the training phase, from `TrainThroughput`) and
+    `epoch_seconds` (the whole epoch). `start_epoch` > 0: resuming, the earlier epochs' rows are kept."""
+    order = 61  # after ProgressCallback (60), so each restores the logger it replaced in the right order
+
+    def __init__(self, fname, start_epoch: int = 0):
+        super().__init__(fname)
+        self.start_epoch = start_epoch
+
+    def before_fit(self):
+        f = self.path / self.fname
+        kept = f.read_text().splitlines(keepends=True)[1:self.start_epoch + 1] if self.start_epoch else []
+        self.cols = [n for n in self.recorder.metric_names if n != "time"]
+        self.file = f.open("w")
+        self.file.write(",".join(self.cols + ["train_seconds", "epoch_seconds"]) + "\n" + "".join(kept))
+        self.file.flush()
+        self.old_logger, self.learn.logger = self.logger, self._write_line
+        self.t0 = time.perf_counter()
+
+    def _write_line(self, log):
+        if self.epoch >= self.start_epoch:  # not an epoch fastai's SkipToEpoch skipped on resume
+            vals = dict(zip(self.recorder.metric_names, log))
+            tp = getattr(self.learn, "train_throughput", None)
+            train_s = tp.epoch_times[-1] if tp and tp.epoch_times else float("nan")
+            now = time.perf_counter()
+            row = [vals.get(c, "") for c in self.cols] + [f"{train_s:.3f}", f"{now - self.t0:.3f}"]
+            self.t0 = now
+            self.file.write(",".join(str(v) for v in row) + "\n")
+            self.file.flush()
+            os.fsync(self.file.fileno())
+        self.old_logger(log)  # the recorder's own line for the next logger (progress bar or plain epoch line)
+
+    def after_fit(self):
+        self.file.close()
+        if self.learn.logger == self._write_line: self.learn.logger = self.old_logger
+
+
+def plain_epoch_log(learn, start_epoch: int = 0):
+    "A logger printing one plain line per epoch (for logs and pipes, where fastprogress's redrawn bars are noise)."
+    def log(vals):
+        if vals and isinstance(vals[0], int) and vals[0] < start_epoch: return  # skipped on resume
+        pairs = zip(learn.recorder.metric_names, vals)
+        print("  ".join(f"{n} {v:.4f}" if isinstance(v, float) else f"{n} {v}" for n, v in pairs), flush=True)
+    return log

@@ -7,7 +7,6 @@ A run is rebuilt from its `config.json` recipe (random init, nothing downloaded)
 from __future__ import annotations
 
 import dataclasses
-import json
 import warnings
 from pathlib import Path
 
@@ -18,11 +17,13 @@ from safetensors.torch import load_file
 
 from .data import XrayFolders
 from .errors import UserError
+from .files import write_json
 from .images import scan_images
 from .interpret import Evaluation, cam_images, predictions_frame, write_evaluation
 from .labels import fine_label_getter, read_labels
 from .recipes import Recipe
-from .train import _write_json, folders_learner, new_run_dir, recipe_from_config
+from .learner import folders_learner
+from .rundir import RunDir, new_run_dir
 
 __all__ = ["load_run", "run_learner", "eval_folders", "evaluate_run", "predict_run"]
 
@@ -35,8 +36,8 @@ def load_run(run_dir) -> tuple[Path, dict, Recipe]:
         raise UserError(f"{d} has no config.json: pass a run folder (outputs/<recipe>/<timestamp>/)")
     if not (d / "model.safetensors").is_file():
         raise UserError(f"{d} has no model.safetensors (the run did not finish?): pass a finished run folder")
-    cfg = json.loads((d / "config.json").read_text())
-    return d, cfg, recipe_from_config(cfg)
+    rd = RunDir.open(d)
+    return d, rd.config, rd.recipe()
 
 
 def run_learner(d: Path, cfg: dict, rec: Recipe, folders: XrayFolders, get_y=None):
@@ -117,7 +118,7 @@ def evaluate_run(run_dir, data, tta: bool | None = None, threshold: float | None
     m, _ = write_evaluation(out_dir, ev, thr, f"{rec.name} on {split_dir}", note, learn=learn,
                             labels=read_labels(folders.root), root=folders.root)
     m.update(run_dir=str(d), data=str(split_dir), synthetic=synthetic)
-    _write_json(out_dir / "metrics.json", m)
+    write_json(out_dir / "metrics.json", m)
     before = [f"> **{SYNTHETIC_BANNER}** Evaluated on generated drawings, not X-rays.", ""] if synthetic else []
     before += [f"Run `{d}` (recipe `{rec.name}`, `{rec.arch}`, weights from its model.safetensors) evaluated on "
                f"`{split_dir}`: {len(files)} images, counts {folders.counts()['train']}. Per-image predictions: "

@@ -23,7 +23,6 @@ import contextlib
 import functools
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -35,6 +34,7 @@ from torch import nn
 
 from .cache import cache_dir
 from .cache import sha256_file
+from .files import atomic_path
 
 __all__ = ["body_is_frozen", "bn_in_training_mode", "use_feature_cache", "CACHE_SAFE_AUGS", "feature_cache_key", "split_head", "body_features", "head_learner", "FeatureViews"]
 
@@ -186,9 +186,8 @@ def _compute_or_load(learn, recipe, pre_pool, views: int, bf16: bool) -> tuple[d
                                                  pre_pool, bf16, recipe.channels_last)
     out.update({f"buffer.{k}": b.detach().clone() for k, b in buffers.items()})
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    save_file({k: v.contiguous() for k, v in out.items()}, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in out.items()}, tmp)
     return out, False
 
 

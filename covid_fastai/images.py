@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .files import write_atomic
 
 __all__ = ["open_xray", "UnreadableImage", "IMAGE_EXTENSIONS", "is_dicom", "scan_images", "HUGE_PIXELS",
            "get_xray_files"]
@@ -220,9 +221,7 @@ def scan_images(files, root=None) -> tuple[list[Path], list[tuple[Path, str]]]:
     if changed and cache_file is not None:
         try:
             cache_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(seen))  # only the files of this scan: stale entries drop out
-            tmp.replace(cache_file)
+            write_atomic(cache_file, json.dumps(seen))  # only the files of this scan: stale entries drop out
         except OSError:
             pass  # a read-only cache only costs a rescan next time
     return good, bad

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from .fit import mom_trained_with, momentum_used
 from .models import head_summary
 
 __all__ = ["SYNTHETIC_BANNER", "write_report", "evaluation_md", "write_evaluation_report", "md_to_html",
@@ -25,7 +26,7 @@ SYNTHETIC_BANNER = "[SYNTHETIC demo data, not X-rays]"
 def _md_table(df: pd.DataFrame) -> str:
     cols = list(df.columns)
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for _, r in df.iterrows():
+    for r in df.to_dict("records"):  # column types kept (iterrows turns an all-number row into floats)
         lines.append("| " + " | ".join(_fmt(r[c], 1 if c in _ONE_DECIMAL else 4) for c in cols) + " |")
     return "\n".join(lines)
 
@@ -143,19 +144,6 @@ def write_html(md_path, extra_md: str = "") -> Path:
 def _cm_text(cm, classes) -> str:
     "Confusion matrix in one cell: rows = true class."
     return "; ".join(f"{c}: {row}" for c, row in zip(classes, cm))
-
-
-def momentum_used(schedule: str, mom: float | None) -> str:
-    "The momentum (Adam beta1) a fit uses: fit_one_cycle cycles it unless the recipe holds it constant."
-    if mom is None: return "0.95→0.85→0.95 (fastai's one-cycle)" if schedule == "one_cycle" else "0.9 (constant)"
-    return f"{mom} (constant)"
-
-
-def mom_trained_with(config: dict) -> float | None:
-    "A run's `mom` as it trained: before config.json recorded 'momentum', fit_one_cycle always cycled (None)."
-    rec = config["recipe"]
-    if "momentum" not in config and rec.get("schedule") == "one_cycle": return None
-    return rec.get("mom")
 
 
 def _momentum(config: dict) -> str:

@@ -20,21 +20,14 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .errors import UserError
+from .errors import Command, RecipeError, RunFolderError, RunInterrupted
+from .files import folder_lock, write_json
+from .learner import resolve_data
 from .plans import Plan
 from .recipes import Recipe, match_recipes, with_overrides
 from .report import sweep_row, write_sweep
-from .train import (
-    CHECKPOINT,
-    OUTPUTS,
-    _run_lock,
-    _write_json,
-    new_run_dir,
-    resolve_data,
-    resume,
-    run,
-    run_summary,
-)
+from .rundir import CHECKPOINT, OUTPUTS, new_run_dir, run_status, run_summary
+from .train import resume, run
 
 __all__ = ["SWEEP_FILE", "compare_runs", "plan_sweep", "resume_sweep", "run_sweep"]
 
@@ -45,7 +38,7 @@ def plan_sweep(pattern: str, policies: str | None = None, **overrides) -> list[R
     """Every recipe matching `pattern` (glob or comma-separated names) under each of `policies` ('seed,modern';
     None: as the recipe file says), with the overrides applied. All are checked before any runs."""
     if policies and "policy" in overrides:
-        raise UserError("pass either --policies (one run per policy) or --policy, not both")
+        raise RecipeError("pass either --policies (one run per policy) or --policy, not both")
     pols = [p.strip() for p in str(policies).split(",") if p.strip()] if policies else [None]
     recs = [with_overrides(r, **({"policy": p} if p else {}), **overrides) for r in match_recipes(pattern)
             for p in pols]
@@ -58,13 +51,6 @@ def _recipe_from_json(d: dict) -> Recipe:
     d = dict(d)
     p = d.pop("plan")
     return Recipe(plan=Plan(p["kind"], tuple(p.get("patterns") or ()), p.get("n")), **d)
-
-
-def _status(run_dir) -> str | None:
-    "A run folder's status from its config.json ('complete', 'interrupted', ...), None if it never wrote one."
-    cfg = Path(run_dir) / "config.json" if run_dir else None
-    if cfg is None or not cfg.is_file(): return None
-    return json.loads(cfg.read_text()).get("status")
 
 
 def _row(run_dir) -> dict:
@@ -88,7 +74,7 @@ def run_sweep(pattern: str, out=None, policies: str | None = None, cbs=None, **o
     manifest = {"pattern": str(pattern), "policies": policies, "overrides": {k: str(v) for k, v in overrides.items()},
                 "out": str(root), "created": datetime.now(timezone.utc).isoformat(), "status": "running",
                 "command": sys.argv, "runs": [{"recipe": dataclasses.asdict(r), "run_dir": None} for r in recs]}
-    _write_json(sweep_dir / SWEEP_FILE, manifest)
+    write_json(sweep_dir / SWEEP_FILE, manifest)
     try:
         return _carry_on(sweep_dir, manifest, cbs, fresh=True)
     except BaseException:
@@ -104,11 +90,12 @@ def resume_sweep(sweep_dir, cbs=None) -> Path:
     sweep_dir = Path(sweep_dir).expanduser()
     f = sweep_dir / SWEEP_FILE
     if not f.is_file():
-        raise UserError(f"{sweep_dir} is not a sweep folder (no {SWEEP_FILE}): pass a folder a sweep created, "
-                        f"e.g. outputs/sweeps/<timestamp>")
+        raise RunFolderError(f"{sweep_dir} is not a sweep folder (no {SWEEP_FILE})",
+                             "pass a folder a sweep created, e.g. outputs/sweeps/<timestamp>", path=sweep_dir)
     manifest = json.loads(f.read_text())
     if manifest.get("status") == "complete":
-        raise UserError(f"{sweep_dir} finished already (status complete): its table is {sweep_dir / 'comparison.md'}")
+        raise RunFolderError(f"{sweep_dir} finished already (status complete)",
+                             f"its table is {sweep_dir / 'comparison.md'}", path=sweep_dir)
     return _carry_on(sweep_dir, manifest, cbs)
 
 
@@ -121,9 +108,11 @@ def _carry_on(sweep_dir: Path, manifest: dict, cbs, fresh: bool = False) -> Path
     fresh: a new sweep, whose folder goes if it stops before any run started (bad data, no weights, ...)."""
     items, root = manifest["runs"], Path(manifest["out"])
 
-    def save(): _write_json(sweep_dir / SWEEP_FILE, manifest)
-    how = f"continue it with `python -m covid_fastai resume {sweep_dir}`"
-    with _run_lock(sweep_dir):
+    def save(): write_json(sweep_dir / SWEEP_FILE, manifest)
+    go_on = Command("resume", (str(sweep_dir),))
+    busy = RunFolderError(f"{sweep_dir} is in use by another process (a sweep or resume still going)",
+                          "wait for it or stop it first", path=sweep_dir)
+    with folder_lock(sweep_dir, busy):
         manifest.pop("error", None)
         manifest["status"] = "running"
         save()
@@ -131,7 +120,7 @@ def _carry_on(sweep_dir: Path, manifest: dict, cbs, fresh: bool = False) -> Path
             for i, item in enumerate(items):
                 rec, d = _recipe_from_json(item["recipe"]), item["run_dir"]
                 tag = f"[{i + 1}/{len(items)}] {rec.name} ({rec.policy} policy)"
-                if _status(d) == "complete":
+                if run_status(d) == "complete":
                     print(f"== {tag}: finished already in {d}", flush=True)
                     continue
                 if d and (Path(d) / CHECKPOINT).is_file():
@@ -153,8 +142,9 @@ def _carry_on(sweep_dir: Path, manifest: dict, cbs, fresh: bool = False) -> Path
                             **({} if stopped else {"error": " ".join(str(e).split())[:500] or type(e).__name__}))
             save()
             done = f"{_n_done(items)} of {len(items)} runs finished"
-            print(f"interrupted: sweep {sweep_dir} has {done}; {how}" if stopped else
-                  f"sweep {sweep_dir} stopped with {done}; fix the problem, then {how}", file=sys.stderr, flush=True)
+            if stopped:
+                raise RunInterrupted(sweep_dir, 0, f"the sweep has {done}; continue it with {{command}}", go_on) from e
+            e.add_note(f"sweep {sweep_dir} stopped with {done}; fix the problem, then continue it with {go_on}")
             raise
         manifest["status"] = "complete"
         save()
@@ -162,12 +152,12 @@ def _carry_on(sweep_dir: Path, manifest: dict, cbs, fresh: bool = False) -> Path
 
 
 def _n_done(items) -> int:
-    return sum(_status(it["run_dir"]) == "complete" for it in items)
+    return sum(run_status(it["run_dir"]) == "complete" for it in items)
 
 
 def _write_table(sweep_dir: Path, manifest: dict):
     "The comparison of the runs finished so far, in plan order."
-    done = [it["run_dir"] for it in manifest["runs"] if _status(it["run_dir"]) == "complete"]
+    done = [it["run_dir"] for it in manifest["runs"] if run_status(it["run_dir"]) == "complete"]
     if not done: return
     n = len(manifest["runs"])
     title = f"Sweep {manifest['pattern']} ({manifest['created'][:16].replace('T', ' ')} UTC)"
@@ -179,16 +169,17 @@ def compare_runs(run_dirs, out=None, title: str | None = None) -> Path:
     """comparison.md/.csv/.html of finished run folders, side by side (the table a sweep writes), in
     `<out>/comparisons/<timestamp>/` (out default ./outputs); returns comparison.md's path."""
     dirs = [Path(d).expanduser() for d in run_dirs]
-    if not dirs: raise UserError("compare needs run folders, e.g. outputs/vgg16_head/20260101-120000")
+    if not dirs: raise RunFolderError("compare needs run folders, e.g. outputs/vgg16_head/20260101-120000")
     for d in dirs:
-        st = _status(d)
+        st = run_status(d)
         if st is None:
-            raise UserError(f"{d} is not a run folder (no config.json): pass folders a run created, "
-                            f"e.g. outputs/<recipe>/<timestamp>")
+            raise RunFolderError(f"{d} is not a run folder (no config.json)",
+                                 "pass folders a run created, e.g. outputs/<recipe>/<timestamp>", path=d)
         if st != "complete" or not (d / "metrics.json").is_file():
-            fix = (f"continue it with `python -m covid_fastai resume {d}`" if (d / CHECKPOINT).is_file()
-                   else "leave it out")
-            raise UserError(f"{d} is not a finished run (status {st}): {fix}")
+            resumable = (d / CHECKPOINT).is_file()
+            raise RunFolderError(f"{d} is not a finished run (status {st})",
+                                 "continue it with {command}" if resumable else "leave it out", path=d,
+                                 command=Command("resume", (str(d),)) if resumable else None)
     out_dir = new_run_dir((Path(out) if out is not None else OUTPUTS).expanduser(), "comparisons")
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     md, _ = write_sweep(out_dir, [_row(d) for d in dirs], title or f"Comparison of {len(dirs)} runs ({stamp})")

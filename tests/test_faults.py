@@ -24,7 +24,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from covid_fastai.cli import main
-from covid_fastai.errors import UserError
+from covid_fastai.errors import Command, RunFolderError, RunInterrupted, UserError
+from covid_fastai.rundir import RunDir
 from covid_fastai.train import CHECKPOINT, load_export, new_run_dir, resume, run_recipe
 from test_images import gradient, write_dicom
 
@@ -262,11 +263,13 @@ def _same_run(a: Path, b: Path):
 def test_interrupted_run_resumes_to_the_same_result(tiny_data, tmp_path, recipe, schedule, extra, stop):
     kw = dict(data=str(tiny_data), epochs=3, schedule=schedule, **TINY, **extra)
     full = run_recipe(recipe, out=tmp_path / "full", **kw)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(RunInterrupted) as e:
         run_recipe(recipe, out=tmp_path / "cut", cbs=[StopAfter(stop)], **kw)
     (d,) = (tmp_path / "cut" / recipe).iterdir()
+    assert (e.value.run_dir, e.value.epochs_done, e.value.command) == (d, stop + 1, Command("resume", (str(d),)))
+    assert e.value.fix == "continue it with {command}" and isinstance(e.value.__cause__, KeyboardInterrupt)
     cfg = json.loads((d / "config.json").read_text())
-    assert cfg["status"] == "interrupted" and cfg["resume"] == f"continue it with `python -m covid_fastai resume {d}`"
+    assert cfg["status"] == "interrupted" and cfg["resume"] == f"continue it with `resume('{d}')`"
     assert not (d / "metrics.json").exists() and len(pd.read_csv(d / "history.csv")) == stop + 1
     ckpt = torch.load(d / CHECKPOINT, weights_only=True)  # plain tensors and numbers: no pickle needed
     assert ckpt["epoch"] == stop and ckpt["n_epoch"] == 3
@@ -322,7 +325,6 @@ def test_failed_run_is_marked_failed(tiny_data, tmp_path):
 
 
 def test_resume_refusals(tiny_data, tmp_path, capsys):
-    from covid_fastai.train import _run_lock
     with pytest.raises(KeyboardInterrupt):
         run_recipe("resnet18_head", out=tmp_path, cbs=[StopAfter(0)], data=str(tiny_data), epochs=2, **TINY)
     (d,) = (tmp_path / "resnet18_head").iterdir()
@@ -333,13 +335,14 @@ def test_resume_refusals(tiny_data, tmp_path, capsys):
     assert code == 2 and "drop --epochs" in err[0]
     code, err = main_exit(["resume", tmp_path], capsys)
     assert code == 2 and f"{tmp_path} is not a run folder (no config.json) nor a sweep folder" in err[0]
-    with _run_lock(d):  # the run (or another resume) still going in some process
-        with pytest.raises(UserError, match="is in use by another process"):
+    with RunDir(d).lock():  # the run (or another resume) still going in some process
+        with pytest.raises(RunFolderError, match="is in use by another process"):
             resume(d)
     good = (d / CHECKPOINT).read_bytes()
     (d / CHECKPOINT).write_bytes(b"not a checkpoint")
-    with pytest.raises(UserError, match=rf"{CHECKPOINT} cannot be read .*start it again"):
+    with pytest.raises(RunFolderError, match=rf"{CHECKPOINT} cannot be read .*start it again") as e:
         resume(d)
+    assert e.value.command == Command("recipe", ("resnet18_head",))
     (d / CHECKPOINT).write_bytes(good)
     resume(d)
     code, err = main_exit(["resume", d], capsys)
@@ -430,11 +433,13 @@ def test_export_pkl_only_on_request_and_loaded_only_when_trusted(tiny_data, tmp_
 def test_interrupted_before_any_epoch_says_start_again(tiny_data, tmp_path, capsys):
     class StopAtStart(Callback):
         def before_epoch(self): raise KeyboardInterrupt
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(RunInterrupted) as e:
         run_recipe("resnet18_one", out=tmp_path, cbs=[StopAtStart()], data=str(tiny_data), epochs=2, **TINY)
     (d,) = (tmp_path / "resnet18_one").iterdir()
-    assert "no epoch had finished, so start it again (`python -m covid_fastai recipe resnet18_one`)" in \
-        capsys.readouterr().err
+    assert e.value.message() == (f"{d} is marked incomplete; no epoch had finished, so start it again "
+                                 f"(`recipe('resnet18_one')`)")
+    assert e.value.command == Command("recipe", ("resnet18_one",)) and e.value.epochs_done == 0
+    assert "marked incomplete" not in capsys.readouterr().err  # the library prints nothing: the CLI says it
     cfg = json.loads((d / "config.json").read_text())
     assert cfg["status"] == "interrupted" and "resume" not in cfg and cfg["data"]["counts"]
     code, err = main_exit(["resume", d], capsys)

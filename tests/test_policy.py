@@ -1,6 +1,7 @@
 "Training policies: `--policy modern` really changes optimiser, loss, head, BatchNorm, augmentation and lr choice."
 import dataclasses
 import json
+import re
 
 import pytest
 import torch
@@ -54,7 +55,9 @@ def test_linear_head_is_timms_classifier_shape_and_trains_cached(tiny_data, tmp_
     d = run(rec, out=tmp_path)
     cfg = json.loads((d / "config.json").read_text())
     assert cfg["recipe"]["head"] == "linear" and cfg["status"] == "complete"
-    assert "head `linear` (dropout 0.3)" in (d / "report.md").read_text()  # no hidden layer to report
+    report = (d / "report.md").read_text()
+    assert "head `linear` (dropout 0.3)" in report  # no hidden layer to report
+    assert re.search(r"^\| 0 \| \d+\.\d{4} \|", report, re.M)  # the history table's epoch is a whole number
     with pytest.raises(UserError, match="--head must be one of fastai, linear, seed"):
         with_overrides(rec, head="mlp")
 

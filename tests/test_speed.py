@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import covid_fastai.features as F
-import covid_fastai.train as T
+import covid_fastai.learner as L
 from covid_fastai.callbacks import BF16Autocast, ChannelsLast, bf16_supported
 from covid_fastai.errors import UserError
 from covid_fastai.recipes import load_recipe, with_overrides
@@ -49,7 +49,7 @@ def test_bf16_autocast_and_channels_last_really_apply(tiny_data):
 
 
 def test_fp32_fallback_and_switches_off(tiny_data, monkeypatch):
-    monkeypatch.setattr(T, "bf16_supported", lambda *a: False)  # a CPU without bf16
+    monkeypatch.setattr(L, "bf16_supported", lambda *a: False)  # a CPU without bf16
     learn, _ = recipe_learner(with_overrides(load_recipe("resnet18_full"), data=str(tiny_data), **TINY))
     assert not learn.bf16_used and not any(isinstance(c, BF16Autocast) for c in learn.cbs)
     assert _fit_one_batch_recording(learn)["out_dtype"] == torch.float32

@@ -16,6 +16,7 @@ from fastai.vision.all import Callback
 from test_faults import signal_at_first_checkpoint
 
 from covid_fastai.cli import main
+from covid_fastai.errors import Command, RunInterrupted
 from covid_fastai.report import sweep_row
 from covid_fastai.sweep import SWEEP_FILE, compare_runs, resume_sweep, run_sweep
 from covid_fastai.train import CHECKPOINT
@@ -51,7 +52,7 @@ def rows(sweep_dir) -> list[dict]:
 
 
 def test_interrupted_sweep_resumes_where_it_stopped(tiny_data, tmp_path, capsys):
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(RunInterrupted) as e:
         run_sweep("resnet18_head,resnet18_one", out=tmp_path, cbs=[StopIn("resnet18_one", epoch=0)],
                   data=str(tiny_data), epochs=2, **TINY)
     (sweep,) = (tmp_path / "sweeps").iterdir()
@@ -65,7 +66,10 @@ def test_interrupted_sweep_resumes_where_it_stopped(tiny_data, tmp_path, capsys)
     # the table so far: the finished run only, and the title says so
     assert [r["recipe"] for r in rows(sweep)] == ["resnet18_head"]
     assert "1 of 2 runs finished" in (sweep / "comparison.md").read_text()
-    assert f"continue it with `python -m covid_fastai resume {sweep}`" in capsys.readouterr().err
+    assert e.value.command == Command("resume", (str(sweep),))  # the CLI spells it `python -m covid_fastai resume`
+    assert e.value.message() == (f"{sweep} is marked incomplete; the sweep has 1 of 2 runs finished; continue it "
+                                 f"with `resume('{sweep}')`")
+    capsys.readouterr()
 
     before = (first / "metrics.json").stat().st_mtime_ns
     main(["resume", str(sweep)])  # the CLI's resume knows a sweep folder

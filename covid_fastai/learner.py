@@ -1,0 +1,58 @@
+"""Learner assembly: a recipe's data, model, speed callbacks and fine-tune plan as one fastai `Learner`."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from fastcore.meta import delegates
+from fastai.vision.all import set_seed
+
+from .callbacks import BF16Autocast, ChannelsLast, bf16_supported
+from .data import find_xray_folders, make_aug, xray_dls
+from .demo import demo_data
+from .labels import fine_label_getter
+from .models import xray_learner
+from .plans import apply_plan
+from .recipes import Recipe
+
+__all__ = ["resolve_data", "folders_learner", "recipe_learner"]
+
+
+def resolve_data(data: str) -> Path:
+    "'demo' -> the synthetic set in the user cache; anything else is a folder path."
+    return demo_data() if str(data) == "demo" else Path(data).expanduser().resolve()
+
+
+@delegates(xray_dls, but=["folders", "aug", "bs", "seed", "valid_pct", "num_workers"])
+def folders_learner(recipe: Recipe, folders,
+                    pretrained: bool | None = None,  # None: as the recipe (evaluation passes False, loads its own)
+                    num_workers: int | None = None,  # loader workers; None: as the recipe
+                    cbs=None,  # more callbacks for the Learner
+                    path=None,  # the Learner's folder (a run's folder)
+                    **kwargs):  # to `xray_dls`: get_y, vocab
+    """The recipe's Learner over `folders`: DataLoaders, speed callbacks (channels-last, bf16 where supported) and
+    model; no plan applied."""
+    dls = xray_dls(folders, make_aug(recipe.aug, recipe.size, recipe.resize), bs=recipe.bs, seed=recipe.seed,
+                   valid_pct=recipe.valid_pct, num_workers=recipe.workers if num_workers is None else num_workers,
+                   **kwargs)
+    use_bf16 = recipe.bf16 and bf16_supported("cuda" if torch.cuda.is_available() else "cpu")
+    speed = ([ChannelsLast()] if recipe.channels_last else []) + ([BF16Autocast()] if use_bf16 else [])
+    learn = xray_learner(dls, recipe.arch, pretrained=recipe.pretrained if pretrained is None else pretrained,
+                         weights=recipe.weights, head=recipe.head, hidden=recipe.hidden, dropout=recipe.dropout,
+                         opt=recipe.opt, mom=0.9 if recipe.mom is None else recipe.mom, wd=recipe.wd,
+                         train_bn=recipe.train_bn, lr=recipe.lr, label_smoothing=recipe.label_smoothing,
+                         bn_freeze=recipe.bn_freeze, cbs=speed + list(cbs or []), path=path)
+    learn.bf16_used = use_bf16
+    return learn
+
+
+def recipe_learner(recipe: Recipe, path=None, cbs=None):
+    "(Learner with the recipe's plan applied, XrayFolders) — for REPL use; `run` adds the run folder."
+    folders = find_xray_folders(resolve_data(recipe.data))
+    set_seed(recipe.seed)
+    # Three-class mode: classes from labels.csv's fine_label (covid / pneumonia / normal) instead of folders.
+    get_y, vocab = (fine_label_getter(folders.root, [f for s in folders.splits for f in folders.files(s)])
+                    if recipe.labels == "fine_label" else (None, None))
+    learn = folders_learner(recipe, folders, get_y=get_y, vocab=vocab, cbs=cbs, path=path)
+    learn.trainable = apply_plan(learn, recipe.plan)
+    return learn, folders
