@@ -7,7 +7,7 @@ Seed policy (../shared/seed/NOTES.md): head Linear-380-ReLU-Dropout(0.5)-Linear,
 no weight decay or schedule, batch 128, 10 epochs, Resize 256 / RandomRotation 30 / RandomResizedCrop 224 /
 flip, BatchNorm frozen with the body. Run: python recipes/resnet18_one.py [--data DIR] [--epochs N] ...
 """
-from covid_fastai import SEED_POLICY, Recipe, layers
+from covid_fastai import ASSIGNMENT_POLICY, Recipe, layers
 from covid_fastai.cli import script_main
 
 recipe = Recipe(
@@ -15,7 +15,7 @@ recipe = Recipe(
     description="ResNet-18: one conv (layer3.0.conv1) + head",
     arch="resnet18.tv_in1k",
     plan=layers("layer3.0.conv1"),
-    **SEED_POLICY,
+    **ASSIGNMENT_POLICY,
 )
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ Seed policy (../shared/seed/NOTES.md): head Linear-380-ReLU-Dropout(0.5)-Linear,
 no weight decay or schedule, batch 128, 10 epochs, Resize 256 / RandomRotation 30 / RandomResizedCrop 224 /
 flip, BatchNorm frozen with the body. Run: python recipes/vgg16_few.py [--data DIR] [--epochs N] ...
 """
-from covid_fastai import SEED_POLICY, Recipe, layers
+from covid_fastai import ASSIGNMENT_POLICY, Recipe, layers
 from covid_fastai.cli import script_main
 
 recipe = Recipe(
@@ -15,7 +15,7 @@ recipe = Recipe(
     arch="vgg16.tv_in1k",
     plan=layers("features.0", "features.5", "features.10", "features.12",
                 "features.19", "features.21", "features.26", "features.28"),
-    **SEED_POLICY,
+    **ASSIGNMENT_POLICY,
 )
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ Seed policy (../shared/seed/NOTES.md): head Linear-380-ReLU-Dropout(0.5)-Linear,
 no weight decay or schedule, batch 128, 10 epochs, Resize 256 / RandomRotation 30 / RandomResizedCrop 224 /
 flip, BatchNorm frozen with the body. Run: python recipes/vgg16_full.py [--data DIR] [--epochs N] ...
 """
-from covid_fastai import SEED_POLICY, Recipe, full
+from covid_fastai import ASSIGNMENT_POLICY, Recipe, full
 from covid_fastai.cli import script_main
 
 recipe = Recipe(
@@ -12,7 +12,7 @@ recipe = Recipe(
     description="VGG-16: entire network",
     arch="vgg16.tv_in1k",
     plan=full(),
-    **SEED_POLICY,
+    **ASSIGNMENT_POLICY,
 )
 
 if __name__ == "__main__":
