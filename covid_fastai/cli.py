@@ -183,7 +183,7 @@ class Commands:
         Args:
           pattern: recipe names or globs, e.g. 'vgg16_*' or vgg16_head,vgg16_full
           out: folder for run folders (default ./outputs)
-          policies: e.g. seed,modern: run each recipe under each training policy, side by side in the table
+          policies: e.g. assignment,modern: run each recipe under each training policy, side by side in the table
         """
         from .sweep import run_sweep
         _print_comparison(run_sweep(pattern, out=out, policies=policies, **overrides) / "comparison.md")

@@ -20,7 +20,8 @@ from fastai.vision.all import (CategoryBlock, DataBlock, FuncSplitter, IntToFloa
                                Transform, TransformBlock, parent_label)
 from PIL import Image
 
-from .augment import AUGMENTATIONS, ASSIGNMENT_RESIZE_RATIO, SEED_RESIZE_RATIO, SeedAug, XrayAugment, make_aug  # noqa: F401
+from .augment import (AUGMENTATIONS, ASSIGNMENT_RESIZE_RATIO, SEED_RESIZE_RATIO, SeedAug, XrayAugment,  # noqa: F401
+                      make_aug)
 from .errors import Command, DataError
 from .images import UnreadableImage, get_xray_files, open_xray, scan_images
 from .labels import join_labels, read_labels, read_labels_csv  # noqa: F401  (read_labels_csv: former home)

@@ -82,8 +82,8 @@ def eval_folders(data, cfg: dict) -> tuple[XrayFolders, Path]:
         raise DataError(f"data folder {root} does not exist", "pass --data DIR with class folders", path=root)
     split_dir = root / "test" if (root / "test").is_dir() else root
     if split_dir == root and (root / "train").is_dir():
-        raise DataError(f"{root} has train/ but no test/ folder", f"pass {root}/<split> (e.g. valid) to evaluate a split",
-                        path=root)
+        raise DataError(f"{root} has train/ but no test/ folder",
+                        f"pass {root}/<split> (e.g. valid) to evaluate a split", path=root)
     by_class = {c: fs for c, fs in _class_dirs(split_dir).items() if fs}
     if not by_class:
         raise DataError(f"{split_dir} has no class folders with images", "use DIR/<class>/ or DIR/test/<class>/",
@@ -185,7 +185,8 @@ def predict_run(run_dir, paths, out=None, heatmaps: bool = False, tta: bool | No
         csv = pdir / "predictions.csv"
     else:
         csv = Path(out)
-        if csv.exists(): raise RecipeError(f"{csv} exists", "pass another --out (predictions never overwrite)", path=csv)
+        if csv.exists():
+            raise RecipeError(f"{csv} exists", "pass another --out (predictions never overwrite)", path=csv)
         csv.parent.mkdir(parents=True, exist_ok=True)
     if heatmaps:
         hdir = csv.parent / f"{csv.stem}_heatmaps"

@@ -49,7 +49,8 @@ def in_range(lo: float, hi: float = math.inf):
 def at_least(lo: float, why: str = ""):
     "A number >= lo; `why` says what lo means."
     def _at_least(key, v, raw):
-        if v < lo: raise RecipeError(f"--{key} must be at least {lo:g}" + (f" ({why})" if why else "") + f", got {raw!r}")
+        if v < lo:
+            raise RecipeError(f"--{key} must be at least {lo:g}" + (f" ({why})" if why else "") + f", got {raw!r}")
         return v
     return _at_least
 

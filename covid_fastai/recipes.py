@@ -72,7 +72,7 @@ class Recipe:
     # data
     data: str = "demo"              # a folder in ImageFolder layout, or 'demo' (synthetic)
     size: PositiveInt = 224         # network input size (crop)
-    resize: PositiveInt | None = None  # short side before cropping (default: the augmentation's, see augment.AUGMENTATIONS)
+    resize: PositiveInt | None = None  # short side before cropping (default: the aug's, see augment.AUGMENTATIONS)
     aug: Annotated[str, one_of(_augmentations)] = "seed"  # augmentation policy: 'seed' is the assignment's pipeline
     bs: PositiveInt = 128           # batch size
     valid_pct: Fraction = 0.2       # held-out part of train when the data has no valid/ folder

@@ -299,8 +299,9 @@ def test_run_interrupted_prints_how_to_go_on_and_exits_130(monkeypatch, tmp_path
     with pytest.raises(SystemExit) as e:
         main(["recipe", "vgg16_head"])
     assert e.value.code == 130
-    assert capsys.readouterr().err.strip() == (f"interrupted: {tmp_path / 'run'} is marked incomplete after 2 finished "
-                                               f"epoch(s); continue it with `python -m covid_fastai resume {tmp_path / 'run'}`")
+    run = tmp_path / "run"
+    assert capsys.readouterr().err.strip() == (f"interrupted: {run} is marked incomplete after 2 finished epoch(s); "
+                                               f"continue it with `python -m covid_fastai resume {run}`")
 
 
 def test_every_option_reads_back_its_own_default():
