@@ -94,8 +94,8 @@ def fine_label_getter(folders, files) -> tuple:
     folders: an `XrayFolders` (its labels.csv, parsed once) or a data root (labels.csv read now).
     Every image in `files` must have a row with a fine_label; the classes are the sorted labels found.
     """
-    root = Path(getattr(folders, "root", folders))
-    labels = folders.labels if hasattr(folders, "labels") else read_labels(root)
+    if isinstance(folders, (str, os.PathLike)): root, labels = Path(folders), read_labels(folders)
+    else: root, labels = Path(folders.root), folders.labels
     f = root / "labels.csv"
     if labels is None or "fine_label" not in labels.columns:
         raise DataError(f"--labels fine_label needs {f} with a fine_label column",

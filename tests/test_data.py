@@ -185,3 +185,12 @@ def test_augment_policies_keep_their_former_names():
     from covid_fastai.augment import ASSIGNMENT_RESIZE_RATIO, SEED_RESIZE_RATIO, XrayAugment
     assert SeedAug is XrayAugment and SEED_RESIZE_RATIO == ASSIGNMENT_RESIZE_RATIO
     assert isinstance(make_aug("xray", 64), XrayAugment)
+
+
+def test_fine_labels_from_a_root_or_from_folders(fine_labelled):
+    from covid_fastai.labels import fine_label_getter
+    folders = find_xray_folders(fine_labelled.root)
+    files = folders.files("train")
+    by_root, by_folders = fine_label_getter(fine_labelled.root, files), fine_label_getter(folders, files)
+    assert by_root[1] == by_folders[1] == ["covid", "normal", "pneumonia"]
+    assert [by_root[0](f) for f in files] == [by_folders[0](f) for f in files]
