@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .cache import sha256_file
-from .data import find_xray_folders, read_labels_csv
-from .labels import _relative, read_labels
+from .data import find_xray_folders
 from .images import scan_images
+from .labels import index_labels, read_labels_csv, relative_name
 
 __all__ = ["DataCheck", "check_data", "sha256_file"]
 
@@ -65,7 +65,7 @@ class DataCheck:
 
 
 def check_data(data) -> DataCheck:
-    "Scan `data` (a folder in ImageFolder layout) for everything `check` reports; layout errors raise UserError."
+    "Scan `data` (a folder in ImageFolder layout) for everything `check` reports; layout errors raise DataError."
     folders = find_xray_folders(data, scan=False)
     root = folders.root
     split_names = {"valid": folders.valid_name or "valid"}
@@ -88,9 +88,9 @@ def check_data(data) -> DataCheck:
     labels = None
     df = read_labels_csv(root)  # refuses rows that point outside the folder
     if df is not None:
-        read_labels(root)  # refuses an image listed twice with different values
+        index_labels(df, Path(root) / "labels.csv")  # refuses an image listed twice with different values
         listed, paths = set(df["file"]), set(df["path"])
         # joined as labels.join_labels joins: by the relative name, so a data folder of symlinks matches too
-        labels = {"rows": len(df), "not_listed": [f for f in allfiles if _relative(f, root) not in listed],
+        labels = {"rows": len(df), "not_listed": [f for f in allfiles if relative_name(f, root) not in listed],
                   "missing": sorted(p for p in paths if not p.exists())}
     return DataCheck(root, folders.synthetic, counts, bad, dups, labels, fatal)

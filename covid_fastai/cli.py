@@ -1,32 +1,50 @@
 """Command line: `python -m covid_fastai {list,recipe,sweep,compare,resume,check,evaluate,predict,weights}` (python-fire).
 
 Overrides are recipe fields as flags: `--epochs 2 --lr 3e-4 --bs 32 --size 128 --data DIR --pretrained false
---seed 1 --out DIR`. Problems a user can fix print one line (`error: ...`) and exit with status 2; add
-`--debug` for the traceback. Ctrl-C or SIGTERM marks the run folder `interrupted` and exits with status 130;
-`resume RUN_DIR` continues it.
+--seed 1 --out DIR`. The library raises typed errors (covid_fastai.errors) carrying the fix; this module alone turns
+them into one line, `error: ...`, exit status 2, spelling any command in the fix as the shell runs it (`spell`); add
+`--debug` for the traceback. Ctrl-C or SIGTERM marks the run folder `interrupted`, prints how to go on
+(`interrupted: ...`) and exits with status 130; `resume RUN_DIR` continues it.
 """
 from __future__ import annotations
 
 import difflib
+import functools
 import inspect
 import json
 import re
+import shlex
 import signal
 import sys
+import typing
 import warnings
 from pathlib import Path
 
 import fire
 
-from .errors import UserError
+from .errors import Command, DataError, RecipeError, RunFolderError, RunInterrupted, UserError
+from .options import parse_value
 from .train import run_summary
 
-__all__ = ["main", "script_main", "Commands"]
+__all__ = ["main", "script_main", "Commands", "spell"]
 
 
-def _bool(key, v):
-    from .recipes import _to_bool
-    return _to_bool(key, v)
+def spell(command: Command) -> str:
+    "A library command as a shell runs it: `python -m covid_fastai NAME ARGS --opt VALUE` (the one spelling)."
+    opts = [f"--{k}" if v is None or v is True else f"--{k} {shlex.quote(str(v))}" for k, v in command.options]
+    return " ".join(["python -m covid_fastai", command.name, *(shlex.quote(str(a)) for a in command.args), *opts])
+
+
+def _bools_by_type(fn):
+    """Read a command's options annotated `bool` (or `bool | None`) as `true`/`false` words: fire passes
+    `--export false` as the string 'false'."""
+    @functools.wraps(fn)
+    def typed(*args, **kwargs):
+        hints, bound = typing.get_type_hints(fn), inspect.signature(fn).bind(*args, **kwargs)
+        for k, v in bound.arguments.items():
+            if hints.get(k) in (bool, bool | None): bound.arguments[k] = parse_value(k, v, hints[k])
+        return fn(*bound.args, **bound.kwargs)
+    return typed
 
 
 def _eval_summary(d: Path) -> str:
@@ -48,7 +66,9 @@ class Commands:
         w = max(len(r.name) for r in recs)
         for r in recs: print(f"{r.name:<{w}}  {r.describe()}")
 
-    def recipe(self, name: str, out: str | None = None, resume: str | None = None, export=False, **overrides):
+    @_bools_by_type
+    def recipe(self, name: str, out: str | None = None, resume: str | None = None, export: bool = False,
+               **overrides):
         """Run one recipe: NAME (see `list`) or a recipe file, e.g. `recipe vgg16_partial --data DIR --epochs 2`.
 
         Args:
@@ -58,14 +78,14 @@ class Commands:
           export: also write fastai's pickled export.pkl (true/false; model.safetensors is always written)
           overrides: any recipe field, e.g. --epochs --lr --bs --size --data --pretrained --weights --seed --aug
         """
-        export = _bool("export", export)
         if resume is not None:
             return _resume_as(name, Path(name).stem, run_dir=resume, export=export, out=out, overrides=overrides)
         from .train import run_recipe
         run_dir = run_recipe(name, out=out, export=export, **overrides)
         print(run_summary(run_dir))
 
-    def resume(self, run_dir: str, export=False):
+    @_bools_by_type
+    def resume(self, run_dir: str, export: bool = False):
         """Continue an interrupted (or failed) run in its own folder from its last finished epoch, or an
         interrupted sweep (a folder with sweep.json) from where it stopped.
 
@@ -78,11 +98,13 @@ class Commands:
         d = Path(run_dir)
         if (d / SWEEP_FILE).is_file(): return _print_comparison(resume_sweep(d) / "comparison.md")
         if not (d / "config.json").is_file():
-            raise UserError(f"{d} is not a run folder (no config.json) nor a sweep folder (no {SWEEP_FILE}): pass "
-                            f"one a run or sweep created, e.g. outputs/<recipe>/<timestamp> or outputs/sweeps/<timestamp>")
-        print(run_summary(resume(run_dir, export=_bool("export", export))))
+            raise RunFolderError(f"{d} is not a run folder (no config.json) nor a sweep folder (no {SWEEP_FILE})",
+                                 "pass one a run or sweep created, e.g. outputs/<recipe>/<timestamp> or "
+                                 "outputs/sweeps/<timestamp>", path=d)
+        print(run_summary(resume(run_dir, export=export)))
 
-    def check(self, data: str, strict=False, limit: int = 50):
+    @_bools_by_type
+    def check(self, data: str, strict: bool = False, limit: int = 50):
         """Pre-scan an X-ray folder: unreadable files, counts per split, duplicates across splits, labels.csv.
 
         Exit status 0 if it can be trained on, 2 on a fatal problem, 1 with --strict true when anything was found.
@@ -97,16 +119,16 @@ class Commands:
         try: n = int(limit)
         except (TypeError, ValueError): n = -1
         if n < 0 or str(n) != str(limit).strip():
-            raise UserError(f"--limit must be a whole number >= 0 (0: list all), got {limit!r}")
-        strict = _bool("strict", strict)  # both checked before the scan
+            raise RecipeError(f"--limit must be a whole number >= 0 (0: list all), got {limit!r}")
         rep = check_data(resolve_data(data))
         print("\n".join(rep.lines(limit=n)))
         if rep.fatal:
-            raise UserError(f"{rep.root} cannot be trained on: {rep.fatal[0]}" +
-                            (f" (and {len(rep.fatal) - 1} more, listed above)" if len(rep.fatal) > 1 else "")
-                            + ": add readable images or remove the folder")
+            raise DataError(f"{rep.root} cannot be trained on: {rep.fatal[0]}" +
+                            (f" (and {len(rep.fatal) - 1} more, listed above)" if len(rep.fatal) > 1 else ""),
+                            "add readable images or remove the folder", path=rep.root)
         if strict and rep.warnings: sys.exit(1)
 
+    @_bools_by_type
     def evaluate(self, run_dir: str, data: str, tta: bool | None = None, threshold: float | None = None,
                  out: str | None = None):
         """Evaluate a finished run on a labelled folder (DIR/<class>/ or DIR/test/<class>/); writes
@@ -120,9 +142,10 @@ class Commands:
           out: folder for the evaluations/<timestamp>/ folder instead of RUN_DIR
         """
         from .evaluate import evaluate_run
-        d = evaluate_run(run_dir, data, tta=None if tta is None else _bool("tta", tta), threshold=threshold, out=out)
+        d = evaluate_run(run_dir, data, tta=tta, threshold=threshold, out=out)
         print(_eval_summary(d))
 
+    @_bools_by_type
     def predict(self, run_dir: str, *paths, out: str | None = None, heatmaps: bool = False, tta: bool | None = None,
                 threshold: float | None = None):
         """Predict image files or folders with a finished run: CSV of file, p_infected and the label at the
@@ -137,18 +160,18 @@ class Commands:
           threshold: decision threshold on p(infected) for the label column instead of the run's own
         """
         from .evaluate import predict_run
-        if not paths: raise UserError("predict needs image files or folders after RUN_DIR")
-        csv = predict_run(run_dir, paths, out=out, heatmaps=_bool("heatmaps", heatmaps),
-                          tta=None if tta is None else _bool("tta", tta), threshold=threshold)
+        if not paths: raise RecipeError("predict needs image files or folders after RUN_DIR")
+        csv = predict_run(run_dir, paths, out=out, heatmaps=heatmaps, tta=tta, threshold=threshold)
         print(f"{csv}: {sum(1 for _ in open(csv)) - 1} images")
 
+    @_bools_by_type
     def weights(self, probe_hub: bool = False):
         """Where each recipe architecture's ImageNet weights would come from here; downloads nothing.
 
         Args:
           probe_hub: also try one connection to the Hugging Face hub (a few seconds at most)
         """
-        print(_weights_table(_bool("probe_hub", probe_hub)))  # fire passes `false` as the string 'false'
+        print(_weights_table(probe_hub))
 
     def sweep(self, pattern: str, out: str | None = None, policies: str | None = None, **overrides):
         """Run every recipe matching PATTERN (glob, or comma-separated names) and write a comparison table.
@@ -160,7 +183,7 @@ class Commands:
         Args:
           pattern: recipe names or globs, e.g. 'vgg16_*' or vgg16_head,vgg16_full
           out: folder for run folders (default ./outputs)
-          policies: e.g. seed,modern: run each recipe under each training policy, side by side in the table
+          policies: e.g. assignment,modern: run each recipe under each training policy, side by side in the table
         """
         from .sweep import run_sweep
         _print_comparison(run_sweep(pattern, out=out, policies=policies, **overrides) / "comparison.md")
@@ -179,13 +202,13 @@ class Commands:
 def _resume_as(*names, run_dir, export, out, overrides):
     "`--resume RUN_DIR` on a recipe (by name or file): the run must be of that recipe, with no new settings."
     if overrides or out is not None:
-        raise UserError(f"--resume continues {run_dir} with the settings it recorded: drop "
-                        f"{', '.join('--' + k for k in [*overrides, *(['out'] if out else [])])}")
+        raise RecipeError(f"--resume continues {run_dir} with the settings it recorded",
+                          f"drop {', '.join('--' + k for k in [*overrides, *(['out'] if out else [])])}")
     cfg = Path(run_dir) / "config.json"
     recorded = json.loads(cfg.read_text())["recipe"]["name"] if cfg.is_file() else None
     if recorded is not None and recorded not in names:
-        raise UserError(f"{run_dir} is a run of recipe {recorded!r}, not {names[0]!r}: "
-                        f"use `python -m covid_fastai resume {run_dir}`")
+        raise RunFolderError(f"{run_dir} is a run of recipe {recorded!r}, not {names[0]!r}", "use {command}",
+                             path=run_dir, command=Command("resume", (run_dir,)))
     return Commands().resume(run_dir, export=export)
 
 
@@ -222,7 +245,7 @@ def _one_line_warnings():
     warnings.showwarning = showwarning
 
 
-def _check_args(fn, args, what: str):
+def _check_args(fn, args, what: str, help: Command | None = None):
     """Refuse options and arguments `fn` does not take, before it runs: fire would call it with what it can use
     and only then fail on the rest, after the work was done (a CSV written at the wrong threshold)."""
     params = inspect.signature(fn).parameters
@@ -242,12 +265,12 @@ def _check_args(fn, args, what: str):
             if k not in named:
                 close = difflib.get_close_matches(k, named, n=2)
                 opts = ", ".join("--" + n for n in named if params[n].default is not params[n].empty) or "none"
-                raise UserError(f"unknown option --{k} for {what}" +
+                raise RecipeError(f"unknown option --{k} for {what}" +
                                 (f" (did you mean {', '.join('--' + c for c in close)}?)" if close else f": options are {opts}"))
     free = [n for n, p in params.items() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and n not in flags]
     if inspect.Parameter.VAR_POSITIONAL not in kinds and len(positional) > len(free):
-        raise UserError(f"unexpected argument {positional[len(free)]!r} for {what}: "
-                        f"`python -m covid_fastai {what} --help` shows what it takes")
+        raise RecipeError(f"unexpected argument {positional[len(free)]!r} for {what}",
+                          ("{command}" if help else "`--help`") + " shows what it takes", command=help)
 
 
 def _check_command(component, argv):
@@ -258,9 +281,10 @@ def _check_command(component, argv):
     commands = [n for n, v in vars(component).items() if callable(v) and not n.startswith("_")]
     if str(argv[0]) not in commands:
         close = difflib.get_close_matches(str(argv[0]), commands, n=2)
-        raise UserError(f"unknown command {argv[0]!r}" + (f" (did you mean {', '.join(close)}?)" if close else "")
+        raise RecipeError(f"unknown command {argv[0]!r}" + (f" (did you mean {', '.join(close)}?)" if close else "")
                         + f": commands are {', '.join(commands)}")
-    _check_args(getattr(component(), str(argv[0])), argv[1:], str(argv[0]))  # bound: no `self`
+    name = str(argv[0])
+    _check_args(getattr(component(), name), argv[1:], name, Command(name, options=(("help", None),)))  # bound: no self
 
 
 def _fire(component, argv):
@@ -274,8 +298,12 @@ def _fire(component, argv):
         fire.Fire(component, command=argv, name="covid_fastai")
     except UserError as e:
         if debug: raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e.message(spell)}", file=sys.stderr)
         sys.exit(2)
+    except RunInterrupted as e:  # the library marked the run folder and says how to go on
+        if debug: raise
+        print(f"interrupted: {e.message(spell)}", file=sys.stderr)
+        sys.exit(130)
     except KeyboardInterrupt:
         if debug: raise
         sys.exit(130)  # the shell's code for Ctrl-C; the run folder says what happened
@@ -293,8 +321,8 @@ def script_main(recipe, argv=None):
     from .train import run
     from .recipes import with_overrides
 
-    def _run(out: str | None = None, resume: str | None = None, export=False, **overrides):
-        export = _bool("export", export)
+    @_bools_by_type
+    def _run(out: str | None = None, resume: str | None = None, export: bool = False, **overrides):
         if resume is not None:  # the same options as `python -m covid_fastai recipe NAME`
             return _resume_as(recipe.name, run_dir=resume, export=export, out=out, overrides=overrides)
         print(run_summary(run(with_overrides(recipe, **overrides), out=out, export=export)))

@@ -2,25 +2,32 @@
 
 Layout: ``DIR/train/<class>/*`` is required; ``DIR/valid/<class>/*`` (also spelled ``validation`` or
 ``val``) and ``DIR/test/<class>/*`` are optional. Without a validation folder a seeded random part of
-train is held out; without a test folder there are no test metrics (the report says so).
+train (of its patients, when labels.csv names them) is held out; without a test folder there are no test
+metrics (the report says so). Augmentation policies are in `covid_fastai.augment`, labels.csv in
+`covid_fastai.labels`.
 """
+from __future__ import annotations
 
 import os
 import warnings
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import torchvision.transforms as T
 from fastai.vision.all import (CategoryBlock, DataBlock, FuncSplitter, IntToFloatTensor, PILImage, RandomSplitter,
-                               RandTransform, Transform, TransformBlock, parent_label)
+                               Transform, TransformBlock, parent_label)
 from PIL import Image
 
-from .errors import UserError
+from .augment import (AUGMENTATIONS, ASSIGNMENT_RESIZE_RATIO, SEED_RESIZE_RATIO, SeedAug, XrayAugment,  # noqa: F401
+                      make_aug)
+from .errors import Command, DataError
 from .images import UnreadableImage, get_xray_files, open_xray, scan_images
+from .labels import join_labels, read_labels, read_labels_csv  # noqa: F401  (read_labels_csv: former home)
 
-__all__ = ["XrayFolders", "find_xray_folders", "SeedAug", "AUGMENTATIONS", "xray_datablock", "xray_dls",
-           "SYNTHETIC_MARKER", "SkippedImagesWarning", "read_labels_csv"]
+__all__ = ["XrayFolders", "find_xray_folders", "XrayAugment", "SeedAug", "AUGMENTATIONS", "xray_datablock",
+           "xray_dls", "SYNTHETIC_MARKER", "SkippedImagesWarning", "read_labels_csv"]
 
 VALID_NAMES = ("valid", "validation", "val")
 SYNTHETIC_MARKER = "SYNTHETIC.txt"  # present at the root of generated (non-real) data sets
@@ -46,6 +53,11 @@ class XrayFolders:
     @property
     def has_test(self) -> bool: return "test" in self.splits
 
+    @cached_property
+    def labels(self):
+        "`root/labels.csv` indexed by file (`covid_fastai.labels.read_labels`), or None: parsed once, when first asked."
+        return read_labels(self.root)
+
     def skipped_report(self) -> dict:
         "{'count': n, 'files': [{'file', 'reason'}]} for `config.json` and the report."
         return {"count": len(self.skipped), "files": [{"file": str(f), "reason": r} for f, r in self.skipped]}
@@ -61,7 +73,7 @@ def _class_files(split_dir: Path) -> dict:
 
 
 def find_xray_folders(path, scan: bool = True) -> XrayFolders:
-    """Check `path` has the ImageFolder layout and list its images; one-line `UserError` otherwise.
+    """Check `path` has the ImageFolder layout and list its images; a `DataError` otherwise.
 
     scan: decode every image once (`covid_fastai.images.scan_images`) and leave unreadable ones out, with a
     `SkippedImagesWarning`; they are listed in `XrayFolders.skipped` (and so in config.json and report.md).
@@ -69,16 +81,16 @@ def find_xray_folders(path, scan: bool = True) -> XrayFolders:
     """
     root = Path(path).expanduser()
     if not root.is_dir():
-        raise UserError(f"data folder {root} does not exist: pass --data DIR with train/<class>/ images inside, "
-                        f"or --data demo for the synthetic demo set")
+        raise DataError(f"data folder {root} does not exist", "pass --data DIR with train/<class>/ images inside, "
+                        "or --data demo for the synthetic demo set", path=root)
     if not (root / "train").is_dir():
-        raise UserError(f"{root} has no train/ folder: put images in {root}/train/<class>/ "
-                        f"(optionally valid/ and test/ beside it)")
+        raise DataError(f"{root} has no train/ folder",
+                        f"put images in {root}/train/<class>/ (optionally valid/ and test/ beside it)", path=root)
     splits = {"train": _class_files(root / "train")}
     classes = list(splits["train"])
     if len(classes) < 2:
-        raise UserError(f"{root}/train needs at least 2 class folders, found {classes or 'none'}: "
-                        f"make one sub-folder per class (e.g. infected/ and normal/)")
+        raise DataError(f"{root}/train needs at least 2 class folders, found {classes or 'none'}",
+                        "make one sub-folder per class (e.g. infected/ and normal/)", path=root / "train")
     valid_name = next((n for n in VALID_NAMES if (root / n).is_dir()), None)
     if valid_name: splits["valid"] = _class_files(root / valid_name)
     if (root / "test").is_dir(): splits["test"] = _class_files(root / "test")
@@ -86,15 +98,16 @@ def find_xray_folders(path, scan: bool = True) -> XrayFolders:
         sdir = root / (valid_name if split == "valid" else split)
         extra = sorted(set(by_class) - set(classes))
         if extra:
-            raise UserError(f"{sdir} has class folders {extra} that train/ lacks (train has {classes}): "
-                            f"use the same class folder names in every split")
+            raise DataError(f"{sdir} has class folders {extra} that train/ lacks (train has {classes})",
+                            "use the same class folder names in every split", path=sdir)
         missing = sorted(set(classes) - set(by_class))
         if missing:
-            raise UserError(f"{sdir} lacks class folders {missing} that train/ has: give every split the same "
-                            f"class folders ({', '.join(classes)})")
+            raise DataError(f"{sdir} lacks class folders {missing} that train/ has",
+                            f"give every split the same class folders ({', '.join(classes)})", path=sdir)
         for c, fs in by_class.items():
             if not fs:
-                raise UserError(f"class folder {sdir / c} has no images: add images or remove the folder")
+                raise DataError(f"class folder {sdir / c} has no images", "add images or remove the folder",
+                                path=sdir / c)
     skipped = []
     if scan:
         allfiles = [f for by_class in splits.values() for fs in by_class.values() for f in fs]
@@ -105,8 +118,9 @@ def find_xray_folders(path, scan: bool = True) -> XrayFolders:
                 kept = [f for f in fs if f in good]
                 if not kept:
                     f, why = next((f, r) for f, r in skipped if f.parent == fs[0].parent)
-                    raise UserError(f"class folder {fs[0].parent} has no readable image ({len(fs)} unreadable, "
-                                    f"e.g. {f.name}: {why}): add readable images or remove the folder")
+                    raise DataError(f"class folder {fs[0].parent} has no readable image ({len(fs)} unreadable, "
+                                    f"e.g. {f.name}: {why})", "add readable images or remove the folder",
+                                    path=fs[0].parent)
                 by_class[c] = kept
         if skipped:
             first = "; ".join(f"{f}: {r}" for f, r in skipped[:3])
@@ -114,60 +128,6 @@ def find_xray_folders(path, scan: bool = True) -> XrayFolders:
                           f"report.md): {first}" + (" ..." if len(skipped) > 3 else ""), SkippedImagesWarning,
                           stacklevel=2)
     return XrayFolders(root, splits, valid_name, (root / SYNTHETIC_MARKER).exists(), classes, skipped)
-
-
-def read_labels_csv(root):
-    """`root/labels.csv` as a DataFrame (None when there is none), with a `path` column of absolute paths.
-
-    Its `file` column names images relative to `root`; a row whose file is absolute or climbs out of `root`
-    (`../`, `train/../../x`) is refused with a `UserError`: a labels file must not point the library at files
-    elsewhere on the machine. (The check is on the path as written: a data folder may itself be made of
-    symlinks, which its owner chose.)
-    """
-    import pandas as pd
-    root = Path(root).expanduser().resolve()
-    f = root / "labels.csv"
-    if not f.is_file(): return None
-    try:
-        df = pd.read_csv(f, dtype=str, keep_default_na=False)
-    except (ValueError, OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{f} cannot be read as CSV ({_first_line(e)}): fix or remove it") from None
-    if "file" not in df.columns:
-        raise UserError(f"{f} has no 'file' column (columns: {', '.join(df.columns)}): add one with image paths "
-                        f"relative to {root}")
-    files, paths = [], []
-    for i, name in enumerate(df["file"], start=2):  # line numbers as an editor shows them (header is line 1)
-        rel = os.path.normpath(name.replace("\\", "/")) if name else ""
-        if (not rel or os.path.isabs(rel) or name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":")
-                or rel == ".." or rel.startswith("../")):
-            raise UserError(f"{f} line {i}: file {name!r} is outside the data folder {root}: labels.csv may only "
-                            f"name files inside it, by relative path (e.g. train/normal/x.jpg)")
-        files.append(Path(rel).as_posix())
-        paths.append(root / rel)
-    return df.assign(file=files, path=paths)
-
-
-def _first_line(e) -> str: return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-
-
-class TorchvisionTfm(RandTransform):
-    """Apply torchvision transforms to PIL images: `train` on the training set, `valid` elsewhere.
-
-    One transform for both sets, because fastai keeps only one item transform of each type.
-    """
-    order, split_idx = 1, None  # before fastai's ToTensor (order 5); runs on every split
-
-    def __init__(self, train, valid):
-        super().__init__(p=1.0)
-        self.train, self.valid = train, valid
-
-    def before_call(self, b, split_idx):
-        super().before_call(b, split_idx)
-        self.tfm = self.train if split_idx == 0 else self.valid
-
-    # Augment in the image's own mode (one channel for grayscale X-rays: a third of the work), then give the
-    # ImageNet body its 3 channels.
-    def encodes(self, x: PILImage): return PILImage(self.tfm(x).convert("RGB"))
 
 
 class DecodeOnce(Transform):
@@ -180,7 +140,7 @@ class DecodeOnce(Transform):
     """
     def __init__(self, resize_to: int):
         super().__init__()
-        self.resize = T.Resize(resize_to)  # the seed's first op, applied exactly once
+        self.resize = T.Resize(resize_to)  # the assignment's first op, applied exactly once
 
     def encodes(self, fn: Path):
         st = os.stat(fn)
@@ -190,8 +150,9 @@ class DecodeOnce(Transform):
             try:
                 im = open_xray(fn, min_side=self.resize.size)  # 8-bit grayscale whatever the file holds
             except UnreadableImage as e:  # readable at the pre-scan, so it changed during the run
-                raise UserError(f"{fn} became unreadable during the run ({e}): restore it, or remove it and "
-                                f"resume with `python -m covid_fastai resume RUN_DIR`") from None
+                raise DataError(f"{fn} became unreadable during the run ({e})",
+                                "restore it, or remove it and resume with {command}", path=fn,
+                                command=Command("resume", ("RUN_DIR",))) from None
             arr = np.asarray(self.resize(im))
             _remember(key, arr)
         return PILImage(Image.fromarray(arr))
@@ -208,69 +169,9 @@ def _remember(key, arr):
         _DECODED_BYTES[0] += arr.nbytes
 
 
-SEED_RESIZE_RATIO = 256 / 224  # the assignment's Resize 256 before its 224 crops
-
-
-@dataclass(frozen=True)
-class SeedAug:
-    """The assignment's torchvision pipeline, kept op for op so seed recipes are faithful.
-
-    Train: Resize(`resize`) (short side) -> RandomRotation(`rotate`) -> RandomResizedCrop(`size`, `scale`)
-    -> RandomHorizontalFlip. Eval: Resize(`resize`) -> CenterCrop(`size`).
-    """
-    size: int = 224           # crop size fed to the network
-    resize: int | None = None  # short side before cropping; default round(size * resize_ratio)
-    resize_ratio: float = SEED_RESIZE_RATIO  # default short side over size (the seed's: eval crops the central 87.5%)
-    rotate: float = 30.0      # max degrees of RandomRotation (0 = off)
-    scale: tuple = (0.08, 1.0)  # RandomResizedCrop area range; (1, 1) = centre-ish full crops
-    flip: bool = True         # horizontal flip (never vertical: anatomy is not up-down symmetric)
-    random: bool = True       # False = the eval pipeline for training too (no augmentation)
-
-    @property
-    def resize_to(self) -> int: return self.resize or round(self.size * self.resize_ratio)
-
-    def eval_tfm(self): return T.Compose([T.Resize(self.resize_to), T.CenterCrop(self.size)])
-
-    def train_tfm(self):
-        if not self.random: return self.eval_tfm()
-        tfms = [T.Resize(self.resize_to)]
-        if self.rotate: tfms.append(T.RandomRotation(self.rotate))
-        tfms.append(T.RandomResizedCrop(self.size, scale=tuple(self.scale)))
-        if self.flip: tfms.append(T.RandomHorizontalFlip())
-        return T.Compose(tfms)
-
-    def item_tfms(self):
-        "The pipelines after their first op, Resize, which `DecodeOnce` applies when it decodes."
-        tail = lambda c: T.Compose(c.transforms[1:])
-        return [TorchvisionTfm(tail(self.train_tfm()), tail(self.eval_tfm()))]
-
-
-# Named augmentation policies a recipe or `--aug` can pick.
-AUGMENTATIONS = {
-    "seed": dict(rotate=30.0, scale=(0.08, 1.0), flip=True),  # the assignment's pipeline
-    # the modern policy's: mild rotation and crops, no flips (a flipped chest puts the heart on the wrong side,
-    # and mirrors the L/R markers that some sources print on the film)
-    # Its crops cover 70-100% of the film, so evaluation shows the whole film too (short side = size; the centre crop
-    # trims only the long side). The seed's Resize 256 + CenterCrop 224 cuts the borders and magnifies 14%: scored
-    # that way, three modern models lost 6.9, 0.0 and 0.3 points of validation accuracy (docs/experiments.md).
-    "xray": dict(rotate=10.0, scale=(0.7, 1.0), flip=False, resize_ratio=1.0),
-    "none": dict(random=False),
-}
-
-
-def make_aug(aug: str, size: int, resize: int | None = None) -> SeedAug:
-    if aug not in AUGMENTATIONS:
-        raise UserError(f"unknown augmentation {aug!r}: choose one of {sorted(AUGMENTATIONS)}")
-    if resize is not None and resize < size:
-        raise UserError(f"--resize {resize} is smaller than --size {size}: the short side is resized before the "
-                        f"{size} px crop, so it must be at least {size}")
-    return SeedAug(size=size, resize=resize, **AUGMENTATIONS[aug])
-
-
 def patients_of(folders: XrayFolders) -> dict | None:
     "{image path: patient_id} from labels.csv when it has that column with any value, else None."
-    from .labels import join_labels, read_labels
-    labels = read_labels(folders.root)
+    labels = folders.labels
     if labels is None or "patient_id" not in labels.columns or not labels["patient_id"].astype(bool).any(): return None
     files = folders.files("train")
     return dict(zip(files, join_labels(files, folders.root, labels, columns=("patient_id",))["patient_id"]))
@@ -287,7 +188,7 @@ def patient_splitter(valid_pct: float, seed: int, patient: dict):
     return _inner
 
 
-def xray_datablock(folders: XrayFolders, aug: SeedAug, seed: int = 42, valid_pct: float = 0.2, get_y=None,
+def xray_datablock(folders: XrayFolders, aug: XrayAugment, seed: int = 42, valid_pct: float = 0.2, get_y=None,
                    vocab=None) -> DataBlock:
     """A DataBlock over train (+ valid) images; classes from folder names (or `get_y`/`vocab`, e.g. the
     three-class fine labels of labels.csv); X-rays loaded as 3-channel images."""
@@ -312,7 +213,7 @@ def default_workers() -> int:
     return 0 if n <= 2 else min(8, n // 2)
 
 
-def xray_dls(folders: XrayFolders, aug: SeedAug, bs: int = 128, seed: int = 42, valid_pct: float = 0.2,
+def xray_dls(folders: XrayFolders, aug: XrayAugment, bs: int = 128, seed: int = 42, valid_pct: float = 0.2,
              num_workers: int | None = None, get_y=None, vocab=None, **kwargs):
     "fastai `DataLoaders` for `folders` (train/valid); the test split is made later with `dls.test_dl`."
     dblock = xray_datablock(folders, aug, seed=seed, valid_pct=valid_pct, get_y=get_y, vocab=vocab)

@@ -17,10 +17,11 @@ class Command(NamedTuple):
     name: str
     args: tuple = ()
     options: tuple = ()  # (flag, value) pairs, e.g. (("data", "DIR"),)
+    function: str = ""   # the Python function where its name is not the command's (`list` -> `list_recipes`)
 
     def __str__(self):  # the Python spelling; cli.py has the shell one
         opts = [f"{k}={v!r}" for k, v in self.options]
-        return f"{self.name}({', '.join([*map(repr, map(str, self.args)), *opts])})"
+        return f"{self.function or self.name}({', '.join([*map(repr, map(str, self.args)), *opts])})"
 
 
 class UserError(Exception):

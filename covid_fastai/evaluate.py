@@ -2,7 +2,8 @@
 (any images -> CSV of p_infected and labels at the run's threshold, optional Grad-CAM overlays).
 
 A run is rebuilt from its `config.json` recipe (random init, nothing downloaded) and its `model.safetensors`
-(safetensors only: no pickle is ever loaded).
+(safetensors only: no pickle is ever loaded). Images are listed as training lists them
+(`covid_fastai.images.get_xray_files`: DICOM files too).
 """
 from __future__ import annotations
 
@@ -12,15 +13,16 @@ from pathlib import Path
 
 import pandas as pd
 
-from fastai.vision.all import ProgressCallback, get_image_files
+from fastai.vision.all import ProgressCallback
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from .data import XrayFolders
-from .errors import UserError
+from .errors import Command, DataError, ModelFileError, RecipeError, RunFolderError
 from .files import write_json
-from .images import scan_images
+from .images import get_xray_files, scan_images
 from .interpret import Evaluation, cam_images, predictions_frame, write_evaluation
-from .labels import fine_label_getter, read_labels
+from .labels import fine_label_getter
 from .recipes import Recipe
 from .learner import folders_learner
 from .rundir import RunDir, new_run_dir
@@ -29,13 +31,15 @@ __all__ = ["load_run", "run_learner", "eval_folders", "evaluate_run", "predict_r
 
 
 def load_run(run_dir) -> tuple[Path, dict, Recipe]:
-    "(run folder, config, Recipe) of a finished run; one-line UserError when it is not one."
+    "(run folder, config, Recipe) of a finished run; `RunFolderError` when it is not one."
     d = Path(run_dir).expanduser()
-    if not d.is_dir(): raise UserError(f"run folder {d} does not exist: pass a folder made by `recipe` or `sweep`")
+    if not d.is_dir():
+        raise RunFolderError(f"run folder {d} does not exist", "pass a folder made by `recipe` or `sweep`", path=d)
     if not (d / "config.json").is_file():
-        raise UserError(f"{d} has no config.json: pass a run folder (outputs/<recipe>/<timestamp>/)")
+        raise RunFolderError(f"{d} has no config.json", "pass a run folder (outputs/<recipe>/<timestamp>/)", path=d)
     if not (d / "model.safetensors").is_file():
-        raise UserError(f"{d} has no model.safetensors (the run did not finish?): pass a finished run folder")
+        raise RunFolderError(f"{d} has no model.safetensors (the run did not finish?)", "pass a finished run folder",
+                             path=d)
     rd = RunDir.open(d)
     return d, rd.config, rd.recipe()
 
@@ -45,18 +49,28 @@ def run_learner(d: Path, cfg: dict, rec: Recipe, folders: XrayFolders, get_y=Non
     rec = dataclasses.replace(rec, bf16=bool(cfg["speed"].get("bf16_autocast")))  # as the run computed
     learn = folders_learner(rec, folders, pretrained=False, get_y=get_y, vocab=cfg["data"]["classes"], num_workers=0,
                             path=d)
-    sd = load_file(d / "model.safetensors")
+    f = d / "model.safetensors"
+    again = Command("recipe", (rec.name,), function="run_recipe")
+    try:
+        sd = load_file(f)
+    except (SafetensorError, OSError) as e:  # truncated or overwritten: safetensors checks its header
+        raise ModelFileError(f"{f} is damaged ({_first_line(e)})", "restore it from a copy, or train the run again "
+                             "with {command}", path=f, command=again) from None
     try:
         learn.model.load_state_dict(sd)
     except RuntimeError as e:
-        raise UserError(f"{d / 'model.safetensors'} does not fit the run's recipe ({str(e).splitlines()[0]})") from None
+        raise ModelFileError(f"{f} does not fit the run's recipe ({_first_line(e)})", path=f) from None
     learn.model.to(learn.dls.device).eval()
     learn.remove_cb(ProgressCallback)  # one summary line per command; no redrawn bars in logs
     return learn
 
 
+def _first_line(e) -> str: return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
 def _class_dirs(d: Path) -> dict:
-    return {c.name: sorted(get_image_files(c)) for c in sorted(d.iterdir()) if c.is_dir() and not c.name.startswith(".")}
+    "{class: image files} of `d`'s class folders, listed as training lists them (DICOM included)."
+    return {c.name: get_xray_files(c) for c in sorted(d.iterdir()) if c.is_dir() and not c.name.startswith(".")}
 
 
 def eval_folders(data, cfg: dict) -> tuple[XrayFolders, Path]:
@@ -64,19 +78,22 @@ def eval_folders(data, cfg: dict) -> tuple[XrayFolders, Path]:
     test/ folder, else `DIR/<class>/`. Class folders must be among the run's classes (or, in the three-class
     mode, the folder classes it was trained from)."""
     root = Path(data).expanduser().resolve()
-    if not root.is_dir(): raise UserError(f"data folder {root} does not exist: pass --data DIR with class folders")
+    if not root.is_dir():
+        raise DataError(f"data folder {root} does not exist", "pass --data DIR with class folders", path=root)
     split_dir = root / "test" if (root / "test").is_dir() else root
     if split_dir == root and (root / "train").is_dir():
-        raise UserError(f"{root} has train/ but no test/ folder: pass {root}/<split> (e.g. valid) to evaluate a split")
+        raise DataError(f"{root} has train/ but no test/ folder",
+                        f"pass {root}/<split> (e.g. valid) to evaluate a split", path=root)
     by_class = {c: fs for c, fs in _class_dirs(split_dir).items() if fs}
     if not by_class:
-        raise UserError(f"{split_dir} has no class folders with images: use DIR/<class>/ or DIR/test/<class>/")
+        raise DataError(f"{split_dir} has no class folders with images", "use DIR/<class>/ or DIR/test/<class>/",
+                        path=split_dir)
     allowed = cfg["data"]["classes"] if cfg["data"].get("labels", "folders") == "folders" else \
         list(cfg["data"]["counts"]["train"])
     extra = sorted(set(by_class) - set(allowed))
     if extra:
-        raise UserError(f"{split_dir} has class folders {extra} that the run does not know (its classes: {allowed}): "
-                        "evaluate on folders named after the run's classes")
+        raise DataError(f"{split_dir} has class folders {extra} that the run does not know (its classes: {allowed})",
+                        "evaluate on folders named after the run's classes", path=split_dir)
     return XrayFolders(root, {"train": by_class}, classes=list(by_class)), split_dir
 
 
@@ -86,8 +103,8 @@ def _fixed_threshold(threshold) -> float | None:
     try: t = float(threshold)
     except (TypeError, ValueError): t = None
     if t is None or not 0 < t < 1:  # rules like youden need the valid split: the run already applied its own
-        raise UserError(f"--threshold must be a number between 0 and 1, got {threshold!r} (the run's own "
-                        f"threshold, chosen on its validation split, is the default)")
+        raise RecipeError(f"--threshold must be a number between 0 and 1, got {threshold!r} (the run's own "
+                          f"threshold, chosen on its validation split, is the default)")
     return t
 
 
@@ -103,7 +120,7 @@ def evaluate_run(run_dir, data, tta: bool | None = None, threshold: float | None
     d, cfg, rec = load_run(run_dir)
     folders, split_dir = eval_folders(data, cfg)
     files = folders.files("train")
-    get_y = fine_label_getter(folders.root, files)[0] if rec.labels == "fine_label" else None
+    get_y = fine_label_getter(folders, files)[0] if rec.labels == "fine_label" else None
     learn = run_learner(d, cfg, rec, folders, get_y)
     thr = dict(cfg.get("threshold") or {"rule": "0.5", "value": 0.5, "note": "the run recorded no threshold"})
     if threshold is not None:
@@ -116,7 +133,7 @@ def evaluate_run(run_dir, data, tta: bool | None = None, threshold: float | None
     synthetic = (folders.root / "SYNTHETIC.txt").exists()
     note = f" {SYNTHETIC_BANNER}" if synthetic else ""
     m, _ = write_evaluation(out_dir, ev, thr, f"{rec.name} on {split_dir}", note, learn=learn,
-                            labels=read_labels(folders.root), root=folders.root)
+                            labels=folders.labels, root=folders.root)
     m.update(run_dir=str(d), data=str(split_dir), synthetic=synthetic)
     write_json(out_dir / "metrics.json", m)
     before = [f"> **{SYNTHETIC_BANNER}** Evaluated on generated drawings, not X-rays.", ""] if synthetic else []
@@ -131,10 +148,10 @@ def _image_files(paths) -> list[Path]:
     out = []
     for p in paths:
         p = Path(str(p)).expanduser()
-        if p.is_dir(): out += sorted(get_image_files(p))
+        if p.is_dir(): out += get_xray_files(p)
         elif p.is_file(): out.append(p)
-        else: raise UserError(f"{p} does not exist: pass image files or folders of images")
-    if not out: raise UserError(f"no images found in {', '.join(map(str, paths))}")
+        else: raise DataError(f"{p} does not exist", "pass image files or folders of images", path=p)
+    if not out: raise DataError(f"no images found in {', '.join(map(str, paths))}")
     return out
 
 
@@ -146,12 +163,12 @@ def predict_run(run_dir, paths, out=None, heatmaps: bool = False, tta: bool | No
 
     t = _fixed_threshold(threshold)
     if out is not None and Path(out).exists():  # before the model runs: never overwrite, never waste the work
-        raise UserError(f"{out} exists: pass another --out (predictions never overwrite)")
+        raise RecipeError(f"{out} exists", "pass another --out (predictions never overwrite)", path=out)
     d, cfg, rec = load_run(run_dir)
     files, unreadable = scan_images(_image_files(paths))  # bad files get a row saying why, not a traceback
     if not files:
-        raise UserError(f"none of the {len(unreadable)} file(s) given is a readable image (first: "
-                        f"{unreadable[0][0]}: {unreadable[0][1]}): pass image files or folders of images")
+        raise DataError(f"none of the {len(unreadable)} file(s) given is a readable image (first: "
+                        f"{unreadable[0][0]}: {unreadable[0][1]})", "pass image files or folders of images")
     if unreadable:
         warnings.warn(f"skipped {len(unreadable)} unreadable file(s), listed in the CSV with the reason: "
                       f"{unreadable[0][0]}: {unreadable[0][1]}" + (" ..." if len(unreadable) > 1 else ""),
@@ -168,13 +185,14 @@ def predict_run(run_dir, paths, out=None, heatmaps: bool = False, tta: bool | No
         csv = pdir / "predictions.csv"
     else:
         csv = Path(out)
-        if csv.exists(): raise UserError(f"{csv} exists: pass another --out (predictions never overwrite)")
+        if csv.exists():
+            raise RecipeError(f"{csv} exists", "pass another --out (predictions never overwrite)", path=csv)
         csv.parent.mkdir(parents=True, exist_ok=True)
     if heatmaps:
         hdir = csv.parent / f"{csv.stem}_heatmaps"
         try: hdir.mkdir()
         except FileExistsError:
-            raise UserError(f"{hdir} exists: pass another --out (heatmaps never overwrite)") from None
+            raise RecipeError(f"{hdir} exists", "pass another --out (heatmaps never overwrite)", path=hdir) from None
         from .gradcam import overlay
         cols = []
         # each heatmap explains the class in the CSV's label column (decided at the run's threshold, maybe on TTA

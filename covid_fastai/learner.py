@@ -51,7 +51,7 @@ def recipe_learner(recipe: Recipe, path=None, cbs=None):
     folders = find_xray_folders(resolve_data(recipe.data))
     set_seed(recipe.seed)
     # Three-class mode: classes from labels.csv's fine_label (covid / pneumonia / normal) instead of folders.
-    get_y, vocab = (fine_label_getter(folders.root, [f for s in folders.splits for f in folders.files(s)])
+    get_y, vocab = (fine_label_getter(folders, [f for s in folders.splits for f in folders.files(s)])
                     if recipe.labels == "fine_label" else (None, None))
     learn = folders_learner(recipe, folders, get_y=get_y, vocab=vocab, cbs=cbs, path=path)
     learn.trainable = apply_plan(learn, recipe.plan)

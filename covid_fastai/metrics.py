@@ -15,7 +15,7 @@ import pandas as pd
 from scipy.stats import rankdata
 from sklearn import metrics as skm
 
-from .errors import UserError
+from .errors import RecipeError
 
 __all__ = ["positive_view", "choose_threshold", "sensitivity_at_specificity", "binary_metrics", "bootstrap_ci",
            "one_vs_rest", "group_metrics", "BOOTSTRAP_METRICS"]
@@ -64,16 +64,16 @@ def choose_threshold(y, p, rule="youden") -> dict:
     except ValueError:
         t = None
     if t is not None:
-        if not 0 < t < 1: raise UserError(f"--threshold {rule!r}: a fixed threshold must be between 0 and 1")
+        if not 0 < t < 1: raise RecipeError(f"--threshold {rule!r}", "a fixed threshold must be between 0 and 1")
         return {"rule": rule, "value": t, "note": "fixed"}
     if rule != "youden" and not rule.startswith("sens:"):
-        raise UserError(f"--threshold {rule!r}: use youden, sens:0.95 (a target sensitivity) or a number in (0, 1)")
+        raise RecipeError(f"--threshold {rule!r}", "use youden, sens:0.95 (a target sensitivity) or a number in (0, 1)")
     target = None
     if rule.startswith("sens:"):
         try: target = float(rule[5:])
         except ValueError: target = -1
         if not 0 < target <= 1:
-            raise UserError(f"--threshold {rule!r}: the target sensitivity must be a number in (0, 1], e.g. sens:0.95")
+            raise RecipeError(f"--threshold {rule!r}", "the target sensitivity must be a number in (0, 1], e.g. sens:0.95")
     y, p = np.asarray(y), np.asarray(p, dtype=float)
     if len(np.unique(y)) < 2:
         return {"rule": rule, "value": 0.5, "note": "only one class in the data that chooses: fell back to 0.5"}

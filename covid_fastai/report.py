@@ -16,6 +16,7 @@ import pandas as pd
 
 from .fit import mom_trained_with, momentum_used
 from .models import head_summary
+from .recipes import canonical_policy
 
 __all__ = ["SYNTHETIC_BANNER", "write_report", "evaluation_md", "write_evaluation_report", "md_to_html",
            "write_html", "sweep_row", "write_sweep"]
@@ -171,8 +172,8 @@ def _skipped_section(skipped: dict | None) -> list[str]:
     if not skipped: return []
     L = ["## Skipped files", ""]
     if not skipped["count"]: return L + ["None: every image file was readable.", ""]
-    L += [f"{skipped['count']} unreadable file(s) were left out before training (`python -m covid_fastai check "
-          f"--data DIR` lists them too):", "", "| file | reason |", "|---|---|"]
+    L += [f"{skipped['count']} unreadable file(s) were left out before training (the `check` command "
+          f"lists them too):", "", "| file | reason |", "|---|---|"]
     L += [f"| {s['file']} | {s['reason']} |" for s in skipped["files"][:200]]
     if skipped["count"] > 200: L.append(f"| ... | {skipped['count'] - 200} more in config.json |")
     return L + [""]
@@ -183,7 +184,7 @@ def write_report(run_dir, config: dict, metrics: dict, history: pd.DataFrame, fi
     run_dir = Path(run_dir)
     rec, data = config["recipe"], config["data"]
     classes = data["classes"]
-    L = [f"# {rec['name']}: {rec['description'] or rec['arch']}, {rec.get('policy', 'seed')} policy", ""]
+    L = [f"# {rec['name']}: {rec['description'] or rec['arch']}, {canonical_policy(rec.get('policy', 'assignment'))} policy", ""]
     if data["synthetic"]:
         L += [f"> **{SYNTHETIC_BANNER}** This run used the generated demo set ({data['path']}): drawings, "
               "not chest X-rays. Its numbers only show that the pipeline runs.", ""]
@@ -241,7 +242,7 @@ def sweep_row(run_dir, config: dict, metrics: dict) -> dict:
     "One row of the comparison table."
     rec = config["recipe"]
     classes = config["data"]["classes"]
-    row = {"recipe": rec["name"], "policy": rec.get("policy", "seed"), "arch": rec["arch"],
+    row = {"recipe": rec["name"], "policy": canonical_policy(rec.get("policy", "assignment")), "arch": rec["arch"],
            "experiment": rec["description"],
            "trainable layers": rec["plan"]["description"], "trainable params": config["trainable"]["parameters"],
            "weights": config["weights"].get("source"), "split": metrics["split"], "accuracy": metrics["accuracy"]}

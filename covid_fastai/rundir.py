@@ -66,7 +66,7 @@ def run_status(run_dir) -> str | None:
 
 def recipe_from_config(config: dict) -> Recipe:
     "The exact `Recipe` a run used, from its config.json (its data path as recorded, absolute)."
-    from .data import SEED_RESIZE_RATIO
+    from .augment import ASSIGNMENT_RESIZE_RATIO
     r = dict(config["recipe"])
     p = r.pop("plan")
     plan = Plan(p["kind"], tuple(p.get("patterns") or ()), p.get("n"))
@@ -74,7 +74,7 @@ def recipe_from_config(config: dict) -> Recipe:
     r = {k: v for k, v in r.items() if k in fields}
     r["data"] = config["data"]["path"]
     if r.get("resize") is None:  # the short side the run used; runs before it was recorded all used size*256/224
-        r["resize"] = config["data"].get("resize") or round(r.get("size", 224) * SEED_RESIZE_RATIO)
+        r["resize"] = config["data"].get("resize") or round(r.get("size", 224) * ASSIGNMENT_RESIZE_RATIO)
     r["mom"] = mom_trained_with(config)
     return Recipe(plan=plan, **r)
 

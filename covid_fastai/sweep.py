@@ -35,7 +35,7 @@ SWEEP_FILE = "sweep.json"
 
 
 def plan_sweep(pattern: str, policies: str | None = None, **overrides) -> list[Recipe]:
-    """Every recipe matching `pattern` (glob or comma-separated names) under each of `policies` ('seed,modern';
+    """Every recipe matching `pattern` (glob or comma-separated names) under each of `policies` ('assignment,modern';
     None: as the recipe file says), with the overrides applied. All are checked before any runs."""
     if policies and "policy" in overrides:
         raise RecipeError("pass either --policies (one run per policy) or --policy, not both")

@@ -29,7 +29,6 @@ from .errors import Command, RunFolderError, RunInterrupted
 from .export import export_learner, load_export  # noqa: F401 (load_export: imported from here by callers)
 from .fit import deterministic, find_lr, fit_recipe, fitting_learner
 from .interpret import Evaluation, plot_curves, write_evaluation
-from .labels import read_labels
 from .learner import folders_learner, recipe_learner, resolve_data  # noqa: F401 (re-exported for callers)
 from .metrics import binary_metrics, choose_threshold
 from .provenance import run_facts
@@ -69,7 +68,7 @@ def run(recipe: Recipe, out=None, resume=None, export: bool = False, cbs=None, s
     """
     t_start = time.perf_counter()
     learn, folders = recipe_learner(recipe)
-    read_labels(folders.root)  # a bad labels.csv (used after training, for the breakdowns) fails now, not then
+    folders.labels  # a bad labels.csv (used after training, for the breakdowns) fails now, not then
     if resume is not None:
         rd = RunDir.open(resume)
         state = load_checkpoint(rd.path, learn, recipe.name, folders.root)
@@ -164,7 +163,7 @@ def _finish(r: _Run):
     threshold["chosen_on"] = "recipe" if threshold["note"] == "fixed" else "valid"  # a fixed number saw no data
     note = f" {SYNTHETIC_BANNER}" if folders.synthetic else ""
     m, files = write_evaluation(d.path, ev, threshold, f"{rec.name}: {split} split", note, learn=learn,
-                                labels=read_labels(folders.root), root=folders.root)
+                                labels=folders.labels, root=folders.root)
     metrics = {**m, "valid": {t: binary_metrics(yv, pv, v) for t, v in (("at_0.5", 0.5),
                                                                       ("at_threshold", threshold["value"]))},
                "train_seconds": train_s, "train_images_per_s": sum(tp.epoch_images) / max(train_s, 1e-9),

@@ -4,7 +4,7 @@ The CPU-fast backbone beside VGG-16 and ResNet-18 in the assignment grid, with g
 offline (docs/weights.md). A frozen body can run on cached features (docs/speed.md).
 Run: python recipes/effnet_lite0_head.py [--data DIR] [--epochs N] ...
 """
-from covid_fastai import SEED_POLICY, Recipe, head
+from covid_fastai import ASSIGNMENT_POLICY, Recipe, head
 from covid_fastai.cli import script_main
 
 recipe = Recipe(
@@ -12,7 +12,7 @@ recipe = Recipe(
     description="EfficientNet-Lite0: head only (body frozen)",
     arch="tf_efficientnet_lite0.in1k",
     plan=head(),
-    **SEED_POLICY,
+    **ASSIGNMENT_POLICY,
 )
 
 if __name__ == "__main__":

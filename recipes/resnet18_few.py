@@ -3,7 +3,7 @@
 The assignment's "few" list: whole stages, their BatchNorms included.
 Run: python recipes/resnet18_few.py [--data DIR] [--epochs N] ...
 """
-from covid_fastai import SEED_POLICY, Recipe, layers
+from covid_fastai import ASSIGNMENT_POLICY, Recipe, layers
 from covid_fastai.cli import script_main
 
 recipe = Recipe(
@@ -11,7 +11,7 @@ recipe = Recipe(
     description="ResNet-18: conv1, layer1, layer3 + head",
     arch="resnet18.tv_in1k",
     plan=layers("conv1", "layer1", "layer3"),
-    **SEED_POLICY,
+    **ASSIGNMENT_POLICY,
 )
 
 if __name__ == "__main__":

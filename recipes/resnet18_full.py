@@ -2,7 +2,7 @@
 
 Run: python recipes/resnet18_full.py [--data DIR] [--epochs N] ...
 """
-from covid_fastai import SEED_POLICY, Recipe, full
+from covid_fastai import ASSIGNMENT_POLICY, Recipe, full
 from covid_fastai.cli import script_main
 
 recipe = Recipe(
@@ -10,7 +10,7 @@ recipe = Recipe(
     description="ResNet-18: entire network",
     arch="resnet18.tv_in1k",
     plan=full(),
-    **SEED_POLICY,
+    **ASSIGNMENT_POLICY,
 )
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 resnet18.tv_in1k: the torchvision weights the assignment used (docs/weights.md).
 Run: python recipes/resnet18_head.py [--data DIR] [--epochs N] ...
 """
-from covid_fastai import SEED_POLICY, Recipe, head
+from covid_fastai import ASSIGNMENT_POLICY, Recipe, head
 from covid_fastai.cli import script_main
 
 recipe = Recipe(
@@ -11,7 +11,7 @@ recipe = Recipe(
     description="ResNet-18: FC head only (body frozen)",
     arch="resnet18.tv_in1k",
     plan=head(),
-    **SEED_POLICY,
+    **ASSIGNMENT_POLICY,
 )
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 The assignment's "few convs" list, as its report gives it.
 Run: python recipes/vgg16_few.py [--data DIR] [--epochs N] ...
 """
-from covid_fastai import SEED_POLICY, Recipe, layers
+from covid_fastai import ASSIGNMENT_POLICY, Recipe, layers
 from covid_fastai.cli import script_main
 
 recipe = Recipe(
@@ -12,7 +12,7 @@ recipe = Recipe(
     arch="vgg16.tv_in1k",
     plan=layers("features.0", "features.5", "features.10", "features.12",
                 "features.19", "features.21", "features.26", "features.28"),
-    **SEED_POLICY,
+    **ASSIGNMENT_POLICY,
 )
 
 if __name__ == "__main__":

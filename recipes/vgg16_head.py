@@ -2,7 +2,7 @@
 
 Run: python recipes/vgg16_head.py [--data DIR] [--epochs N] ...
 """
-from covid_fastai import SEED_POLICY, Recipe, head
+from covid_fastai import ASSIGNMENT_POLICY, Recipe, head
 from covid_fastai.cli import script_main
 
 recipe = Recipe(
@@ -10,7 +10,7 @@ recipe = Recipe(
     description="VGG-16: FC head only (body frozen)",
     arch="vgg16.tv_in1k",
     plan=head(),
-    **SEED_POLICY,
+    **ASSIGNMENT_POLICY,
 )
 
 if __name__ == "__main__":

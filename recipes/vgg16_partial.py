@@ -3,7 +3,7 @@
 features.10 is conv3_1 (128 -> 256 channels), the first conv of VGG-16's third stage: the assignment's "one conv".
 Run: python recipes/vgg16_partial.py [--data DIR] [--epochs N] ...
 """
-from covid_fastai import SEED_POLICY, Recipe, layers
+from covid_fastai import ASSIGNMENT_POLICY, Recipe, layers
 from covid_fastai.cli import script_main
 
 recipe = Recipe(
@@ -11,7 +11,7 @@ recipe = Recipe(
     description="VGG-16: one conv (features.10) + head",
     arch="vgg16.tv_in1k",
     plan=layers("features.10"),
-    **SEED_POLICY,
+    **ASSIGNMENT_POLICY,
 )
 
 if __name__ == "__main__":

@@ -267,8 +267,62 @@ def test_sweep_runs_each_recipe_under_each_policy(tiny_data, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     (sweep,) = (tmp_path / "sweeps").iterdir()
     rows = list(csv.DictReader((sweep / "comparison.csv").open()))
-    assert [(r["recipe"], r["policy"]) for r in rows] == [("effnet_lite0_head", "seed"), ("effnet_lite0_head", "modern")]
+    assert [(r["recipe"], r["policy"]) for r in rows] == [("effnet_lite0_head", "assignment"), ("effnet_lite0_head", "modern")]
     cfgs = [json.loads((Path(r["run"]) / "config.json").read_text())["recipe"] for r in rows]
     assert [c["opt"] for c in cfgs] == ["sgd", "adamw"] and [c["aug"] for c in cfgs] == ["seed", "xray"]
     md = (sweep / "comparison.md").read_text()
     assert "## Policies side by side" in md and "| effnet_lite0_head | " in md.split("side by side")[1]
+
+
+def test_commands_in_advice_are_spelt_for_the_shell_and_for_python(capsys):
+    from covid_fastai.cli import spell
+    from covid_fastai.errors import Command, RecipeError
+    from covid_fastai.recipes import find_recipe
+    assert spell(Command("resume", ("runs/a b",), (("data", "DIR"), ("help", None)))) == \
+        "python -m covid_fastai resume 'runs/a b' --data DIR --help"
+    with pytest.raises(RecipeError) as e:
+        find_recipe("zzzz_qqqq")
+    assert str(e.value) == "unknown recipe 'zzzz_qqqq': see `list_recipes()`"  # as Python callers read it
+    with pytest.raises(SystemExit) as e:
+        main(["recipe", "zzzz_qqqq"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip() == "error: unknown recipe 'zzzz_qqqq': see `python -m covid_fastai list`"
+
+
+def test_run_interrupted_prints_how_to_go_on_and_exits_130(monkeypatch, tmp_path, capsys):
+    import covid_fastai.train
+    from covid_fastai.errors import Command, RunInterrupted
+
+    def stopped(*a, **k):  # what a run raises after marking its folder interrupted
+        raise RunInterrupted(tmp_path / "run", 2, "continue it with {command}", Command("resume", (tmp_path / "run",)))
+    monkeypatch.setattr(covid_fastai.train, "run_recipe", stopped)
+    with pytest.raises(SystemExit) as e:
+        main(["recipe", "vgg16_head"])
+    assert e.value.code == 130
+    run = tmp_path / "run"
+    assert capsys.readouterr().err.strip() == (f"interrupted: {run} is marked incomplete after 2 finished epoch(s); "
+                                               f"continue it with `python -m covid_fastai resume {run}`")
+
+
+def test_every_option_reads_back_its_own_default():
+    "Each overridable field's checks come from its type: the command-line spelling of its default reads back as it."
+    from covid_fastai.recipes import OVERRIDABLE, load_recipe, with_overrides
+    rec = load_recipe("vgg16_head")
+    for k in OVERRIDABLE:
+        v = getattr(rec, k)
+        assert getattr(with_overrides(rec, **{k: "none" if v is None else str(v)}), k) == v, k
+    assert with_overrides(rec, resize="none", workers="None", weights="none").resize is None  # `X | None` fields
+    for k in ("name", "plan", "description", "source"):
+        assert k not in OVERRIDABLE  # set by the recipe file only
+
+
+def test_policy_seed_is_the_assignment_policy_under_its_former_name():
+    import dataclasses
+    from covid_fastai.recipes import ASSIGNMENT_POLICY, SEED_POLICY, load_recipe, with_overrides
+    from covid_fastai.train import recipe_from_config
+    rec = load_recipe("vgg16_head")
+    assert SEED_POLICY is ASSIGNMENT_POLICY and rec.policy == "assignment"
+    modern = with_overrides(rec, policy="modern")
+    assert with_overrides(modern, policy="seed") == with_overrides(modern, policy="assignment") == rec
+    old = {"recipe": {**dataclasses.asdict(rec), "policy": "seed"}, "data": {"path": "demo"}}  # a run made before
+    assert recipe_from_config(old).policy == "assignment"

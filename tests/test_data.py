@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from covid_fastai.data import SeedAug, find_xray_folders, make_aug, xray_dls
+from covid_fastai.data import SeedAug, XrayAugment, find_xray_folders, make_aug, xray_dls
 from covid_fastai.demo import demo_data, make_demo_data
 from covid_fastai.errors import UserError
 
@@ -60,12 +60,12 @@ def test_dls_sizes_and_eval_pipeline(tiny_data):
 
 
 def test_seed_pipeline_is_the_assignments():
-    aug = SeedAug()
+    aug = XrayAugment()
     names = [type(t).__name__ for t in aug.train_tfm().transforms]
     assert names == ["Resize", "RandomRotation", "RandomResizedCrop", "RandomHorizontalFlip"]
     assert aug.resize_to == 256 and aug.train_tfm().transforms[1].degrees == [-30.0, 30.0]
     assert [type(t).__name__ for t in aug.eval_tfm().transforms] == ["Resize", "CenterCrop"]
-    assert SeedAug(size=112).resize_to == 128
+    assert XrayAugment(size=112).resize_to == 128
     assert make_aug("none", 64).train_tfm().transforms[-1].__class__.__name__ == "CenterCrop"
     with pytest.raises(UserError, match="unknown augmentation"):
         make_aug("heavy", 64)
@@ -138,7 +138,7 @@ def test_unreadable_files_are_skipped_with_a_warning(tiny_data, tmp_path):
 
 
 def test_labels_csv_paths_must_stay_inside_the_data_folder(tmp_path):
-    from covid_fastai.data import read_labels_csv
+    from covid_fastai.labels import read_labels_csv
     assert read_labels_csv(tmp_path) is None
     (tmp_path / "labels.csv").write_text("file,label\ntrain/normal/a.jpg,normal\n")
     df = read_labels_csv(tmp_path)
@@ -151,3 +151,46 @@ def test_labels_csv_paths_must_stay_inside_the_data_folder(tmp_path):
     (tmp_path / "labels.csv").write_text("path,label\nx,y\n")
     with pytest.raises(UserError, match="has no 'file' column"):
         read_labels_csv(tmp_path)
+
+
+def test_labels_csv_is_parsed_once_per_folders_object(tiny_data, tmp_path, monkeypatch):
+    "XrayFolders.labels parses labels.csv when first asked; the splitter, fine labels and breakdowns share it."
+    import pandas as pd
+    from covid_fastai.data import patients_of
+    from covid_fastai.labels import fine_label_getter
+    root = shutil.copytree(tiny_data, tmp_path / "d")
+    shutil.rmtree(root / "valid")  # no valid/ folder: held out by patient
+    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.png"))
+    pd.DataFrame({"file": files, "patient_id": [f"p{i // 2}" for i in range(len(files))],
+                  "fine_label": [f.split("/")[1] for f in files]}).to_csv(root / "labels.csv", index=False)
+    calls = []
+    real = pd.read_csv
+    monkeypatch.setattr(pd, "read_csv", lambda f, *a, **k: calls.append(f) or real(f, *a, **k))
+    folders = find_xray_folders(root)
+    xray_dls(folders, make_aug("seed", 32), bs=4, num_workers=0)
+    assert patients_of(folders) and fine_label_getter(folders, folders.files("train"))[1] == ["infected", "normal"]
+    assert folders.labels is folders.labels and [Path(f).name for f in calls] == ["labels.csv"]
+
+
+def test_labels_module_does_not_import_the_data_module():
+    "Dependencies point one way: data.py uses labels.py, never the reverse."
+    import ast
+    import covid_fastai.labels as L
+    tree = ast.parse(Path(L.__file__).read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert "data" not in imported and not any(m and m.endswith(".data") for m in imported)
+
+
+def test_augment_policies_keep_their_former_names():
+    from covid_fastai.augment import ASSIGNMENT_RESIZE_RATIO, SEED_RESIZE_RATIO, XrayAugment
+    assert SeedAug is XrayAugment and SEED_RESIZE_RATIO == ASSIGNMENT_RESIZE_RATIO
+    assert isinstance(make_aug("xray", 64), XrayAugment)
+
+
+def test_fine_labels_from_a_root_or_from_folders(fine_labelled):
+    from covid_fastai.labels import fine_label_getter
+    folders = find_xray_folders(fine_labelled.root)
+    files = folders.files("train")
+    by_root, by_folders = fine_label_getter(fine_labelled.root, files), fine_label_getter(folders, files)
+    assert by_root[1] == by_folders[1] == ["covid", "normal", "pneumonia"]
+    assert [by_root[0](f) for f in files] == [by_folders[0](f) for f in files]

@@ -289,3 +289,52 @@ def test_evaluation_uses_the_geometry_the_run_used(run_dir, tmp_path):
     assert recipe_from_config(xray).resize == 64
     old = {**xray, "data": {k: v for k, v in cfg["data"].items() if k != "resize"}}
     assert recipe_from_config(old).resize == 73  # made before the xray geometry changed: evaluated as it ran
+
+
+def _as_dicom(src: Path, dst: Path) -> Path:
+    "A copy of the image folder `src` with every PNG rewritten as a DICOM file without extension (found by magic)."
+    from test_images import write_dicom
+    for i, f in enumerate(sorted(src.rglob("*.png"))):
+        out = dst / f.parent.relative_to(src) / f"IM{i:04d}"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with Image.open(f) as im: write_dicom(out, np.asarray(im.convert("L")).astype(np.uint16) * 16)
+    return dst
+
+
+def test_evaluate_and_predict_read_dicom_folders_as_training_does(run_dir, tiny_data, tmp_path):
+    "Training lists DICOM files (covid_fastai.images.get_xray_files): so do `evaluate --data` and `predict`."
+    from covid_fastai.evaluate import eval_folders, load_run
+    dcm = _as_dicom(tiny_data / "test", tmp_path / "dcm")
+    n = len(list((tiny_data / "test").rglob("*.png")))
+    folders, split_dir = eval_folders(dcm, load_run(run_dir)[1])
+    assert split_dir == dcm and folders.counts()["train"] == {"infected": n // 2, "normal": n // 2}
+    out = tmp_path / "p.csv"
+    main(["predict", str(run_dir), str(dcm), "--out", str(out), "--heatmaps"])
+    df = pd.read_csv(out)
+    assert len(df) == n and "error" not in df and df["p_infected"].between(0, 1).all()
+
+
+@pytest.mark.xfail(strict=True, reason="interpret.plot_extremes opens images with PILImage.create, not open_xray "
+                                       "(interpret.py is outside this branch; fixed at merge, then drop this mark)")
+def test_evaluate_writes_a_report_for_a_dicom_folder(run_dir, tiny_data, tmp_path):
+    from covid_fastai.evaluate import evaluate_run
+    dcm = _as_dicom(tiny_data / "test", tmp_path / "dcm")
+    m = json.loads((evaluate_run(run_dir, dcm, out=tmp_path / "ev") / "metrics.json").read_text())
+    assert m["n"] == len(list((tiny_data / "test").rglob("*.png"))) and m["data"] == str(dcm)
+
+
+def test_evaluate_on_a_damaged_model_file_is_one_line(run_dir, tiny_data, tmp_path, capsys):
+    from covid_fastai.errors import ModelFileError
+    from covid_fastai.evaluate import evaluate_run
+    d = shutil.copytree(run_dir, tmp_path / "run", ignore=shutil.ignore_patterns("evaluations", "predictions"))
+    f = d / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])  # truncated: SafetensorError "invalid header length"
+    with pytest.raises(ModelFileError) as e:
+        evaluate_run(d, tiny_data)
+    assert e.value.path == f and "run_recipe('resnet18_head')" in str(e.value)
+    with pytest.raises(SystemExit) as e:
+        main(["evaluate", str(d), "--data", str(tiny_data)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"error: {f} is damaged (") and err[0].endswith(
+        "restore it from a copy, or train the run again with `python -m covid_fastai recipe resnet18_head`"), err

@@ -29,7 +29,7 @@ def test_policy_replaces_training_settings_and_keeps_the_experiment(tiny_data):
     assert with_overrides(seed, policy="modern", epochs=3, lr_find="false").epochs == 3
     back = with_overrides(modern, policy="seed")
     for k, v in SEED_POLICY.items(): assert getattr(back, k) == v, k
-    with pytest.raises(UserError, match="--policy must be one of modern, seed"):
+    with pytest.raises(UserError, match="--policy must be one of assignment, modern"):
         with_overrides(seed, policy="fancy")
 
 

@@ -146,7 +146,7 @@ def test_compare_puts_finished_runs_side_by_side(finished, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     (cmp,) = (tmp_path / "comparisons").iterdir()
     got = rows(cmp)
-    assert [(g["recipe"], g["policy"], g["run"]) for g in got] == [("resnet18_head", "seed", str(seed)),
+    assert [(g["recipe"], g["policy"], g["run"]) for g in got] == [("resnet18_head", "assignment", str(seed)),
                                                                    ("resnet18_head", "modern", str(modern))]
     assert got == rows(sweep)  # the same table the sweep wrote
     # two runs of the same recipe and policy are not averaged into one cell
