@@ -299,6 +299,7 @@ def _fire(component, argv):
     except UserError as e:
         if debug: raise
         print(f"error: {e.message(spell)}", file=sys.stderr)
+        for fix, command in getattr(e, "fix_notes", []): print(fix.replace("{command}", f"`{spell(command)}`"), file=sys.stderr)
         sys.exit(2)
     except RunInterrupted as e:  # the library marked the run folder and says how to go on
         if debug: raise

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 __all__ = ["Command", "UserError", "DataError", "RecipeError", "RunFolderError", "ModelFileError",
-           "WeightsUnavailable", "RunInterrupted"]
+           "WeightsUnavailable", "RunInterrupted", "note_fix"]
 
 
 class Command(NamedTuple):
@@ -70,3 +70,10 @@ class RunInterrupted(KeyboardInterrupt):
     def message(self, spell=str) -> str:
         done = f" after {self.epochs_done} finished epoch(s)" if self.epochs_done else ""
         return f"{self.run_dir} is marked incomplete{done}; {self.fix.replace('{command}', f'`{spell(self.command)}`')}"
+
+
+def note_fix(e: BaseException, fix: str, command: Command):
+    """Add how to go on to an error passing through a caller (a sweep around a failed run). Python shows it as a
+    note; the CLI prints it after the error line, with `{command}` spelt its way."""
+    e.add_note(fix.replace("{command}", f"`{command}`"))
+    e.fix_notes = [*getattr(e, "fix_notes", []), (fix, command)]

@@ -20,7 +20,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .errors import Command, RecipeError, RunFolderError, RunInterrupted
+from .errors import Command, RecipeError, RunFolderError, RunInterrupted, note_fix
 from .files import folder_lock, write_json
 from .learner import resolve_data
 from .plans import Plan
@@ -144,7 +144,7 @@ def _carry_on(sweep_dir: Path, manifest: dict, cbs, fresh: bool = False) -> Path
             done = f"{_n_done(items)} of {len(items)} runs finished"
             if stopped:
                 raise RunInterrupted(sweep_dir, 0, f"the sweep has {done}; continue it with {{command}}", go_on) from e
-            e.add_note(f"sweep {sweep_dir} stopped with {done}; fix the problem, then continue it with {go_on}")
+            note_fix(e, f"sweep {sweep_dir} stopped with {done}; fix the problem, then continue it with {{command}}", go_on)
             raise
         manifest["status"] = "complete"
         save()
