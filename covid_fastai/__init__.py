@@ -25,3 +25,4 @@ from .interpret import *  # noqa: E402,F401,F403
 from .train import *  # noqa: E402,F401,F403
 from .evaluate import evaluate_run, predict_run  # noqa: E402,F401
 from .sweep import compare_runs, resume_sweep, run_sweep  # noqa: E402,F401
+from .audit import audit_data, audit_run  # noqa: E402,F401
