@@ -182,7 +182,7 @@ def write_run_audit(out_dir, findings: dict, preds: pd.DataFrame) -> Path:
         png = plot_roc_by_source(preds["y"], preds["p"], preds["source"], out_dir / "roc_by_source.png", pos)
         lines += [f"![ROC by source]({png})", ""]
     lines += ["## Occlusion", "", "Masked pixels take the image's mean. Central region: the middle 70% of height and "
-              "width; borders and corners: an 8% frame and 20% corner squares.", ""]
+              "width; borders and corners: an 8% frame and 15% corner squares.", ""]
     lines += _table(["masked", "accuracy", "change", "ROC AUC", "change"],
                     [[r["condition"], _f(r["accuracy"]), _signed(r["d_accuracy"]), _f(r["roc_auc"]), _signed(r["d_auc"])]
                      for r in occ])

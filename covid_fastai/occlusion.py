@@ -3,7 +3,7 @@ and corners, are hidden, and how much of its Grad-CAM mass lies on the lungs.
 
 Regions are fractions of the model's input (H x W), for a frontal film framed as usual:
 - the central (lung) region: rows and columns 15%-85%, which holds both lung fields of a PA/AP film;
-- borders and corners: an 8% frame round the edge and 20% squares in the four corners, where letters, lead
+- borders and corners: an 8% frame round the edge and 15% squares in the four corners, where letters, lead
   markers, arrows and letterbox bars sit (they do not reach the central region).
 A masked pixel takes the image's own mean (per channel, of the normalised input): a value that says nothing about
 where it is. Predictions are plain (no test-time augmentation), with and without a mask alike.
@@ -21,7 +21,7 @@ __all__ = ["CENTRAL", "BORDER", "CORNER", "REGIONS", "region_masks", "Occlude", 
 
 CENTRAL = (0.15, 0.85)  # start and end of the central region, as a fraction of height and of width
 BORDER = 0.08           # width of the frame round the edge
-CORNER = 0.20           # side of the corner squares
+CORNER = 0.15           # side of the corner squares (as far as the central region begins)
 REGIONS = ("outside the central region", "borders and corners", "lung region")  # what each occlusion masks
 
 
