@@ -57,6 +57,16 @@ def make_films(root, counts: dict, planted: bool, seed: int = 0):
 PROBE = dict(arch="resnet18", size=SIZE, pretrained=False, bs=32)  # a random-init body: no download, seconds
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    "One torch thread: on a few busy cores, more threads spin against each other (ten times slower here)."
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory):
     return make_films(tmp_path_factory.mktemp("planted"), PLANTED, planted=True)
@@ -128,9 +138,9 @@ def test_regions_do_not_overlap_and_cover_what_they_say():
 @pytest.fixture(scope="module")
 def planted_run(planted, tmp_path_factory):
     from covid_fastai.train import run_recipe
-    return run_recipe("resnet18_full", out=tmp_path_factory.mktemp("runs"), data=str(planted), epochs=6,
+    return run_recipe("resnet18_full", out=tmp_path_factory.mktemp("runs"), data=str(planted), epochs=3,
                       pretrained=False, size=SIZE, resize=SIZE, aug="none", bs=16, opt="adamw", lr=3e-3,
-                      schedule="one_cycle", tta=False)
+                      schedule="one_cycle", tta=False, bf16=False, channels_last=False)
 
 
 def test_model_on_planted_shortcut_fails_when_corners_are_masked(planted, planted_run, tmp_path):
