@@ -246,8 +246,9 @@ def data_audit(data, arch: str = "tf_efficientnet_lite0.in1k", size: int = 224, 
         flags.append(f"the label is predictable from the source: the source-only rule scores "
                      f"{conf['source_rule_accuracy']:.3f} against {conf['majority_rate']:.3f} for the majority class")
     if pixels.get("source_from_pixels"):
-        flags.append(f"the source is visible in the pixels: a linear probe on frozen ImageNet features names it with "
-                     f"balanced accuracy {pixels['balanced_accuracy']:.3f} (chance {pixels['chance']:.3f})")
+        flags.append(f"the source is visible in the pixels: a linear probe on frozen {arch} features "
+                     f"({pixels['weights']} weights) names it with balanced accuracy "
+                     f"{pixels['balanced_accuracy']:.3f} (chance {pixels['chance']:.3f})")
     for m in missing:
         flags.append(f"source {m['source']} is in {m['split']} ({m['n']} images) but not in train")
     for s in seps:

@@ -167,7 +167,7 @@ def write_run_audit(out_dir, findings: dict, preds: pd.DataFrame) -> Path:
     ws, occ, cam, pos = findings["within_source"], findings["occlusion"], findings["cam"], findings["positive"]
     lines = [f"# Shortcut audit of run {findings['run_name']} on {findings['split_dir']}", "",
              f"Run `{findings['run_dir']}`, {findings['n']} test images; accuracy at the run's threshold "
-             f"{_f(findings['threshold'])}, plain predictions (no TTA).", ""]
+             f"({findings['threshold']:.4g}), plain predictions (no TTA).", ""]
     lines += _verdict(findings, "This model reads something other than the lungs.", "No shortcut flagged.")
     lines += ["## Flags", ""] + ([f"- {f}" for f in findings["flags"]] or ["- none"]) + [""]
     lines += ["## Within-source AUC", ""]

@@ -155,3 +155,16 @@ def test_model_on_planted_shortcut_fails_when_corners_are_masked(planted, plante
     assert {r["source"] for r in m["within_source"]["sources"]} == {"A", "B"}
     assert (d / "audit.html").is_file() and {"occlusion.png", "roc_by_source.png"} <= {p.name for p in d.iterdir()}
     assert audit_run(planted_run, planted, out=tmp_path) != d  # a second audit never overwrites the first
+
+
+def test_cli_audit_prints_the_flags_and_where_the_report_is(planted, tmp_path, capsys):
+    from covid_fastai.cli import main
+    main(["audit", "--data", str(planted), "--out", str(tmp_path), "--arch", "resnet18", "--size", str(SIZE),
+          "--pretrained", "false"])
+    out = capsys.readouterr().out
+    assert out.startswith("SHORTCUT: 3 flag(s)") and "edge_marker_components" in out
+    assert out.strip().splitlines()[-1].endswith("audit.html") and len(list((tmp_path / "audits").iterdir())) == 1
+    with pytest.raises(SystemExit) as e:
+        main(["audit", "--out", str(tmp_path)])
+    assert e.value.code == 2 and capsys.readouterr().err.strip() == \
+        "error: audit needs --data DIR (a folder with labels.csv and its source column)"
