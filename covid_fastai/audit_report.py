@@ -17,7 +17,8 @@ __all__ = ["write_data_audit", "write_run_audit", "plot_confounding", "plot_roc_
 
 _THRESHOLD_NOTE = ("Flags are raised at fixed thresholds (`covid_fastai.audit.THRESHOLDS`): the source-only rule "
                    "beats the majority class by {source_rule_gain:.2f} or more; the source probe's balanced accuracy "
-                   "is {source_pixels_balanced_accuracy:.2f} or more; one image statistic separates the classes with "
+                   "is {source_pixels_balanced_accuracy:.2f} or more, or its Cohen's kappa {source_pixels_kappa:.2f} "
+                   "or more; a source of 20 images or more is {one_class_source_share:.0%} one class; one image statistic separates the classes with "
                    "AUC above {stat_auc:.2f}; pooled AUC exceeds the mean within-source AUC by {pooled_minus_within_auc:.2f} "
                    "or more; AUC with the lungs masked is {lungs_masked_auc:.2f} or more; masking borders and corners "
                    "costs {corners_masked_auc_drop:.2f} AUC or more. See docs/audit.md.")
@@ -100,6 +101,12 @@ def plot_occlusion(rows: list[dict], path) -> str:
 
 def _verdict(findings: dict, shortcut_text: str, clean_text: str) -> list[str]:
     if findings["shortcut"]: return [f"> **{shortcut_text}**", ""]
+    if findings.get("partial_shortcut"):
+        srcs = findings["partial_shortcut"]
+        n = sum(sum(findings["confounding"]["table"][s].values()) for s in srcs)
+        return [f"> **For part of the data a model can score without looking at the lungs:** the source is visible "
+                f"in the pixels, and {', '.join(srcs)} ({n} images, {n / findings['confounding']['n']:.0%} of the "
+                f"data) are almost all one class.", ""]
     if findings["flags"]: return [f"> {len(findings['flags'])} warning(s); no full shortcut (see below).", ""]
     return [f"> {clean_text}", ""]
 
@@ -142,7 +149,9 @@ def write_data_audit(out_dir, findings: dict, stats: pd.DataFrame) -> Path:
     else:
         lines += [f"A logistic regression on frozen `{px['arch']}` features ({px['weights']} weights, {px['size']} px), "
                   f"fitted on {px['n_train']} training images, names the source of the {px['n_valid']} validation "
-                  f"images with balanced accuracy **{_f(px['balanced_accuracy'])}** (chance {_f(px['chance'])}).", ""]
+                  f"images with balanced accuracy **{_f(px['balanced_accuracy'])}** (chance {_f(px['chance'])}); "
+                  f"accuracy {_f(px['accuracy'])} (the largest source's share: {_f(px['majority_source_rate'])}), "
+                  f"Cohen's kappa {_f(px['kappa'])}.", ""]
         lines += _table(["source", "recall"], [[s, _f(r)] for s, r in px["recall"].items()])
     lines += ["## Image statistics", "",
               f"How well each statistic alone separates {findings['positive']} from the rest (max(AUC, 1 - AUC), "
