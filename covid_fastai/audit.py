@@ -191,8 +191,10 @@ def _frozen_features(folders: XrayFolders, arch: str, size: int, pretrained: boo
     from .features import body_features, feature_cache_key, split_head
     from .files import atomic_path
     from .models import xray_learner
+    from fastai.vision.all import set_seed
     aug = make_aug("none", size)
     dls = xray_dls(folders, aug, bs=bs, seed=0, num_workers=0)
+    set_seed(0)  # a random-init body (pretrained false) is the same body each time, as its cache key says
     learn = xray_learner(dls, arch, pretrained=pretrained, head="linear")
     pre_pool, _ = split_head(learn.model[1])
     items = list(dls.train.items), list(dls.valid.items)
