@@ -289,11 +289,13 @@ def within_source(y, p, sources) -> dict:
     for s, part in df.groupby("s", sort=True):
         rows.append({"source": s, "n": len(part), "positives": int(part["y"].sum()),
                      "auc": auc_or_none(part["y"], part["p"])})
-    within = [r["auc"] for r in rows if r["auc"] is not None]
+    within = [r for r in rows if r["auc"] is not None]
     pooled = auc_or_none(df["y"], df["p"])
-    mean = float(np.mean(within)) if within else None
+    mean = float(np.mean([r["auc"] for r in within])) if within else None
+    # weighted by images: a source with 2 cases of one class gives a very noisy AUC
+    weighted = float(np.average([r["auc"] for r in within], weights=[r["n"] for r in within])) if within else None
     gap = None if pooled is None or mean is None else pooled - mean
-    return {"pooled_auc": pooled, "sources": rows, "mean_within_auc": mean, "gap": gap,
+    return {"pooled_auc": pooled, "sources": rows, "mean_within_auc": mean, "weighted_within_auc": weighted, "gap": gap,
             "flag": gap is not None and gap >= THRESHOLDS["pooled_minus_within_auc"]}
 
 

@@ -184,7 +184,9 @@ def write_run_audit(out_dir, findings: dict, preds: pd.DataFrame) -> Path:
         lines += ["No source column for these images (labels.csv beside the data): not measured.", ""]
     else:
         lines += [f"Pooled ROC AUC **{_f(ws['pooled_auc'])}**; mean AUC within the sources that have both classes "
-                  f"**{_f(ws['mean_within_auc'])}** (gap {_signed(ws['gap'])}). A large gap is the shortcut's signature: "
+                  f"**{_f(ws['mean_within_auc'])}** (gap {_signed(ws['gap'])}; weighted by images "
+                  f"{_f(ws['weighted_within_auc'])}, since a source with a handful of cases of one class gives a noisy "
+                  "AUC). A large gap is the shortcut's signature: "
                   "part of the pooled score comes from telling the sources apart.", ""]
         lines += _table(["source", "n", pos, "AUC within"],
                         [[r["source"], r["n"], r["positives"], _f(r["auc"])] for r in ws["sources"]])

@@ -177,3 +177,14 @@ def test_a_source_that_is_almost_one_class_is_named():
     df = pd.DataFrame(rows, columns=["split", "label", "source"])
     assert [o["source"] for o in confounding(df)["one_class_sources"]] == ["X", "Y", "Z"]
     assert [o["source"] for o in confounding(df.iloc[1:])["one_class_sources"]] == ["Y", "Z"]  # X: 19, too few
+
+
+def test_within_source_auc_sees_a_score_that_only_tells_sources_apart():
+    from covid_fastai.audit import within_source
+    # source A: all high scores, mostly infected; B: all low, mostly normal; inside each the score is noise
+    rng = np.random.default_rng(0)
+    y = np.r_[np.ones(40), np.zeros(10), np.ones(10), np.zeros(40)]
+    p = np.r_[0.7 + 0.2 * rng.random(50), 0.1 + 0.2 * rng.random(50)]
+    w = within_source(y, p, ["A"] * 50 + ["B"] * 50)
+    assert w["pooled_auc"] > 0.75 and abs(w["mean_within_auc"] - 0.5) < 0.2 and w["flag"]
+    assert w["weighted_within_auc"] == pytest.approx(w["mean_within_auc"])  # equal sizes
