@@ -3,8 +3,8 @@
 
 Before training (`audit_data`): the label x source table, Cramér's V and the source-only rule; sources missing
 from train; a source classifier on frozen ImageNet features; image statistics that alone separate the classes.
-After training (`audit_run`): AUC within each source against the pooled AUC, occlusion of the test images
-(`occlusion`), and where the Grad-CAM mass lies. `audit_report` writes audit.md and audit.html.
+After training (`audit_run`, computed in `occlusion`): AUC within each source against the pooled AUC, occlusion
+of the test images, and where the Grad-CAM mass lies. `audit_report` writes audit.md and audit.html.
 
 The thresholds that raise a flag are data (`THRESHOLDS`), each with its reason; docs/audit.md explains them.
 """
@@ -22,8 +22,8 @@ from .errors import DataError
 from .images import open_xray
 from .labels import join_labels, read_labels
 
-__all__ = ["audit_data", "audit_run", "data_audit", "run_audit", "THRESHOLDS", "source_frame", "confounding", "split_coverage", "image_stats", "stats_frame",
-           "separating_stats", "source_from_pixels", "data_audit", "auc_or_none", "within_source"]
+__all__ = ["audit_data", "audit_run", "data_audit", "THRESHOLDS", "source_frame", "confounding", "split_coverage", "image_stats", "stats_frame",
+           "separating_stats", "source_from_pixels", "data_audit", "auc_or_none", "positive_class"]
 
 # What raises a flag, and why (docs/audit.md).
 THRESHOLDS = {
@@ -282,74 +282,6 @@ def data_audit(data, arch: str = "tf_efficientnet_lite0.in1k", size: int = 224, 
              "thresholds": THRESHOLDS}, stats)
 
 
-def within_source(y, p, sources) -> dict:
-    "Pooled ROC AUC, the AUC inside each source with both classes, their unweighted mean and the gap."
-    df = pd.DataFrame({"y": np.asarray(y).astype(int), "p": np.asarray(p, float), "s": list(sources)})
-    rows = []
-    for s, part in df.groupby("s", sort=True):
-        rows.append({"source": s, "n": len(part), "positives": int(part["y"].sum()),
-                     "auc": auc_or_none(part["y"], part["p"])})
-    within = [r for r in rows if r["auc"] is not None]
-    pooled = auc_or_none(df["y"], df["p"])
-    mean = float(np.mean([r["auc"] for r in within])) if within else None
-    # weighted by images: a source with 2 cases of one class gives a very noisy AUC
-    weighted = float(np.average([r["auc"] for r in within], weights=[r["n"] for r in within])) if within else None
-    gap = None if pooled is None or mean is None else pooled - mean
-    return {"pooled_auc": pooled, "sources": rows, "mean_within_auc": mean, "weighted_within_auc": weighted, "gap": gap,
-            "flag": gap is not None and gap >= THRESHOLDS["pooled_minus_within_auc"]}
-
-
-def run_audit(run_dir, data) -> tuple[dict, pd.DataFrame]:
-    """(findings, per-image frame: file, label, source, y, p, cam_share) of a finished run on the test split of
-    `data` (or on `data` itself when it is a folder of class folders), as `evaluate` reads it."""
-    from .evaluate import eval_folders, load_run, run_learner
-    from .labels import fine_label_getter
-    from .occlusion import CENTRAL, cam_mass, occlusion_test
-    d, cfg, rec = load_run(run_dir)
-    folders, split_dir = eval_folders(data, cfg)
-    files = folders.files("train")
-    get_y = fine_label_getter(folders.root, files)[0] if rec.labels == "fine_label" else None
-    learn = run_learner(d, cfg, rec, folders, get_y)
-    dl = learn.dls.test_dl(files, with_labels=True)
-    thr = float((cfg.get("threshold") or {"value": 0.5})["value"])
-    occ, base = occlusion_test(learn, dl, thr)
-    src = join_labels(list(dl.items), folders.root, read_labels(folders.root), columns=("source",)).get("source")
-    label = [Path(f).parent.name for f in dl.items]
-    preds = pd.DataFrame({"file": [str(f) for f in dl.items], "label": label,
-                          "source": [s or NO_SOURCE for s in src] if src else NO_SOURCE, "y": base["y"],
-                          "p": base["p"], "cam_share": cam_mass(learn, dl)})
-    ws = within_source(preds["y"], preds["p"], preds["source"]) if src else None
-    uniform = (CENTRAL[1] - CENTRAL[0]) ** 2
-    groups = [{"group": "all", "n": int(preds["cam_share"].notna().sum()), "share": float(preds["cam_share"].mean())}]
-    for col in ("label", "source"):
-        if col == "source" and not src: continue
-        for g, part in preds.groupby(col, sort=True):
-            groups.append({"group": f"{col} {g}", "n": int(part["cam_share"].notna().sum()),
-                           "share": float(part["cam_share"].mean())})
-    lungs = next(r for r in occ if r["condition"].startswith("lung"))
-    corners = next(r for r in occ if r["condition"].startswith("borders"))
-    flags = []
-    if ws and ws["flag"]:
-        flags.append(f"pooled AUC {ws['pooled_auc']:.3f} is {ws['gap']:.3f} above the mean within-source AUC "
-                     f"{ws['mean_within_auc']:.3f}")
-    lungs_flag = lungs["roc_auc"] is not None and lungs["roc_auc"] >= THRESHOLDS["lungs_masked_auc"]
-    if lungs_flag: flags.append(f"with the lung region masked the AUC is still {lungs['roc_auc']:.3f}")
-    corners_flag = corners["d_auc"] is not None and -corners["d_auc"] >= THRESHOLDS["corners_masked_auc_drop"]
-    if corners_flag:
-        flags.append(f"masking only the borders and corners costs {-corners['d_auc']:.3f} AUC "
-                     f"and {-corners['d_accuracy']:.3f} accuracy")
-    if groups[0]["share"] < uniform:
-        flags.append(f"less Grad-CAM mass inside the central region ({groups[0]['share']:.3f}) than an even spread "
-                     f"would put there ({uniform:.2f})")
-    findings = {"run_dir": str(d), "run_name": rec.name, "arch": rec.arch, "split_dir": str(split_dir),
-                "n": len(files), "positive": positive_class(list(dl.vocab)), "threshold": thr,
-                "within_source": ws, "occlusion": occ,
-                "cam": {"uniform": uniform, "mean": groups[0]["share"], "groups": groups},
-                "shortcut": bool(lungs_flag or corners_flag or (ws and ws["flag"])), "flags": flags,
-                "thresholds": THRESHOLDS}
-    return findings, preds
-
-
 def audit_data(data, out=None, arch: str = "tf_efficientnet_lite0.in1k", size: int = 224, pretrained: bool = True,
                bs: int = 64) -> Path:
     """Audit a data folder before training; writes `<out>/audits/<timestamp>/` (audit.md, audit.html, audit.json,
@@ -369,6 +301,7 @@ def audit_run(run_dir, data, out=None) -> Path:
     audit.md, audit.html, audit.json, predictions.csv and plots, and returns it."""
     from .audit_report import write_run_audit
     from .train import new_run_dir, resolve_data
+    from .occlusion import run_audit
     findings, preds = run_audit(run_dir, resolve_data(str(data)))
     out_dir = new_run_dir(Path(out) if out else Path(run_dir), "audits")
     write_run_audit(out_dir, findings, preds)

@@ -180,7 +180,7 @@ def test_a_source_that_is_almost_one_class_is_named():
 
 
 def test_within_source_auc_sees_a_score_that_only_tells_sources_apart():
-    from covid_fastai.audit import within_source
+    from covid_fastai.occlusion import within_source
     # source A: all high scores, mostly infected; B: all low, mostly normal; inside each the score is noise
     rng = np.random.default_rng(0)
     y = np.r_[np.ones(40), np.zeros(10), np.ones(10), np.zeros(40)]
