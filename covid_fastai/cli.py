@@ -1,4 +1,4 @@
-"""Command line: `python -m covid_fastai {list,recipe,sweep,compare,resume,check,evaluate,predict,weights}` (python-fire).
+"""Command line: `python -m covid_fastai {list,recipe,sweep,compare,resume,check,evaluate,predict,audit,weights}` (python-fire).
 
 Overrides are recipe fields as flags: `--epochs 2 --lr 3e-4 --bs 32 --size 128 --data DIR --pretrained false
 --seed 1 --out DIR`. The library raises typed errors (covid_fastai.errors) carrying the fix; this module alone turns
@@ -57,7 +57,7 @@ def _eval_summary(d: Path) -> str:
 
 
 class Commands:
-    "fastai + timm experiments on chest X-ray folders. Commands: list, recipe, sweep, compare, resume, check, evaluate, predict, weights."
+    "fastai + timm experiments on chest X-ray folders. Commands: list, recipe, sweep, compare, resume, check, evaluate, predict, audit, weights."
 
     def list(self):
         "Show the recipes with a one-line description each."
@@ -163,6 +163,32 @@ class Commands:
         if not paths: raise RecipeError("predict needs image files or folders after RUN_DIR")
         csv = predict_run(run_dir, paths, out=out, heatmaps=heatmaps, tta=tta, threshold=threshold)
         print(f"{csv}: {sum(1 for _ in open(csv)) - 1} images")
+
+    @_bools_by_type
+    def audit(self, run_dir: str | None = None, data: str | None = None, out: str | None = None,
+              arch: str = "tf_efficientnet_lite0.in1k", size: int = 224, pretrained: bool = True):
+        """Check for source shortcuts: `audit --data DIR` before training (label x source, a source probe on frozen
+        ImageNet features, image statistics), `audit RUN_DIR --data DIR` after (within-source AUC, occlusion,
+        Grad-CAM mass). Writes audit.md and audit.html in a new audits/<timestamp>/ folder.
+
+        Args:
+          run_dir: a finished run folder (omit to audit the data before training)
+          data: the data folder; it needs labels.csv with a source column
+          out: where the audits/ folder goes (default: ./outputs, or RUN_DIR for a run)
+          arch: before training, the frozen body the source probe reads
+          size: before training, its input size
+          pretrained: before training, ImageNet weights for that body (false: random init)
+        """
+        from .audit import audit_data, audit_run
+        if data is None: raise DataError("audit needs --data DIR (a folder with labels.csv and its source column)")
+        if run_dir is None:
+            d = audit_data(data, out=out, arch=arch, size=int(size), pretrained=pretrained)
+        else:
+            d = audit_run(run_dir, data, out=out)
+        m = json.loads((d / "audit.json").read_text())
+        print(("SHORTCUT: " if m["shortcut"] else "") + f"{len(m['flags'])} flag(s)" +
+              "".join(f"\n  - {f}" for f in m["flags"]))
+        print(f"audit: {d / 'audit.md'} and {d / 'audit.html'}")
 
     @_bools_by_type
     def weights(self, probe_hub: bool = False):
