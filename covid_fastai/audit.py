@@ -20,7 +20,7 @@ from sklearn import metrics as skm
 from .data import XrayFolders, find_xray_folders
 from .errors import DataError
 from .images import open_xray
-from .labels import join_labels, read_labels
+from .labels import join_labels
 
 __all__ = ["audit_data", "audit_run", "data_audit", "THRESHOLDS", "source_frame", "confounding", "split_coverage", "image_stats", "stats_frame",
            "separating_stats", "source_from_pixels", "data_audit", "auc_or_none", "positive_class"]
@@ -51,7 +51,7 @@ NO_SOURCE = "(none)"  # images that labels.csv does not list, or lists without a
 def source_frame(folders: XrayFolders) -> pd.DataFrame:
     """One row per image of every split: file, split, label (its class folder), source (from labels.csv).
     A `DataError` when labels.csv or its source column is missing."""
-    labels = read_labels(folders.root)
+    labels = folders.labels
     csv = Path(folders.root) / "labels.csv"
     if labels is None:
         raise DataError(f"{csv} does not exist", "audit needs labels.csv with a source column (one row per image: "
@@ -289,7 +289,8 @@ def audit_data(data, out=None, arch: str = "tf_efficientnet_lite0.in1k", size: i
 
     arch, size, pretrained: the frozen body whose features the source probe reads (ImageNet weights by default)."""
     from .audit_report import write_data_audit
-    from .train import OUTPUTS, new_run_dir, resolve_data
+    from .learner import resolve_data
+    from .rundir import OUTPUTS, new_run_dir
     findings, stats = data_audit(resolve_data(str(data)), arch=arch, size=size, pretrained=pretrained, bs=bs)
     out_dir = new_run_dir(Path(out) if out else OUTPUTS, "audits")  # a fresh folder: never overwrites
     write_data_audit(out_dir, findings, stats)
@@ -300,7 +301,8 @@ def audit_run(run_dir, data, out=None) -> Path:
     """Audit a finished run on the test split of `data`; writes `RUN_DIR/audits/<timestamp>/` (or under `out`):
     audit.md, audit.html, audit.json, predictions.csv and plots, and returns it."""
     from .audit_report import write_run_audit
-    from .train import new_run_dir, resolve_data
+    from .learner import resolve_data
+    from .rundir import new_run_dir
     from .occlusion import run_audit
     findings, preds = run_audit(run_dir, resolve_data(str(data)))
     out_dir = new_run_dir(Path(out) if out else Path(run_dir), "audits")

@@ -19,7 +19,7 @@ from fastai.vision.all import Callback
 
 from .audit import NO_SOURCE, THRESHOLDS, auc_or_none, positive_class
 from .gradcam import grad_cam
-from .labels import fine_label_getter, join_labels, read_labels
+from .labels import fine_label_getter, join_labels
 from .metrics import binary_metrics, positive_view
 
 __all__ = ["CENTRAL", "BORDER", "CORNER", "REGIONS", "region_masks", "Occlude", "occlusion_test", "cam_mass",
@@ -112,12 +112,12 @@ def run_audit(run_dir, data) -> tuple[dict, pd.DataFrame]:
     d, cfg, rec = load_run(run_dir)
     folders, split_dir = eval_folders(data, cfg)
     files = folders.files("train")
-    get_y = fine_label_getter(folders.root, files)[0] if rec.labels == "fine_label" else None
+    get_y = fine_label_getter(folders, files)[0] if rec.labels == "fine_label" else None
     learn = run_learner(d, cfg, rec, folders, get_y)
     dl = learn.dls.test_dl(files, with_labels=True)
     thr = float((cfg.get("threshold") or {"value": 0.5})["value"])
     occ, base = occlusion_test(learn, dl, thr)
-    src = join_labels(list(dl.items), folders.root, read_labels(folders.root), columns=("source",)).get("source")
+    src = join_labels(list(dl.items), folders.root, folders.labels, columns=("source",)).get("source")
     label = [Path(f).parent.name for f in dl.items]
     preds = pd.DataFrame({"file": [str(f) for f in dl.items], "label": label,
                           "source": [s or NO_SOURCE for s in src] if src else NO_SOURCE, "y": base["y"],
