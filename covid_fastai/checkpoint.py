@@ -15,7 +15,7 @@ import torch
 from fastai.torch_core import default_device, get_random_states, set_random_states, to_device
 
 from .callbacks import FitOnlyCallback
-from .errors import Command, RunFolderError
+from .errors import RunFolderError, recipe_command
 from .files import atomic_path
 
 __all__ = ["EpochCheckpoint", "rng_states", "set_rng_states", "data_digest", "load_checkpoint", "restore_fit_state"]
@@ -133,7 +133,7 @@ def load_checkpoint(run_dir, learn, recipe_name: str, data_root) -> dict:
     except Exception as e:  # torn by a crash mid-write before atomic saves, or not ours
         raise RunFolderError(f"{f} cannot be read ({one_line(e, 200)})",
                              "this run cannot be resumed; start it again with {command}", path=f,
-                             command=Command("recipe", (recipe_name,))) from None
+                             command=recipe_command(recipe_name)) from None
     new_one = "resuming would not continue the same run; start a new one instead"
     if state["data_digest"] != data_digest(learn):
         raise RunFolderError(f"the images under {data_root} changed since {run_dir} started (files added, removed "

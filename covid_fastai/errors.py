@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 __all__ = ["Command", "UserError", "DataError", "RecipeError", "RunFolderError", "ModelFileError",
-           "WeightsUnavailable", "RunInterrupted", "note_fix"]
+           "WeightsUnavailable", "RunInterrupted", "note_fix", "recipe_command"]
 
 
 class Command(NamedTuple):
@@ -22,6 +22,11 @@ class Command(NamedTuple):
     def __str__(self):  # the Python spelling; cli.py has the shell one
         opts = [f"{k}={v!r}" for k, v in self.options]
         return f"{self.function or self.name}({', '.join([*map(repr, map(str, self.args)), *opts])})"
+
+
+def recipe_command(name: str) -> Command:
+    "Run recipe `name` again: `recipe NAME` in a shell, `run_recipe('NAME')` in Python."
+    return Command("recipe", (name,), function="run_recipe")
 
 
 class UserError(Exception):

@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from .data import XrayFolders
-from .errors import Command, DataError, ModelFileError, RecipeError, RunFolderError
+from .errors import DataError, ModelFileError, RecipeError, RunFolderError, recipe_command
 from .files import write_json
 from .images import get_xray_files, scan_images
 from .interpret import Evaluation, cam_images, predictions_frame, write_evaluation
@@ -50,7 +50,7 @@ def run_learner(d: Path, cfg: dict, rec: Recipe, folders: XrayFolders, get_y=Non
     learn = folders_learner(rec, folders, pretrained=False, get_y=get_y, vocab=cfg["data"]["classes"], num_workers=0,
                             path=d)
     f = d / "model.safetensors"
-    again = Command("recipe", (rec.name,), function="run_recipe")
+    again = recipe_command(rec.name)
     try:
         sd = load_file(f)
     except (SafetensorError, OSError) as e:  # truncated or overwritten: safetensors checks its header

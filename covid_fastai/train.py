@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from .callbacks import HistoryCSV, OneClassWarning, TrainThroughput, plain_epoch_log
 from .checkpoint import EpochCheckpoint, load_checkpoint, restore_fit_state
 from .data import XrayFolders
-from .errors import Command, RunFolderError, RunInterrupted
+from .errors import Command, RunFolderError, RunInterrupted, recipe_command
 from .export import export_learner, load_export  # noqa: F401 (load_export: imported from here by callers)
 from .fit import deterministic, find_lr, fit_recipe, fitting_learner
 from .interpret import Evaluation, plot_curves, write_evaluation
@@ -186,7 +186,7 @@ def _disk_full(e: OSError) -> bool:
 def _how_to_continue(r: _Run) -> tuple[str, Command]:
     "(fix, command) for a run that stopped: resume it from its checkpoint, or start the recipe again."
     if r.dir.checkpoint.exists(): return "continue it with {command}", r.dir.resume_command
-    return "no epoch had finished, so start it again ({command})", Command("recipe", (r.recipe.name,))
+    return "no epoch had finished, so start it again ({command})", recipe_command(r.recipe.name)
 
 
 def _spelt(fix: str, command: Command) -> str:
@@ -197,7 +197,7 @@ def _spelt(fix: str, command: Command) -> str:
 def resume(run_dir, export: bool = False, cbs=None) -> Path:
     "Continue an interrupted or failed run in its own folder from its last finished epoch (see module docstring)."
     rd = RunDir.open(run_dir)
-    again = Command("recipe", (rd.name,))
+    again = recipe_command(rd.name)
     if rd.status == "complete":
         raise RunFolderError(f"{rd.path} finished already (status complete)",
                              "nothing to resume; start a new run with {command}", path=rd.path, command=again)
