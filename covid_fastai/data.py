@@ -27,10 +27,13 @@ from .images import UnreadableImage, get_xray_files, open_xray, scan_images
 from .labels import join_labels, read_labels, read_labels_csv  # noqa: F401  (read_labels_csv: former home)
 
 __all__ = ["XrayFolders", "find_xray_folders", "XrayAugment", "SeedAug", "AUGMENTATIONS", "xray_datablock",
-           "xray_dls", "SYNTHETIC_MARKER", "SkippedImagesWarning", "read_labels_csv"]
+           "xray_dls", "SYNTHETIC_MARKER", "DATA_VIEW", "SkippedImagesWarning", "read_labels_csv"]
 
 VALID_NAMES = ("valid", "validation", "val")
 SYNTHETIC_MARKER = "SYNTHETIC.txt"  # present at the root of generated (non-real) data sets
+# At the root of a data view (covid_fastai.folds: a cross-validation fold made of symlinks), saying what it is. Its
+# valid/ may lack a class: a held-out source of one class (leave one source out) is still a fold.
+DATA_VIEW = "DATA_VIEW.json"
 
 
 @dataclass
@@ -102,7 +105,7 @@ def find_xray_folders(path, scan: bool = True, test: bool = True) -> XrayFolders
             raise DataError(f"{sdir} has class folders {extra} that train/ lacks (train has {classes})",
                             "use the same class folder names in every split", path=sdir)
         missing = sorted(set(classes) - set(by_class))
-        if missing:
+        if missing and not (split == "valid" and (root / DATA_VIEW).is_file()):
             raise DataError(f"{sdir} lacks class folders {missing} that train/ has",
                             f"give every split the same class folders ({', '.join(classes)})", path=sdir)
         for c, fs in by_class.items():

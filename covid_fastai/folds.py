@@ -12,8 +12,9 @@ an image without one, or without labels.csv, is its own group):
   sources is held out (those films are `dropped` from that fold).
 
 `write_view` makes a fold's data folder: `train/<class>/` and `valid/<class>/` of symlinks to the original files,
-named `<split>__<path inside the class folder>` (unique), and a labels.csv of the original rows with `file`
-rewritten, so a fold is a normal data folder for `train.run`, `evaluate`, `audit` and the report's breakdowns.
+named `<split>__<path inside the class folder>` (unique), a labels.csv of the original rows with `file` rewritten
+and a DATA_VIEW.json saying what it is, so a fold is a normal data folder for `train.run`, `evaluate`, `audit` and
+the report's breakdowns.
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .data import SYNTHETIC_MARKER, XrayFolders
+from .data import DATA_VIEW, SYNTHETIC_MARKER, XrayFolders
+from .files import write_json
 from .errors import DataError
 
 __all__ = ["Fold", "cv_table", "strata", "kfold_folds", "source_folds", "write_view", "OTHER_SOURCES"]
@@ -130,7 +132,8 @@ def _safe(name: str) -> str:
 
 
 def write_view(fold: Fold, df: pd.DataFrame, folders: XrayFolders, dest) -> Path:
-    "The fold's data folder at `dest` (see the module docstring); returns it."
+    """The fold's data folder at `dest` (see the module docstring), described by its DATA_VIEW.json; returns it.
+    Its valid/ may lack a class folder (a held-out source of one class): the DATA_VIEW file allows that."""
     dest = Path(dest)
     rows = df.set_index("file")
     root = Path(folders.root).absolute()
@@ -141,6 +144,7 @@ def write_view(fold: Fold, df: pd.DataFrame, folders: XrayFolders, dest) -> Path
                 (dest / split / r["label"]).mkdir(parents=True, exist_ok=True)
                 os.symlink(root / f, dest / split / r["label"] / r["link"])
         if folders.synthetic: os.symlink(root / SYNTHETIC_MARKER, dest / SYNTHETIC_MARKER)
+        write_json(dest / DATA_VIEW, {"kind": "cross-validation fold", "data": str(root), **fold.record()})
     except OSError as e:
         raise DataError(f"cannot make the data view {dest}: {e.strerror}",
                         "cross-validation links the images in place: pass --out DIR on a disk that allows "
