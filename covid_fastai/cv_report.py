@@ -118,8 +118,8 @@ def _markdown(title, manifest, table, folds, summary, sources, synthetic, loso) 
     L = [f"# {title}", ""]
     if synthetic: L += [f"> **{SYNTHETIC_BANNER}** These numbers mean nothing about X-rays.", ""]
     L += [f"Data: train + valid of `{manifest['data']}` ({len(table)} images, {n_groups} patients or ungrouped "
-          "images); the test split was not read. Each fold trains a normal run (its folder, under this one, is in the table) and "
-          "scores the part it held out. Accuracy, sensitivity and specificity are at p = 0.5 (no threshold is "
+          "images); the test split was not read. Each fold trains a normal run (its folder, under this one, is in "
+          "the table) and scores the part it held out. Accuracy, sensitivity and specificity are at p = 0.5 (no threshold is "
           "chosen on the held-out part); sensitivity at specificity >= 0.95 is read off the fold's own ROC curve, "
           "threshold-free like the AUC. ± is the sample standard deviation over folds.", ""]
     if loso:

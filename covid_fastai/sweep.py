@@ -148,7 +148,8 @@ def _carry_on(sweep_dir: Path, manifest: dict, cbs, fresh: bool = False) -> Path
         try:
             for i, item in enumerate(items):
                 rec, d = _recipe_from_json(item["recipe"]), item["run_dir"]
-                tag = f"[{i + 1}/{len(items)}] {rec.name} ({rec.policy} policy)" + (f", {item['tag']}" * bool(item.get("tag")))
+                tag = f"[{i + 1}/{len(items)}] {rec.name} ({rec.policy} policy)"
+                if item.get("tag"): tag += f", {item['tag']}"  # e.g. a cv's fold
                 if run_status(d) == "complete":
                     print(f"== {tag}: finished already in {d}", flush=True)
                     continue

@@ -190,7 +190,8 @@ def test_leave_one_source_out_holds_out_exactly_each_source(cv_data, tmp_path, c
         assert metrics["split"] == "valid" and metrics["n"] == (df["source"] == src).sum()
         # patient normal-0 is in sources a and b: while either is held out, none of its films trains
         normal0 = {os.path.realpath(cv_data / f) for f in df.loc[df["patient_id"] == "normal-0", "file"]}
-        assert (not normal0 & train) == (src in "ab") and item["fold"]["n_dropped"] == {"a": 1, "b": 3, "c": 0}[src]
+        assert (not normal0 & train) == (src in "ab")
+        assert item["fold"]["n_dropped"] == {"a": 1, "b": 3, "c": 0}[src]
     summary = json.loads((cv_dir / "cv.json").read_text())
     assert [r["held out"] for r in summary["folds"]] == ["source a", "source b", "source c"]
     assert summary["folds"][2]["ROC AUC"] is None and summary["folds"][2]["positives"] == 4  # one class: no AUC
