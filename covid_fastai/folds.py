@@ -121,6 +121,10 @@ def source_folds(df: pd.DataFrame, labels_csv) -> list[Fold]:
     for src in sources:
         out = df["source"] == src
         crossing = df["group"].isin(set(df.loc[out, "group"])) & ~out  # same patient, another source
+        lacking = sorted(set(df["label"]) - set(df.loc[~out & ~crossing, "label"]))
+        if lacking:
+            raise DataError(f"leaving out source {src} leaves no {', '.join(lacking)} film to train on",
+                            "use patient folds (leave out --by source)", path=labels_csv)
         folds.append(Fold(f"source-{_safe(src)}", f"source {src}", df.loc[~out & ~crossing, "file"].tolist(),
                           df.loc[out, "file"].tolist(), df.loc[crossing, "file"].tolist()))
     return folds

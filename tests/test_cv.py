@@ -18,7 +18,7 @@ from covid_fastai.cli import main
 from covid_fastai.cv import plan_cv, run_cv
 from covid_fastai.demo import make_demo_data
 from covid_fastai.errors import DataError, RecipeError, RunInterrupted
-from covid_fastai.folds import OTHER_SOURCES, strata
+from covid_fastai.folds import OTHER_SOURCES, source_folds, strata
 from covid_fastai.sweep import SWEEP_FILE
 
 TINY = dict(pretrained=False, size=32, bs=8, epochs=1)
@@ -109,6 +109,15 @@ def test_too_few_patients_for_the_folds_is_a_data_error(cv_data):
         plan_cv(RECIPE, folds=7, data=str(cv_data), **TINY)
     with pytest.raises(RecipeError, match="one fold per source"):
         plan_cv(RECIPE, folds=3, by="source", data=str(cv_data), **TINY)
+
+
+def test_leave_one_source_out_refuses_a_fold_with_nothing_of_a_class_to_train_on():
+    df = pd.DataFrame({"file": list("wxyz"), "label": ["inf", "inf", "nor", "nor"], "source": ["a", "b", "a", "a"],
+                       "group": list("wxyz")})
+    with pytest.raises(DataError, match="leaving out source a leaves no nor film to train on"):
+        source_folds(df, "labels.csv")
+    df.loc[3, "source"] = "b"
+    assert [len(f.valid) for f in source_folds(df, "labels.csv")] == [2, 2]
 
 
 class StopSecondRun(Callback):
