@@ -1,4 +1,4 @@
-"""Command line: `python -m covid_fastai {list,recipe,sweep,compare,resume,check,evaluate,predict,audit,weights}` (python-fire).
+"""Command line: `python -m covid_fastai {list,recipe,sweep,cv,compare,resume,check,evaluate,predict,audit,weights}` (python-fire).
 
 Overrides are recipe fields as flags: `--epochs 2 --lr 3e-4 --bs 32 --size 128 --data DIR --pretrained false
 --seed 1 --out DIR`. The library raises typed errors (covid_fastai.errors) carrying the fix; this module alone turns
@@ -57,7 +57,7 @@ def _eval_summary(d: Path) -> str:
 
 
 class Commands:
-    "fastai + timm experiments on chest X-ray folders. Commands: list, recipe, sweep, compare, resume, check, evaluate, predict, audit, weights."
+    "fastai + timm experiments on chest X-ray folders. Commands: list, recipe, sweep, cv, compare, resume, check, evaluate, predict, audit, weights."
 
     def list(self):
         "Show the recipes with a one-line description each."
@@ -93,10 +93,10 @@ class Commands:
           run_dir: the run folder, e.g. outputs/vgg16_head/20260101-120000, or a sweep folder, outputs/sweeps/...
           export: also write fastai's pickled export.pkl at the end (runs only)
         """
-        from .sweep import SWEEP_FILE, resume_sweep
+        from .sweep import SWEEP_FILE, resume_sweep, summary_md
         from .train import resume
         d = Path(run_dir)
-        if (d / SWEEP_FILE).is_file(): return _print_comparison(resume_sweep(d) / "comparison.md")
+        if (d / SWEEP_FILE).is_file(): return _print_comparison(summary_md(resume_sweep(d)))
         if not (d / "config.json").is_file():
             raise RunFolderError(f"{d} is not a run folder (no config.json) nor a sweep folder (no {SWEEP_FILE})",
                                  "pass one a run or sweep created, e.g. outputs/<recipe>/<timestamp> or "
@@ -214,6 +214,23 @@ class Commands:
         from .sweep import run_sweep
         _print_comparison(run_sweep(pattern, out=out, policies=policies, **overrides) / "comparison.md")
 
+    def cv(self, name: str, folds: int | None = None, by: str = "patient", out: str | None = None,
+           fold_seed: int = 0, **overrides):
+        """Cross-validate a recipe over train+valid (the test split is never read): `cv best --folds 5 --data DIR`,
+        or leave one source out with `--by source`. Writes <out>/cv/<recipe>/<timestamp>/ with one run folder per
+        fold and cv.md/.html/.json/.csv (mean ± sd over folds, within-source AUC); `resume CV_DIR` continues it.
+
+        Args:
+          name: recipe name or path to a recipe .py file
+          folds: number of patient-grouped folds, stratified by label and source (default 5)
+          by: patient (k folds) or source (one fold per labels.csv source: train without it, score on it)
+          out: root of the cv/ folder (default ./outputs)
+          fold_seed: seed of the fold assignment (keep it to compare recipes on the same folds)
+          overrides: recipe fields, e.g. --data DIR --epochs 2 (as for `recipe`)
+        """
+        from .cv import run_cv
+        _print_comparison(run_cv(name, folds=folds, by=by, out=out, fold_seed=fold_seed, **overrides) / "cv.md")
+
     def compare(self, *run_dirs, out: str | None = None):
         """Put finished runs side by side: the table a sweep writes, in <out>/comparisons/<timestamp>/.
 
@@ -239,7 +256,7 @@ def _resume_as(*names, run_dir, export, out, overrides):
 
 
 def _print_comparison(md: Path):
-    print(f"comparison: {md}, {md.with_suffix('.csv')} and {md.with_suffix('.html')}")
+    print(f"{md.stem}: {md}, {md.with_suffix('.csv')} and {md.with_suffix('.html')}")
 
 def _weights_table(probe_hub: bool) -> str:
     from .recipes import list_recipes

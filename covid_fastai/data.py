@@ -27,10 +27,13 @@ from .images import UnreadableImage, get_xray_files, open_xray, scan_images
 from .labels import join_labels, read_labels, read_labels_csv  # noqa: F401  (read_labels_csv: former home)
 
 __all__ = ["XrayFolders", "find_xray_folders", "XrayAugment", "SeedAug", "AUGMENTATIONS", "xray_datablock",
-           "xray_dls", "SYNTHETIC_MARKER", "SkippedImagesWarning", "read_labels_csv"]
+           "xray_dls", "SYNTHETIC_MARKER", "DATA_VIEW", "SkippedImagesWarning", "read_labels_csv"]
 
 VALID_NAMES = ("valid", "validation", "val")
 SYNTHETIC_MARKER = "SYNTHETIC.txt"  # present at the root of generated (non-real) data sets
+# At the root of a data view (covid_fastai.folds: a cross-validation fold made of symlinks), saying what it is. Its
+# valid/ may lack a class: a held-out source of one class (leave one source out) is still a fold.
+DATA_VIEW = "DATA_VIEW.json"
 
 
 @dataclass
@@ -72,12 +75,13 @@ def _class_files(split_dir: Path) -> dict:
     return {c: get_xray_files(split_dir / c) for c in classes}
 
 
-def find_xray_folders(path, scan: bool = True) -> XrayFolders:
+def find_xray_folders(path, scan: bool = True, test: bool = True) -> XrayFolders:
     """Check `path` has the ImageFolder layout and list its images; a `DataError` otherwise.
 
     scan: decode every image once (`covid_fastai.images.scan_images`) and leave unreadable ones out, with a
     `SkippedImagesWarning`; they are listed in `XrayFolders.skipped` (and so in config.json and report.md).
     A class left with no readable image is an error. Without the scan a bad file fails mid-epoch instead.
+    test: list the test split too (False: never look inside test/, as cross-validation must not).
     """
     root = Path(path).expanduser()
     if not root.is_dir():
@@ -93,7 +97,7 @@ def find_xray_folders(path, scan: bool = True) -> XrayFolders:
                         "make one sub-folder per class (e.g. infected/ and normal/)", path=root / "train")
     valid_name = next((n for n in VALID_NAMES if (root / n).is_dir()), None)
     if valid_name: splits["valid"] = _class_files(root / valid_name)
-    if (root / "test").is_dir(): splits["test"] = _class_files(root / "test")
+    if test and (root / "test").is_dir(): splits["test"] = _class_files(root / "test")
     for split, by_class in splits.items():
         sdir = root / (valid_name if split == "valid" else split)
         extra = sorted(set(by_class) - set(classes))
@@ -101,7 +105,7 @@ def find_xray_folders(path, scan: bool = True) -> XrayFolders:
             raise DataError(f"{sdir} has class folders {extra} that train/ lacks (train has {classes})",
                             "use the same class folder names in every split", path=sdir)
         missing = sorted(set(classes) - set(by_class))
-        if missing:
+        if missing and not (split == "valid" and (root / DATA_VIEW).is_file()):
             raise DataError(f"{sdir} lacks class folders {missing} that train/ has",
                             f"give every split the same class folders ({', '.join(classes)})", path=sdir)
         for c, fs in by_class.items():
@@ -144,7 +148,8 @@ class DecodeOnce(Transform):
 
     def encodes(self, fn: Path):
         st = os.stat(fn)
-        key = (str(fn), st.st_mtime_ns, st.st_size, self.resize.size)
+        # keyed by the file itself: the symlinks of a data view (a cross-validation fold) share its pixels
+        key = (os.path.realpath(fn), st.st_mtime_ns, st.st_size, self.resize.size)
         arr = _DECODED.get(key)
         if arr is None:
             try:

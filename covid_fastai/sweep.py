@@ -9,11 +9,16 @@ The VGG-16 grid takes hours on a 2-core CPU, so a sweep must survive being stopp
 closed session). `resume_sweep(SWEEP_DIR)` (CLI: `resume SWEEP_DIR`) carries on from the plan: finished runs are
 kept as they are, a run with a finished epoch continues from its checkpoint (`train.resume`), one without starts
 again in a new folder, and the rest run. `compare_runs(RUN_DIRS)` makes the same table from any finished runs.
+
+The loop is not tied to recipe sweeps: `start_sweep` runs any plan of recipes, and the manifest's `kind` names the
+summary rewritten after every finished run (`SUMMARIES`). Cross-validation (covid_fastai.cv) is such a plan: one
+recipe whose items differ in their data (a fold's view) and carry a `tag` ('fold-2') and a `fold` record.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 import json
 import shutil
 import sys
@@ -29,9 +34,14 @@ from .report import sweep_row, write_sweep
 from .rundir import CHECKPOINT, OUTPUTS, new_run_dir, run_status, run_summary
 from .train import resume, run
 
-__all__ = ["SWEEP_FILE", "compare_runs", "plan_sweep", "resume_sweep", "run_sweep"]
+__all__ = ["SWEEP_FILE", "SUMMARIES", "compare_runs", "plan_sweep", "resume_sweep", "run_sweep", "start_sweep",
+           "summary_md"]
 
 SWEEP_FILE = "sweep.json"
+# manifest kind -> the writers ("module:function", called with (sweep_dir, manifest)) of its summary after every
+# finished run, and the summary file the CLI points to. Names come from this table only, never from sweep.json.
+SUMMARIES = {"sweep": (("covid_fastai.sweep:_write_table",), "comparison.md"),
+             "cv": (("covid_fastai.sweep:_write_table", "covid_fastai.cv_report:write_cv_summary"), "cv.md")}
 
 
 def plan_sweep(pattern: str, policies: str | None = None, **overrides) -> list[Recipe]:
@@ -74,15 +84,34 @@ def run_sweep(pattern: str, out=None, policies: str | None = None, cbs=None, **o
     manifest = {"pattern": str(pattern), "policies": policies, "overrides": {k: str(v) for k, v in overrides.items()},
                 "out": str(root), "created": datetime.now(timezone.utc).isoformat(), "status": "running",
                 "command": sys.argv, "runs": [{"recipe": dataclasses.asdict(r), "run_dir": None} for r in recs]}
+    return start_sweep(sweep_dir, manifest, cbs, made)
+
+
+def start_sweep(sweep_dir: Path, manifest: dict, cbs=None, made=()) -> Path:
+    """Write `manifest` as `sweep_dir/sweep.json` and run its plan; returns `sweep_dir`.
+
+    manifest: `out` (root of the run folders), `runs` (items {'recipe': asdict(Recipe), 'run_dir': None, optional
+    'tag'}), optional `kind` (a key of `SUMMARIES`, default 'sweep') and whatever else its summary reads.
+    made: folders created for it, removed with `sweep_dir` if it stops before any run started (nothing to resume)."""
     write_json(sweep_dir / SWEEP_FILE, manifest)
     try:
         return _carry_on(sweep_dir, manifest, cbs, fresh=True)
     except BaseException:
-        if not _any_started(manifest):  # nothing to resume or keep
-            shutil.rmtree(sweep_dir, ignore_errors=True)
-            for d in reversed(made):
-                with contextlib.suppress(OSError): d.rmdir()
+        if not _any_started(manifest): discard(sweep_dir, made)
         raise
+
+
+def discard(sweep_dir: Path, made=()):
+    "Remove a sweep folder that holds nothing to resume, and the (then empty) folders made for it."
+    shutil.rmtree(sweep_dir, ignore_errors=True)
+    for d in reversed(list(made)):
+        with contextlib.suppress(OSError): d.rmdir()
+
+
+def summary_md(sweep_dir) -> Path:
+    "The summary a sweep folder's kind writes (comparison.md, cv.md)."
+    kind = json.loads((Path(sweep_dir) / SWEEP_FILE).read_text()).get("kind", "sweep")
+    return Path(sweep_dir) / SUMMARIES[kind][1]
 
 
 def resume_sweep(sweep_dir, cbs=None) -> Path:
@@ -95,7 +124,7 @@ def resume_sweep(sweep_dir, cbs=None) -> Path:
     manifest = json.loads(f.read_text())
     if manifest.get("status") == "complete":
         raise RunFolderError(f"{sweep_dir} finished already (status complete)",
-                             f"its table is {sweep_dir / 'comparison.md'}", path=sweep_dir)
+                             f"its summary is {summary_md(sweep_dir)}", path=sweep_dir)
     return _carry_on(sweep_dir, manifest, cbs)
 
 
@@ -120,6 +149,7 @@ def _carry_on(sweep_dir: Path, manifest: dict, cbs, fresh: bool = False) -> Path
             for i, item in enumerate(items):
                 rec, d = _recipe_from_json(item["recipe"]), item["run_dir"]
                 tag = f"[{i + 1}/{len(items)}] {rec.name} ({rec.policy} policy)"
+                if item.get("tag"): tag += f", {item['tag']}"  # e.g. a cv's fold
                 if run_status(d) == "complete":
                     print(f"== {tag}: finished already in {d}", flush=True)
                     continue
@@ -134,7 +164,7 @@ def _carry_on(sweep_dir: Path, manifest: dict, cbs, fresh: bool = False) -> Path
                         save()
                     run(rec, out=root, cbs=cbs, started=started)
                 print(f"   {run_summary(Path(item['run_dir']))}", flush=True)
-                _write_table(sweep_dir, manifest)
+                _write_summary(sweep_dir, manifest)
         except BaseException as e:
             if fresh and not _any_started(manifest): raise  # run_sweep removes the folder: nothing to resume
             stopped = isinstance(e, KeyboardInterrupt)  # Ctrl-C, or SIGTERM turned into it by the CLI
@@ -155,12 +185,20 @@ def _n_done(items) -> int:
     return sum(run_status(it["run_dir"]) == "complete" for it in items)
 
 
+def _write_summary(sweep_dir: Path, manifest: dict):
+    "Rewrite the summaries of the manifest's kind (SUMMARIES) from the runs finished so far."
+    for name in SUMMARIES[manifest.get("kind", "sweep")][0]:
+        module, fn = name.split(":")
+        getattr(importlib.import_module(module), fn)(sweep_dir, manifest)
+
+
 def _write_table(sweep_dir: Path, manifest: dict):
     "The comparison of the runs finished so far, in plan order."
     done = [it["run_dir"] for it in manifest["runs"] if run_status(it["run_dir"]) == "complete"]
     if not done: return
     n = len(manifest["runs"])
-    title = f"Sweep {manifest['pattern']} ({manifest['created'][:16].replace('T', ' ')} UTC)"
+    what = manifest.get("title") or f"Sweep {manifest['pattern']}"
+    title = f"{what} ({manifest['created'][:16].replace('T', ' ')} UTC)"
     if len(done) < n: title += f": {len(done)} of {n} runs finished"
     write_sweep(sweep_dir, [_row(d) for d in done], title)
 
