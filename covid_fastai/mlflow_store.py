@@ -22,8 +22,9 @@ from .cache import sha256_file
 from .errors import RunFolderError, UserError
 from .rundir import RunDir, one_line, recipe_from_config
 
-__all__ = ["EXPERIMENT", "tracking_uri", "MlflowStore", "recipe_params", "final_metrics", "log_finished",
-           "import_run", "import_sweep"]
+__all__ = ["EXPERIMENT", "ARTIFACTS", "SWEEP_ARTIFACTS", "tracking_uri", "MlflowStore", "recipe_params",
+           "final_metrics", "run_tags", "sweep_tags", "sweep_params", "log_finished", "finished_run", "import_run",
+           "import_sweep"]
 
 EXPERIMENT = "covid_fastai"
 ARTIFACTS = ("report.html", "report.md", "config.json", "metrics.json", "history.csv")  # and every *.png
@@ -35,7 +36,7 @@ def tracking_uri(root) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(root).expanduser().resolve() / 'mlflow.db'}"
 
 
-def _ms(iso: str | None) -> int | None:
+def iso_ms(iso: str | None) -> int | None:
     return int(datetime.fromisoformat(iso).timestamp() * 1000) if iso else None
 
 
@@ -131,7 +132,7 @@ def final_metrics(m: dict, prefix: str = "final") -> dict[str, float]:
     return out
 
 
-def _tags(rd: RunDir) -> dict:
+def run_tags(rd: RunDir) -> dict:
     c = rd.config
     return {"covid_fastai.run_dir": str(rd.path.resolve()), "covid_fastai.recipe": rd.name,
             "covid_fastai.policy": c["recipe"].get("policy"), "covid_fastai.arch": c["recipe"].get("arch"),
@@ -143,23 +144,23 @@ def log_finished(store: MlflowStore, run_id: str, rd: RunDir):
     d = rd.path
     model = d / "model.safetensors"
     store.log(run_id, final_metrics(json.loads((d / "metrics.json").read_text())),
-              tags={**_tags(rd), "model.path": str(model.resolve()) if model.is_file() else None,
+              tags={**run_tags(rd), "model.path": str(model.resolve()) if model.is_file() else None,
                     "model.format": "safetensors",
                     "model.sha256": sha256_file(model) if model.is_file() else None})
     store.log_files(run_id, d, ARTIFACTS, "*.png")
 
 
-def _sweep_tags(sweep_dir: Path, manifest: dict) -> dict:
+def sweep_tags(sweep_dir: Path, manifest: dict) -> dict:
     return {"covid_fastai.sweep_dir": str(Path(sweep_dir).resolve()), "covid_fastai.kind": "sweep",
             "covid_fastai.status": manifest.get("status")}
 
 
-def _sweep_params(manifest: dict) -> dict:
+def sweep_params(manifest: dict) -> dict:
     return {"pattern": str(manifest["pattern"]), "policies": str(manifest.get("policies")),
             "runs": str(len(manifest["runs"])), **{f"override.{k}": str(v) for k, v in manifest["overrides"].items()}}
 
 
-def _finished(rd: RunDir) -> RunDir:
+def finished_run(rd: RunDir) -> RunDir:
     if rd.status == "complete" and (rd / "metrics.json").is_file(): return rd
     resumable = rd.checkpoint.is_file()
     raise RunFolderError(f"{rd.path} is not a finished run (status {rd.status})",
@@ -172,19 +173,19 @@ def import_run(run_dir, store: MlflowStore | None = None, parent: str | None = N
     final metrics, artifacts, the model reference. Returns (run id, whether it was new): a folder already in
     this store (config.json records its run) is not logged twice."""
     import pandas as pd
-    rd = _finished(RunDir.open(run_dir))
+    rd = finished_run(RunDir.open(run_dir))
     store = store or MlflowStore(tracking_uri(rd.path.parent.parent))
     rec = (rd.config.get("tracking") or {}).get("mlflow")
     if rid := store.find(rec): return rid, False
-    rid = store.open_run(rd.path.name, parent=parent, tags={**_tags(rd), "covid_fastai.imported": "true"},
-                         start_ms=_ms(rd.config.get("created")))
+    rid = store.open_run(rd.path.name, parent=parent, tags={**run_tags(rd), "covid_fastai.imported": "true"},
+                         start_ms=iso_ms(rd.config.get("created")))
     store.log(rid, params=recipe_params(rd.config))
     if (rd / "history.csv").is_file():
         for row in pd.read_csv(rd / "history.csv").to_dict("records"):
             store.log(rid, {k: v for k, v in row.items() if k != "epoch" and isinstance(v, (int, float))
                             and math.isfinite(v)}, step=int(row["epoch"]))
     log_finished(store, rid, rd)
-    store.end(rid, "FINISHED", _ms(rd.config.get("finished")))
+    store.end(rid, "FINISHED", iso_ms(rd.config.get("finished")))
     if not rec:  # the folder remembers where it went, so a second import finds it
         with rd.lock():
             rd.config.setdefault("tracking", {})["mlflow"] = store.record(rid, parent)
@@ -203,10 +204,10 @@ def import_sweep(sweep_dir, store: MlflowStore | None = None) -> tuple[str, list
     rec = (manifest.get("tracking") or {}).get("mlflow")
     pid = store.find(rec)
     if pid is None:
-        pid = store.open_run(f"sweep {sweep_dir.name}", tags={**_sweep_tags(sweep_dir, manifest),
+        pid = store.open_run(f"sweep {sweep_dir.name}", tags={**sweep_tags(sweep_dir, manifest),
                                                                "covid_fastai.imported": "true"},
-                             start_ms=_ms(manifest.get("created")))
-        store.log(pid, params=_sweep_params(manifest))
+                             start_ms=iso_ms(manifest.get("created")))
+        store.log(pid, params=sweep_params(manifest))
     children = []
     for it in manifest["runs"]:
         d = it.get("run_dir")

@@ -23,8 +23,8 @@ from pathlib import Path
 
 from .callbacks import FitOnlyCallback
 from .errors import Command, MissingExtra, RecipeError, RunFolderError
-from .mlflow_store import (SWEEP_ARTIFACTS, MlflowStore, _ms, _sweep_params, _sweep_tags, _tags, import_run,
-                           import_sweep, log_finished, recipe_params, tracking_uri)
+from .mlflow_store import (SWEEP_ARTIFACTS, MlflowStore, finished_run, import_run, import_sweep, iso_ms,
+                           log_finished, recipe_params, run_tags, sweep_params, sweep_tags, tracking_uri)
 from .rundir import RunDir, one_line
 
 __all__ = ["TRACKERS", "tracker_kinds", "Tracking", "MlflowEpochs", "StepsFromEpoch", "import_folders"]
@@ -106,10 +106,10 @@ class Tracking:
         if not self: return
         manifest.setdefault("tracking", {})["kinds"] = list(self.kinds)
         if self.mlflow is not None:
-            tags = _sweep_tags(sweep_dir, manifest)
+            tags = sweep_tags(sweep_dir, manifest)
             self.run_id = self.mlflow.open_run(f"sweep {Path(sweep_dir).name}", manifest["tracking"].get("mlflow"),
-                                               tags=tags, start_ms=_ms(manifest.get("created")))
-            self.mlflow.log(self.run_id, params=_sweep_params(manifest), tags=tags)
+                                               tags=tags, start_ms=iso_ms(manifest.get("created")))
+            self.mlflow.log(self.run_id, params=sweep_params(manifest), tags=tags)
             manifest["tracking"]["mlflow"] = self.mlflow.record(self.run_id)
         save()
 
@@ -121,7 +121,7 @@ class Tracking:
                 self.mlflow.end(self.run_id, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
             return
         self.mlflow.log_files(self.run_id, Path(sweep_dir), SWEEP_ARTIFACTS)
-        self.mlflow.log(self.run_id, tags=_sweep_tags(sweep_dir, manifest))
+        self.mlflow.log(self.run_id, tags=sweep_tags(sweep_dir, manifest))
         self.mlflow.end(self.run_id, "FINISHED")
 
     def callbacks(self, rd: RunDir) -> list:
@@ -149,8 +149,8 @@ class Tracking:
         if not self.mlflow or self.run_id or self.failed: return
         rec = (rd.config.get("tracking") or {}).get("mlflow")
         try:
-            self.run_id = self.mlflow.open_run(rd.path.name, rec, self.parent, _tags(rd), _ms(rd.config.get("created")))
-            self.mlflow.log(self.run_id, params=recipe_params(rd.config), tags=_tags(rd))
+            self.run_id = self.mlflow.open_run(rd.path.name, rec, self.parent, run_tags(rd), iso_ms(rd.config.get("created")))
+            self.mlflow.log(self.run_id, params=recipe_params(rd.config), tags=run_tags(rd))
         except Exception as e: return self._warn(e)
         parent = self.parent or (rec or {}).get("parent_run_id")
         rd.config.setdefault("tracking", {})["mlflow"] = self.mlflow.record(self.run_id, parent)
@@ -184,7 +184,7 @@ class Tracking:
                          "it", flush=True)
         try:
             log_finished(self.mlflow, self.run_id, rd)
-            self.mlflow.end(self.run_id, "FINISHED", _ms(rd.config.get("finished")))
+            self.mlflow.end(self.run_id, "FINISHED", iso_ms(rd.config.get("finished")))
         except Exception as e: self._warn(e)
 
 
@@ -201,7 +201,10 @@ def import_folders(paths, uri: str | None = None) -> list[str]:
         if u not in stores: stores[u] = MlflowStore(u)
         return stores[u]
 
-    for p in map(lambda x: Path(x).expanduser(), paths):
+    folders = [Path(x).expanduser() for x in paths]
+    for p in folders:  # every folder checked before any store is opened or written
+        if not (p / SWEEP_FILE).is_file(): finished_run(RunDir.open(p))
+    for p in folders:
         if (p / SWEEP_FILE).is_file():
             pid, kids = import_sweep(p, store_for(p))
             lines.append(f"{p}: sweep run {pid} with {len(kids)} child run(s) in {store_for(p).uri}")

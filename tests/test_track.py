@@ -49,6 +49,22 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(scope="module")
+def fresh_store(tmp_path_factory):
+    """`fresh_store(path)`: an empty MLflow SQLite store at `path`, copied from one made once (making one runs
+    MLflow's schema migrations: several seconds each); returns its URI."""
+    pytest.importorskip("mlflow")
+    import shutil
+    template = tmp_path_factory.mktemp("template") / "mlflow.db"
+    client(f"sqlite:///{template}").search_experiments()
+
+    def make(path: Path) -> str:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(template, path)
+        return f"sqlite:///{path}"
+    return make
+
+
 def client(uri):
     from mlflow import MlflowClient
     return MlflowClient(tracking_uri=uri)
@@ -87,11 +103,12 @@ def assert_matches_folder(c, r, d: Path):
 
 
 @pytest.fixture(scope="module")
-def tracked(tiny_data, tmp_path_factory, one_thread):
+def tracked(tiny_data, tmp_path_factory, one_thread, fresh_store):
     "A run tracked by both trackers, stopped after its first epoch and resumed (which keeps its trackers)."
     pytest.importorskip("mlflow")
     pytest.importorskip("tensorboard")
     out = tmp_path_factory.mktemp("tracked")
+    fresh_store(out / "mlflow.db")  # where the run will look for its default store
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         with pytest.raises(RunInterrupted):
@@ -131,9 +148,9 @@ def test_tensorboard_event_file_has_the_epoch_scalars(tracked):
     assert len(ea.Scalars("train_loss")) > 2 and "lr_0" in ea.Tags()["scalars"]  # per batch, as fastai logs
 
 
-def test_importing_a_run_folder_matches_it(tracked, tmp_path, capsys):
+def test_importing_a_run_folder_matches_it(tracked, tmp_path, capsys, fresh_store):
     _, d, _ = tracked
-    uri = f"sqlite:///{tmp_path / 'other.db'}"
+    uri = fresh_store(tmp_path / "other.db")
     main(["track", str(d), "--uri", uri])
     assert capsys.readouterr().out.strip() == f"{d}: run {runs(uri)[0].info.run_id} imported into {uri}"
     (r,) = runs(uri)
@@ -145,8 +162,8 @@ def test_importing_a_run_folder_matches_it(tracked, tmp_path, capsys):
     assert "already in" in capsys.readouterr().out and len(runs(live)) == 1
 
 
-def test_sweep_is_a_parent_with_one_child_per_recipe(tiny_data, tmp_path, capsys, one_thread):
-    pytest.importorskip("mlflow")
+def test_sweep_is_a_parent_with_one_child_per_recipe(tiny_data, tmp_path, capsys, one_thread, fresh_store):
+    fresh_store(tmp_path / "mlflow.db")
     main(["sweep", "resnet18_head", "--policies", "assignment,modern", "--track", "mlflow", "--data", str(tiny_data),
           "--epochs", "1", "--out", str(tmp_path), *TINY_ARGS])
     (sweep,) = (tmp_path / "sweeps").iterdir()
@@ -163,7 +180,7 @@ def test_sweep_is_a_parent_with_one_child_per_recipe(tiny_data, tmp_path, capsys
     for k in kids: assert_matches_folder(client(uri), k, Path(k.data.tags["covid_fastai.run_dir"]))
 
     # the same sweep folder imported into another store: a parent and the same children again
-    other = f"sqlite:///{tmp_path / 'other.db'}"
+    other = fresh_store(tmp_path / "other" / "other.db")
     main(["track", str(sweep), "--uri", other])
     assert "with 2 child run(s)" in capsys.readouterr().out
     got = runs(other)
@@ -204,4 +221,4 @@ def test_track_refuses_unfinished_and_foreign_folders(tracked, tmp_path, capsys)
         main(["track", str(stopped), "--uri", uri])
     assert e.value.code == 2 and capsys.readouterr().err.strip() == (
         f"error: {stopped} is not a finished run (status interrupted): leave it out")
-    assert runs(uri) == []
+    assert not (tmp_path / "x.db").exists()  # refused before any store was opened
