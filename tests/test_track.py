@@ -18,6 +18,7 @@ from covid_fastai.cache import sha256_file
 from covid_fastai.cli import main
 from covid_fastai.errors import RunInterrupted
 from covid_fastai.recipes import Recipe
+from covid_fastai.sweep import run_sweep
 from covid_fastai.train import resume, run_recipe
 
 TINY = dict(pretrained=False, size=32, bs=8)
@@ -162,13 +163,29 @@ def test_importing_a_run_folder_matches_it(tracked, tmp_path, capsys, fresh_stor
     assert "already in" in capsys.readouterr().out and len(runs(live)) == 1
 
 
+class StopSecondFit(Callback):
+    "Test-only: Ctrl-C after the first epoch of the second fit it joins (the second run of a sweep)."
+    order = 95
+
+    def __init__(self): self.fits = 0
+
+    def before_fit(self): self.fits += 1
+
+    def after_epoch(self):
+        if self.fits == 2 and self.epoch == 0: raise KeyboardInterrupt("boom")
+
+
 def test_sweep_is_a_parent_with_one_child_per_recipe(tiny_data, tmp_path, capsys, one_thread, fresh_store):
+    "Stopped in its second run and resumed from the CLI: still one parent, one child per run, each continued."
     fresh_store(tmp_path / "mlflow.db")
-    main(["sweep", "resnet18_head", "--policies", "assignment,modern", "--track", "mlflow", "--data", str(tiny_data),
-          "--epochs", "1", "--out", str(tmp_path), *TINY_ARGS])
+    with pytest.raises(RunInterrupted):
+        run_sweep("resnet18_head", out=tmp_path, policies="assignment,modern", cbs=[StopSecondFit()],
+                  track="mlflow", data=str(tiny_data), epochs=2, **TINY)
     (sweep,) = (tmp_path / "sweeps").iterdir()
-    manifest = json.loads((sweep / "sweep.json").read_text())
     uri = f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    assert sorted(r.info.status for r in runs(uri)) == ["FINISHED", "KILLED", "KILLED"]  # the sweep and its run
+    main(["resume", str(sweep)])  # the sweep keeps its trackers
+    manifest = json.loads((sweep / "sweep.json").read_text())
     by_id = {r.info.run_id: r for r in runs(uri)}
     parent = by_id[manifest["tracking"]["mlflow"]["run_id"]]
     kids = [r for r in by_id.values() if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
@@ -178,6 +195,7 @@ def test_sweep_is_a_parent_with_one_child_per_recipe(tiny_data, tmp_path, capsys
     assert parent.info.status == "FINISHED" and parent.data.params["pattern"] == "resnet18_head"
     assert {"comparison.md", "comparison.csv", "sweep.json"} <= {f.path for f in client(uri).list_artifacts(parent.info.run_id)}
     for k in kids: assert_matches_folder(client(uri), k, Path(k.data.tags["covid_fastai.run_dir"]))
+    capsys.readouterr()
 
     # the same sweep folder imported into another store: a parent and the same children again
     other = fresh_store(tmp_path / "other" / "other.db")
@@ -191,6 +209,7 @@ def test_sweep_is_a_parent_with_one_child_per_recipe(tiny_data, tmp_path, capsys
 
 
 def test_missing_package_fails_before_any_work(tiny_data, tmp_path, capsys, monkeypatch):
+    mlflow = pytest.importorskip("mlflow")
     monkeypatch.setitem(sys.modules, "mlflow", None)  # as if not installed: find_spec and import both fail
     for args in (["recipe", "resnet18_head"], ["sweep", "resnet18_head"]):
         with pytest.raises(SystemExit) as e:
@@ -198,6 +217,13 @@ def test_missing_package_fails_before_any_work(tiny_data, tmp_path, capsys, monk
         err = capsys.readouterr().err.strip().splitlines()
         assert e.value.code == 2 and err == [
             """error: --track mlflow needs the package 'mlflow', which is not installed: pip install -e ".[track]\""""]
+    monkeypatch.setitem(sys.modules, "mlflow", mlflow)
+    monkeypatch.setitem(sys.modules, "tensorboard", None)
+    with pytest.raises(SystemExit) as e:  # fire reads a comma list as a tuple
+        main(["recipe", "resnet18_head", "--track", "mlflow,tensorboard", "--data", str(tiny_data), "--out",
+              str(tmp_path), *TINY_ARGS])
+    assert e.value.code == 2 and "error: --track tensorboard needs the package 'tensorboard'" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "mlflow", None)
     with pytest.raises(SystemExit):
         main(["track", str(tmp_path)])
     assert "error: `track` needs the package 'mlflow'" in capsys.readouterr().err
