@@ -47,8 +47,8 @@ class MlflowStore:
         from mlflow import MlflowClient
         self.uri = uri
         local = uri.startswith("sqlite:///")
-        if local: Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
         try:
+            if local: Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
             self.client = MlflowClient(tracking_uri=uri)
             self.experiment_id = self._experiment(
                 str(Path(uri[len("sqlite:///"):]).parent / "mlartifacts") if local else None)
@@ -195,28 +195,30 @@ def import_run(run_dir, store: MlflowStore | None = None, parent: str | None = N
 
 def import_sweep(sweep_dir, store: MlflowStore | None = None) -> tuple[str, list[tuple[Path, str, bool]]]:
     """A sweep folder as an MLflow parent run with its finished runs as children (those not finished are left
-    out, and the parent says how the sweep stands). Returns (parent run id, [(run folder, run id, new)])."""
-    from .files import write_json
+    out, and the parent says how the sweep stands). Returns (parent run id, [(run folder, run id, new)]); a sweep
+    already in this store gains only the runs it lacks."""
+    from .files import folder_lock, write_json
     from .sweep import SWEEP_FILE
     sweep_dir = Path(sweep_dir).expanduser()
-    manifest = json.loads((sweep_dir / SWEEP_FILE).read_text())
     store = store or MlflowStore(tracking_uri(sweep_dir.parent.parent))
-    rec = (manifest.get("tracking") or {}).get("mlflow")
-    pid = store.find(rec)
-    if pid is None:
-        pid = store.open_run(f"sweep {sweep_dir.name}", tags={**sweep_tags(sweep_dir, manifest),
-                                                               "covid_fastai.imported": "true"},
-                             start_ms=iso_ms(manifest.get("created")))
-        store.log(pid, params=sweep_params(manifest))
-    children = []
-    for it in manifest["runs"]:
-        d = it.get("run_dir")
-        if d and RunDir.open(d).status == "complete": children.append((Path(d), *import_run(d, store, parent=pid)))
-    store.log_files(pid, sweep_dir, SWEEP_ARTIFACTS)
-    store.end(pid, {"complete": "FINISHED", "interrupted": "KILLED"}.get(manifest.get("status"), "FAILED"))
-    if not rec:
-        manifest.setdefault("tracking", {})["mlflow"] = store.record(pid)
-        write_json(sweep_dir / SWEEP_FILE, manifest)
+    busy = RunFolderError(f"{sweep_dir} is in use by another process (a sweep or resume still going)",
+                          "wait for it or stop it first", path=sweep_dir)
+    with folder_lock(sweep_dir, busy):
+        manifest = json.loads((sweep_dir / SWEEP_FILE).read_text())
+        rec = (manifest.get("tracking") or {}).get("mlflow")
+        pid = store.find(rec)
+        new = pid is None
+        if new:
+            pid = store.open_run(f"sweep {sweep_dir.name}", tags={**sweep_tags(sweep_dir, manifest),
+                                                                   "covid_fastai.imported": "true"},
+                                 start_ms=iso_ms(manifest.get("created")))
+            store.log(pid, params=sweep_params(manifest))
+        children = [(Path(d), *import_run(d, store, parent=pid)) for d in (it.get("run_dir") for it in manifest["runs"])
+                    if d and RunDir.open(d).status == "complete"]
+        if new:
+            store.log_files(pid, sweep_dir, SWEEP_ARTIFACTS)
+            store.end(pid, {"complete": "FINISHED", "interrupted": "KILLED"}.get(manifest.get("status"), "FAILED"))
+            if not rec:  # the folder remembers where it went, so a second import finds it
+                manifest.setdefault("tracking", {})["mlflow"] = store.record(pid)
+                write_json(sweep_dir / SWEEP_FILE, manifest)
     return pid, children
-
-

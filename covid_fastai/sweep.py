@@ -141,7 +141,7 @@ def _carry_on(sweep_dir: Path, manifest: dict, cbs, tracking: Tracking, fresh: b
                 print(f"   {run_summary(Path(item['run_dir']))}", flush=True)
                 _write_table(sweep_dir, manifest)
         except BaseException as e:
-            tracking.end_sweep(sweep_dir, manifest, e)
+            tracking.end_sweep(sweep_dir, manifest, e, discard=fresh and not _any_started(manifest))
             if fresh and not _any_started(manifest): raise  # run_sweep removes the folder: nothing to resume
             stopped = isinstance(e, KeyboardInterrupt)  # Ctrl-C, or SIGTERM turned into it by the CLI
             manifest.update(status="interrupted" if stopped else "failed",

@@ -113,12 +113,14 @@ class Tracking:
             manifest["tracking"]["mlflow"] = self.mlflow.record(self.run_id)
         save()
 
-    def end_sweep(self, sweep_dir: Path, manifest: dict, error: BaseException | None = None):
-        "The sweep's parent run ends: with its comparison table when complete, else KILLED or FAILED."
+    def end_sweep(self, sweep_dir: Path, manifest: dict, error: BaseException | None = None, discard: bool = False):
+        """The sweep's parent run ends: with its comparison table when complete, else KILLED or FAILED; `discard`:
+        deleted, as the sweep folder is when it stopped before any run started."""
         if not self.run_id: return
         if error is not None:
             with contextlib.suppress(Exception):
-                self.mlflow.end(self.run_id, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+                if discard: self.mlflow.client.delete_run(self.run_id)
+                else: self.mlflow.end(self.run_id, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
             return
         self.mlflow.log_files(self.run_id, Path(sweep_dir), SWEEP_ARTIFACTS)
         self.mlflow.log(self.run_id, tags=sweep_tags(sweep_dir, manifest))

@@ -248,3 +248,16 @@ def test_track_refuses_unfinished_and_foreign_folders(tracked, tmp_path, capsys)
     assert e.value.code == 2 and capsys.readouterr().err.strip() == (
         f"error: {stopped} is not a finished run (status interrupted): leave it out")
     assert not (tmp_path / "x.db").exists()  # refused before any store was opened
+
+
+def test_sweep_that_never_started_a_run_leaves_no_parent_run(tiny_data, tmp_path, fresh_store, capsys):
+    "A sweep that fails before its first run is removed, folder and MLflow parent run alike."
+    import shutil
+    bad = tmp_path / "one_class"
+    shutil.copytree(tiny_data / "train" / "infected", bad / "train" / "infected")
+    uri = fresh_store(tmp_path / "out" / "mlflow.db")
+    with pytest.raises(SystemExit) as e:
+        main(["sweep", "resnet18_head", "--track", "mlflow", "--data", str(bad), "--out", str(tmp_path / "out"),
+              *TINY_ARGS])
+    assert e.value.code == 2 and "needs at least 2 class folders" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "sweeps").exists() and runs(uri) == []
