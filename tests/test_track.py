@@ -261,3 +261,32 @@ def test_sweep_that_never_started_a_run_leaves_no_parent_run(tiny_data, tmp_path
               *TINY_ARGS])
     assert e.value.code == 2 and "needs at least 2 class folders" in capsys.readouterr().err
     assert not (tmp_path / "out" / "sweeps").exists() and runs(uri) == []
+
+
+def test_mlflow_failing_mid_run_does_not_stop_it(tracked, tmp_path, capsys):
+    "A store that fails after the run opened: a warning naming `track RUN_DIR`, the run goes on, MLflow says FAILED."
+    from covid_fastai.rundir import RunDir
+    from covid_fastai.track import Tracking
+
+    class FlakyStore:  # opens runs, then fails on the first epoch's metrics
+        uri, ended = "sqlite:///x.db", []
+        def find(self, rec): return None
+        def open_run(self, *a, **k): return "r1"
+        def record(self, run_id, parent=None): return {"tracking_uri": self.uri, "run_id": run_id}
+        def log(self, run_id, metrics=None, step=0, params=None, tags=None):
+            if metrics: raise ConnectionError("server went away")
+        def end(self, run_id, status="FINISHED", end_ms=None): self.ended.append(status)
+
+    _, d, _ = tracked
+    rd = RunDir(tmp_path, json.loads((d / "config.json").read_text()))
+    t = Tracking(("mlflow",), FlakyStore())
+    t.callbacks(rd)
+    with t.around(rd):
+        t.open_run()
+        t.log_epoch({"valid_loss": 0.5}, 0)
+        t.log_epoch({"valid_loss": 0.4}, 1)  # no second warning, no second try
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == (f"warning: MLflow logging stopped (ConnectionError: server went away); the run goes on, and "
+                      f"track('{tmp_path}') imports it once finished")
+    assert len(out) == 2 and "imports it" in out[1] and FlakyStore.ended == ["FAILED"]
+    assert json.loads((tmp_path / "config.json").read_text())["tracking"]["mlflow"]["run_id"] == "r1"
