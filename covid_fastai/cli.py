@@ -1,4 +1,4 @@
-"""Command line: `python -m covid_fastai {list,recipe,sweep,cv,compare,resume,check,evaluate,predict,audit,weights}` (python-fire).
+"""Command line: `python -m covid_fastai {list,recipe,sweep,cv,compare,resume,check,evaluate,predict,audit,weights,track}` (python-fire).
 
 Overrides are recipe fields as flags: `--epochs 2 --lr 3e-4 --bs 32 --size 128 --data DIR --pretrained false
 --seed 1 --out DIR`. The library raises typed errors (covid_fastai.errors) carrying the fix; this module alone turns
@@ -57,7 +57,7 @@ def _eval_summary(d: Path) -> str:
 
 
 class Commands:
-    "fastai + timm experiments on chest X-ray folders. Commands: list, recipe, sweep, cv, compare, resume, check, evaluate, predict, audit, weights."
+    "fastai + timm experiments on chest X-ray folders. Commands: list, recipe, sweep, cv, compare, resume, check, evaluate, predict, audit, weights, track."
 
     def list(self):
         "Show the recipes with a one-line description each."
@@ -68,7 +68,7 @@ class Commands:
 
     @_bools_by_type
     def recipe(self, name: str, out: str | None = None, resume: str | None = None, export: bool = False,
-               **overrides):
+               track: str | None = None, **overrides):
         """Run one recipe: NAME (see `list`) or a recipe file, e.g. `recipe vgg16_partial --data DIR --epochs 2`.
 
         Args:
@@ -76,32 +76,35 @@ class Commands:
           out: folder for run folders (default ./outputs)
           resume: an interrupted run folder of this recipe to continue (same as `resume RUN_DIR`)
           export: also write fastai's pickled export.pkl (true/false; model.safetensors is always written)
+          track: log the run to mlflow, tensorboard or both (mlflow,tensorboard); see docs/tracking.md
           overrides: any recipe field, e.g. --epochs --lr --bs --size --data --pretrained --weights --seed --aug
         """
         if resume is not None:
-            return _resume_as(name, Path(name).stem, run_dir=resume, export=export, out=out, overrides=overrides)
+            return _resume_as(name, Path(name).stem, run_dir=resume, export=export, out=out, overrides=overrides,
+                              track=track)
         from .train import run_recipe
-        run_dir = run_recipe(name, out=out, export=export, **overrides)
+        run_dir = run_recipe(name, out=out, export=export, track=track, **overrides)
         print(run_summary(run_dir))
 
     @_bools_by_type
-    def resume(self, run_dir: str, export: bool = False):
+    def resume(self, run_dir: str, export: bool = False, track: str | None = None):
         """Continue an interrupted (or failed) run in its own folder from its last finished epoch, or an
         interrupted sweep (a folder with sweep.json) from where it stopped.
 
         Args:
           run_dir: the run folder, e.g. outputs/vgg16_head/20260101-120000, or a sweep folder, outputs/sweeps/...
           export: also write fastai's pickled export.pkl at the end (runs only)
+          track: also log to mlflow and/or tensorboard (a run or sweep keeps the trackers it started with)
         """
         from .sweep import SWEEP_FILE, resume_sweep, summary_md
         from .train import resume
         d = Path(run_dir)
-        if (d / SWEEP_FILE).is_file(): return _print_comparison(summary_md(resume_sweep(d)))
+        if (d / SWEEP_FILE).is_file(): return _print_comparison(summary_md(resume_sweep(d, track=track)))
         if not (d / "config.json").is_file():
             raise RunFolderError(f"{d} is not a run folder (no config.json) nor a sweep folder (no {SWEEP_FILE})",
                                  "pass one a run or sweep created, e.g. outputs/<recipe>/<timestamp> or "
                                  "outputs/sweeps/<timestamp>", path=d)
-        print(run_summary(resume(run_dir, export=export)))
+        print(run_summary(resume(run_dir, export=export, track=track)))
 
     @_bools_by_type
     def check(self, data: str, strict: bool = False, limit: int = 50):
@@ -199,7 +202,8 @@ class Commands:
         """
         print(_weights_table(probe_hub))
 
-    def sweep(self, pattern: str, out: str | None = None, policies: str | None = None, **overrides):
+    def sweep(self, pattern: str, out: str | None = None, policies: str | None = None, track: str | None = None,
+              **overrides):
         """Run every recipe matching PATTERN (glob, or comma-separated names) and write a comparison table.
 
         Writes <out>/sweeps/<timestamp>/: sweep.json (the plan) and comparison.{md,csv,html}, rewritten after
@@ -210,9 +214,10 @@ class Commands:
           pattern: recipe names or globs, e.g. 'vgg16_*' or vgg16_head,vgg16_full
           out: folder for run folders (default ./outputs)
           policies: e.g. assignment,modern: run each recipe under each training policy, side by side in the table
+          track: log every run to mlflow and/or tensorboard; in MLflow the sweep is a parent run
         """
         from .sweep import run_sweep
-        _print_comparison(run_sweep(pattern, out=out, policies=policies, **overrides) / "comparison.md")
+        _print_comparison(run_sweep(pattern, out=out, policies=policies, track=track, **overrides) / "comparison.md")
 
     def cv(self, name: str, folds: int | None = None, by: str = "patient", out: str | None = None,
            fold_seed: int = 0, **overrides):
@@ -241,8 +246,19 @@ class Commands:
         from .sweep import compare_runs
         _print_comparison(compare_runs(run_dirs, out=out))
 
+    def track(self, *run_dirs, uri: str | None = None):
+        """Import finished run folders into MLflow (params, per-epoch metrics, final metrics, report, plots); a
+        sweep folder becomes a parent run with its finished runs as children. A folder already there is skipped.
 
-def _resume_as(*names, run_dir, export, out, overrides):
+        Args:
+          run_dirs: run or sweep folders, e.g. outputs/vgg16_head/* outputs/sweeps/20260101-120000
+          uri: MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<outputs>/mlflow.db beside the runs)
+        """
+        from .track import import_folders
+        for line in import_folders(run_dirs, uri=uri): print(line)
+
+
+def _resume_as(*names, run_dir, export, out, overrides, track=None):
     "`--resume RUN_DIR` on a recipe (by name or file): the run must be of that recipe, with no new settings."
     if overrides or out is not None:
         raise RecipeError(f"--resume continues {run_dir} with the settings it recorded",
@@ -252,7 +268,7 @@ def _resume_as(*names, run_dir, export, out, overrides):
     if recorded is not None and recorded not in names:
         raise RunFolderError(f"{run_dir} is a run of recipe {recorded!r}, not {names[0]!r}", "use {command}",
                              path=run_dir, command=Command("resume", (run_dir,)))
-    return Commands().resume(run_dir, export=export)
+    return Commands().resume(run_dir, export=export, track=track)
 
 
 def _print_comparison(md: Path):
@@ -366,9 +382,10 @@ def script_main(recipe, argv=None):
     from .recipes import with_overrides
 
     @_bools_by_type
-    def _run(out: str | None = None, resume: str | None = None, export: bool = False, **overrides):
+    def _run(out: str | None = None, resume: str | None = None, export: bool = False, track: str | None = None,
+             **overrides):
         if resume is not None:  # the same options as `python -m covid_fastai recipe NAME`
-            return _resume_as(recipe.name, run_dir=resume, export=export, out=out, overrides=overrides)
-        print(run_summary(run(with_overrides(recipe, **overrides), out=out, export=export)))
+            return _resume_as(recipe.name, run_dir=resume, export=export, out=out, overrides=overrides, track=track)
+        print(run_summary(run(with_overrides(recipe, **overrides), out=out, export=export, track=track)))
 
     _fire(_run, list(sys.argv[1:] if argv is None else argv))

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 __all__ = ["Command", "UserError", "DataError", "RecipeError", "RunFolderError", "ModelFileError",
-           "WeightsUnavailable", "RunInterrupted", "note_fix", "recipe_command"]
+           "WeightsUnavailable", "RunInterrupted", "note_fix", "recipe_command", "MissingExtra"]
 
 
 class Command(NamedTuple):
@@ -61,6 +61,15 @@ class ModelFileError(UserError):
 
 class WeightsUnavailable(UserError):
     "Pretrained weights were asked for but none of the sources could provide them."
+
+
+class MissingExtra(UserError):
+    "An optional package a command needs is not installed: names it and the extra of this package that brings it."
+
+    def __init__(self, package: str, extra: str, what: str = ""):
+        super().__init__(f"{what or 'this'} needs the package {package!r}, which is not installed",
+                         f'pip install -e ".[{extra}]"')
+        self.package, self.extra = package, extra
 
 
 class RunInterrupted(KeyboardInterrupt):

@@ -32,6 +32,7 @@ from .plans import Plan
 from .recipes import Recipe, match_recipes, with_overrides
 from .report import sweep_row, write_sweep
 from .rundir import CHECKPOINT, OUTPUTS, new_run_dir, run_status, run_summary
+from .track import Tracking
 from .train import resume, run
 
 __all__ = ["SWEEP_FILE", "SUMMARIES", "compare_runs", "plan_sweep", "resume_sweep", "run_sweep", "start_sweep",
@@ -68,34 +69,37 @@ def _row(run_dir) -> dict:
     return sweep_row(d, json.loads((d / "config.json").read_text()), json.loads((d / "metrics.json").read_text()))
 
 
-def run_sweep(pattern: str, out=None, policies: str | None = None, cbs=None, **overrides) -> Path:
+def run_sweep(pattern: str, out=None, policies: str | None = None, cbs=None, track=None, **overrides) -> Path:
     """Run every recipe matching `pattern` under each of `policies`; returns the sweep folder, whose
     comparison.md/.csv/.html put the runs side by side.
 
     out: folder for the run folders and `sweeps/` (default ./outputs)
     cbs: extra fastai callbacks for every run (tests use one to interrupt a sweep)
+    track: 'mlflow' and/or 'tensorboard' for every run; in MLflow the sweep is a parent run (covid_fastai.track)
     """
     if isinstance(pattern, (tuple, list)): pattern = ",".join(map(str, pattern))  # fire parses a,b as a tuple
     if isinstance(policies, (tuple, list)): policies = ",".join(map(str, policies))
     recs = plan_sweep(str(pattern), policies, **overrides)
     root = (Path(out) if out is not None else OUTPUTS).expanduser().resolve()
+    tracking = Tracking.of(track, root)  # a missing package fails here, before any folder exists
     made = [d for d in (root, root / "sweeps") if not d.exists()]  # removed again if nothing runs
     sweep_dir = new_run_dir(root, "sweeps")
     manifest = {"pattern": str(pattern), "policies": policies, "overrides": {k: str(v) for k, v in overrides.items()},
                 "out": str(root), "created": datetime.now(timezone.utc).isoformat(), "status": "running",
                 "command": sys.argv, "runs": [{"recipe": dataclasses.asdict(r), "run_dir": None} for r in recs]}
-    return start_sweep(sweep_dir, manifest, cbs, made)
+    return start_sweep(sweep_dir, manifest, cbs, made, tracking)
 
 
-def start_sweep(sweep_dir: Path, manifest: dict, cbs=None, made=()) -> Path:
+def start_sweep(sweep_dir: Path, manifest: dict, cbs=None, made=(), tracking=None) -> Path:
     """Write `manifest` as `sweep_dir/sweep.json` and run its plan; returns `sweep_dir`.
 
     manifest: `out` (root of the run folders), `runs` (items {'recipe': asdict(Recipe), 'run_dir': None, optional
     'tag'}), optional `kind` (a key of `SUMMARIES`, default 'sweep') and whatever else its summary reads.
-    made: folders created for it, removed with `sweep_dir` if it stops before any run started (nothing to resume)."""
+    made: folders created for it, removed with `sweep_dir` if it stops before any run started (nothing to resume).
+    tracking: a `Tracking` (or a --track value) for every run; in MLflow the sweep is a parent run."""
     write_json(sweep_dir / SWEEP_FILE, manifest)
     try:
-        return _carry_on(sweep_dir, manifest, cbs, fresh=True)
+        return _carry_on(sweep_dir, manifest, cbs, Tracking.of(tracking, manifest["out"]), fresh=True)
     except BaseException:
         if not _any_started(manifest): discard(sweep_dir, made)
         raise
@@ -114,8 +118,9 @@ def summary_md(sweep_dir) -> Path:
     return Path(sweep_dir) / SUMMARIES[kind][1]
 
 
-def resume_sweep(sweep_dir, cbs=None) -> Path:
-    "Carry on with an interrupted or failed sweep from its `sweep.json` (see the module docstring)."
+def resume_sweep(sweep_dir, cbs=None, track=None) -> Path:
+    """Carry on with an interrupted or failed sweep from its `sweep.json` (see the module docstring); it keeps the
+    trackers it started with, and `track` adds more."""
     sweep_dir = Path(sweep_dir).expanduser()
     f = sweep_dir / SWEEP_FILE
     if not f.is_file():
@@ -125,14 +130,14 @@ def resume_sweep(sweep_dir, cbs=None) -> Path:
     if manifest.get("status") == "complete":
         raise RunFolderError(f"{sweep_dir} finished already (status complete)",
                              f"its summary is {summary_md(sweep_dir)}", path=sweep_dir)
-    return _carry_on(sweep_dir, manifest, cbs)
+    return _carry_on(sweep_dir, manifest, cbs, Tracking.of(track, manifest["out"], manifest.get("tracking")))
 
 
 def _any_started(manifest) -> bool:
     return any(it["run_dir"] for it in manifest["runs"])
 
 
-def _carry_on(sweep_dir: Path, manifest: dict, cbs, fresh: bool = False) -> Path:
+def _carry_on(sweep_dir: Path, manifest: dict, cbs, tracking: Tracking, fresh: bool = False) -> Path:
     """Run (or resume) every planned run that has not finished, rewriting the table after each.
     fresh: a new sweep, whose folder goes if it stops before any run started (bad data, no weights, ...)."""
     items, root = manifest["runs"], Path(manifest["out"])
@@ -145,6 +150,7 @@ def _carry_on(sweep_dir: Path, manifest: dict, cbs, fresh: bool = False) -> Path
         manifest.pop("error", None)
         manifest["status"] = "running"
         save()
+        tracking.open_sweep(sweep_dir, manifest, save)  # MLflow: the parent of the runs
         try:
             for i, item in enumerate(items):
                 rec, d = _recipe_from_json(item["recipe"]), item["run_dir"]
@@ -155,17 +161,18 @@ def _carry_on(sweep_dir: Path, manifest: dict, cbs, fresh: bool = False) -> Path
                     continue
                 if d and (Path(d) / CHECKPOINT).is_file():
                     print(f"== {tag}: resuming {d}", flush=True)
-                    resume(d, cbs=cbs)
+                    resume(d, cbs=cbs, track=tracking.child())
                 else:
                     print(f"== {tag}: {rec.describe()}", flush=True)
 
                     def started(run_dir, item=item):
                         item["run_dir"] = str(run_dir)
                         save()
-                    run(rec, out=root, cbs=cbs, started=started)
+                    run(rec, out=root, cbs=cbs, started=started, track=tracking.child())
                 print(f"   {run_summary(Path(item['run_dir']))}", flush=True)
                 _write_summary(sweep_dir, manifest)
         except BaseException as e:
+            tracking.end_sweep(sweep_dir, manifest, e, discard=fresh and not _any_started(manifest))
             if fresh and not _any_started(manifest): raise  # run_sweep removes the folder: nothing to resume
             stopped = isinstance(e, KeyboardInterrupt)  # Ctrl-C, or SIGTERM turned into it by the CLI
             manifest.update(status="interrupted" if stopped else "failed",
@@ -178,6 +185,7 @@ def _carry_on(sweep_dir: Path, manifest: dict, cbs, fresh: bool = False) -> Path
             raise
         manifest["status"] = "complete"
         save()
+        tracking.end_sweep(sweep_dir, manifest)
     return sweep_dir
 
 

@@ -36,6 +36,7 @@ from .recipes import Recipe, load_recipe, with_overrides
 from .report import SYNTHETIC_BANNER, write_html, write_report
 from .rundir import (CHECKPOINT, OUTPUTS, RunDir, new_run_dir, one_line,  # noqa: F401 (re-exported for callers)
                      recipe_from_config, run_summary)
+from .track import Tracking
 
 __all__ = ["run", "run_recipe", "resume"]
 
@@ -58,15 +59,19 @@ class _Run:
     def start_epoch(self) -> int: return self.state["epoch"] + 1 if self.state else 0
 
 
-def run(recipe: Recipe, out=None, resume=None, export: bool = False, cbs=None, started=None) -> Path:
+def run(recipe: Recipe, out=None, resume=None, export: bool = False, cbs=None, started=None, track=None) -> Path:
     """Train and evaluate `recipe`; returns the run folder.
 
     resume: a run folder of this recipe with a `checkpoint.pt`: continue it from the next epoch (see `resume`).
     export: also write fastai's pickled `export.pkl` (`learn.export`); load it only with `load_export(trust=True)`.
     cbs: extra fastai callbacks for the fitting Learner (tests use one to interrupt a run).
     started: called with the run folder as soon as it exists (a sweep records it, to resume the run later).
+    track: 'mlflow', 'tensorboard' or both ('mlflow,tensorboard'), see covid_fastai.track; a resumed run keeps
+      the trackers it started with.
     """
     t_start = time.perf_counter()
+    record = RunDir.open(resume).config.get("tracking") if resume is not None else None
+    tracking = Tracking.of(track, Path(resume).parent.parent if resume is not None else out or OUTPUTS, record)
     learn, folders = recipe_learner(recipe)
     folders.labels  # a bad labels.csv (used after training, for the breakdowns) fails now, not then
     if resume is not None:
@@ -75,8 +80,8 @@ def run(recipe: Recipe, out=None, resume=None, export: bool = False, cbs=None, s
     else:
         rd, state = RunDir.new(Path(out) if out is not None else OUTPUTS, recipe.name), None
     if started is not None: started(rd.path)
-    r = _Run(recipe, learn, folders, rd, state, export, list(cbs or []), t_start)
-    with rd.lock(), deterministic(recipe.reproducible):
+    r = _Run(recipe, learn, folders, rd, state, export, [*(cbs or []), *tracking.callbacks(rd)], t_start)
+    with rd.lock(), deterministic(recipe.reproducible), tracking.around(rd):
         _run_in(r)
     return rd.path
 
@@ -194,7 +199,7 @@ def _spelt(fix: str, command: Command) -> str:
     return fix.replace("{command}", f"`{command}`")
 
 
-def resume(run_dir, export: bool = False, cbs=None) -> Path:
+def resume(run_dir, export: bool = False, cbs=None, track=None) -> Path:
     "Continue an interrupted or failed run in its own folder from its last finished epoch (see module docstring)."
     rd = RunDir.open(run_dir)
     again = recipe_command(rd.name)
@@ -205,10 +210,10 @@ def resume(run_dir, export: bool = False, cbs=None) -> Path:
         raise RunFolderError(f"{rd.path} has no {CHECKPOINT}",
                              "it stopped before its first epoch finished; start it again with {command}",
                              path=rd.path, command=again)
-    return run(rd.recipe(), resume=rd.path, export=export, cbs=cbs)
+    return run(rd.recipe(), resume=rd.path, export=export, cbs=cbs, track=track)
 
 
-def run_recipe(name_or_recipe, out=None, export: bool = False, cbs=None, **overrides) -> Path:
+def run_recipe(name_or_recipe, out=None, export: bool = False, cbs=None, track=None, **overrides) -> Path:
     "Run a recipe by name, path or value, with command-line style overrides (`epochs=2`, `data='DIR'`)."
     rec = name_or_recipe if isinstance(name_or_recipe, Recipe) else load_recipe(name_or_recipe)
-    return run(with_overrides(rec, **overrides), out=out, export=export, cbs=cbs)
+    return run(with_overrides(rec, **overrides), out=out, export=export, cbs=cbs, track=track)
