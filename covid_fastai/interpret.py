@@ -147,7 +147,7 @@ def cam_images(learn, files, target=None) -> tuple[list, np.ndarray, np.ndarray]
 
 def rank_by_loss(ev: Evaluation, k: int = 8) -> dict:
     """`{"best_<class>": indices, "worst_<class>": indices}`: per true class, the `k` images of lowest loss
-    (lowest first) and of highest loss (highest first); ties keep prediction order.
+    (lowest first) and of highest loss (highest first).
     (The seed took the top-2 by highest logit; ranking by loss puts confidently wrong images first.)"""
     ranked = {}
     for ci, cls in enumerate(ev.classes):
