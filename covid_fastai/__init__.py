@@ -8,10 +8,15 @@ cross-validation (`run_cv`, `plan_cv`) and reports.
 """
 __version__ = "0.1.0"
 
+import re
 import warnings
 
 # fastai's import calls torch.jit.script, which torch 2.14 deprecates with a FutureWarning on every command.
-warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*is deprecated", category=FutureWarning)
+# The filter holds while this package imports fastai and comes off again after: the process's filters stay as
+# they were (a user's own torch.jit.script still warns), and those fastai and torch add stay in place.
+_JIT_DEPRECATION = ("ignore", re.compile(r".*torch\.jit\.script.*is deprecated", re.I), FutureWarning, None, 0)
+_jit_filter_added = _JIT_DEPRECATION not in warnings.filters
+if _jit_filter_added: warnings.filters.insert(0, _JIT_DEPRECATION)
 
 from .errors import *  # noqa: E402,F401,F403
 from .images import open_xray, scan_images, UnreadableImage  # noqa: E402,F401
@@ -31,3 +36,6 @@ from .evaluate import evaluate_run, predict_run  # noqa: E402,F401
 from .sweep import compare_runs, resume_sweep, run_sweep  # noqa: E402,F401
 from .audit import audit_data, audit_run  # noqa: E402,F401
 from .cv import plan_cv, run_cv  # noqa: E402,F401
+
+if _jit_filter_added: warnings.filters.remove(_JIT_DEPRECATION)
+del _jit_filter_added

@@ -1,23 +1,22 @@
 """Interpretation of a trained Learner on one split: predictions, metrics, plots.
 
-Inference runs once per split (`Evaluation.of`, optionally with fastai's test-time augmentation); fastai's
-`ClassificationInterpretation` draws the confusion matrix from those cached predictions instead of predicting
-again; scikit-learn computes the metrics (covid_fastai.metrics); `assess` and `write_evaluation` turn one
-evaluated split into metrics.json content and every plot.
+Inference runs once per split (`Evaluation.of`, optionally with fastai's test-time augmentation), and
+`ev.interp` is fastai's `ClassificationInterpretation` over those cached predictions (for notebooks);
+scikit-learn computes the metrics (covid_fastai.metrics). Each plot is a `*_figure` function returning a
+matplotlib `Figure` of its own, outside pyplot, so it draws under any backend and chooses none; the `plot_*`
+writers save one as PNG. `assess` and `write_evaluation` turn one evaluated split into metrics.json content
+and every plot.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only; no display here or in CI
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
 from fastai.vision.all import ClassificationInterpretation, PILImage
+from matplotlib.figure import Figure
 from sklearn import metrics as skm
 from sklearn.calibration import calibration_curve
 
@@ -26,7 +25,8 @@ from .labels import join_labels
 
 __all__ = ["Evaluation", "classification_metrics", "plot_confusion_matrix", "plot_curves", "plot_extremes",
            "plot_roc_pr", "plot_calibration", "plot_confusion_matrices", "assess", "write_evaluation",
-           "predictions_frame", "cam_images"]
+           "predictions_frame", "cam_images", "rank_by_loss", "confusion_matrix_figure", "curves_figure",
+           "extremes_figure", "roc_pr_figure", "calibration_figure", "confusion_matrices_figure"]
 
 
 class CachedInterpretation(ClassificationInterpretation):
@@ -87,21 +87,36 @@ def classification_metrics(targs, preds, classes) -> dict:
     }
 
 
-def _save(fig, path, tight: bool = True) -> Path:
+def _save(fig: Figure, path, tight: bool = True) -> Path:
+    # a Figure of its own, outside pyplot: nothing to close, any backend (or none) is fine
     fig.savefig(path, dpi=110, bbox_inches="tight" if tight else None)
-    plt.close(fig)
     return Path(path)
 
 
+def confusion_matrix_figure(ev: Evaluation, title: str) -> Figure:
+    "Counts, rows = true class: fastai's `plot_confusion_matrix` look, on a Figure of its own (fastai's uses pyplot)."
+    cm = skm.confusion_matrix(ev.targs, ev.preds, labels=list(range(len(ev.classes))))
+    fig = Figure(figsize=(4.5, 4.5))
+    ax = fig.subplots()
+    ax.imshow(cm, interpolation="nearest", cmap="Blues")
+    ticks = np.arange(len(ev.classes))
+    ax.set_xticks(ticks, ev.classes, rotation=90)
+    ax.set_yticks(ticks, ev.classes)
+    for i, j in np.ndindex(cm.shape):
+        ax.text(j, i, f"{cm[i, j]}", ha="center", va="center", color="white" if cm[i, j] > cm.max() / 2 else "black")
+    ax.set(title=title, xlabel="Predicted", ylabel="Actual", ylim=(len(ev.classes) - 0.5, -0.5))
+    fig.tight_layout()
+    return fig
+
+
 def plot_confusion_matrix(ev: Evaluation, path, title: str) -> Path:
-    # fastai's plot_confusion_matrix draws on a new figure and returns nothing: save the current figure.
-    ev.interp.plot_confusion_matrix(title=title, figsize=(4.5, 4.5))
-    return _save(plt.gcf(), path)
+    return _save(confusion_matrix_figure(ev, title), path)
 
 
-def plot_curves(history: pd.DataFrame, path, title: str) -> Path:
+def curves_figure(history: pd.DataFrame, title: str) -> Figure:
     "Loss and accuracy per epoch, train and valid, from `history.csv`."
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig = Figure(figsize=(10, 3.8))
+    a1, a2 = fig.subplots(1, 2)
     ep = history["epoch"] + 1
     for col, style in (("train_loss", "o-"), ("valid_loss", "s-")):
         a1.plot(ep, history[col], style, label=col.replace("_", " "))
@@ -111,7 +126,11 @@ def plot_curves(history: pd.DataFrame, path, title: str) -> Path:
     a2.set(xlabel="epoch", ylabel="accuracy", title="accuracy", ylim=(0, 1.02))
     for a in (a1, a2): a.legend(); a.grid(alpha=0.3)
     fig.suptitle(title)
-    return _save(fig, path)
+    return fig
+
+
+def plot_curves(history: pd.DataFrame, path, title: str) -> Path:
+    return _save(curves_figure(history, title), path)
 
 
 def cam_images(learn, files, target=None) -> tuple[list, np.ndarray, np.ndarray]:
@@ -126,50 +145,65 @@ def cam_images(learn, files, target=None) -> tuple[list, np.ndarray, np.ndarray]
     return imgs, cams, probs
 
 
-def plot_extremes(ev: Evaluation, out_dir, k: int = 8, note: str = "", learn=None) -> dict:
-    """Best and worst classified images of each class, ranked by loss: `{best,worst}_<class>.png`.
-
-    Titles give the prediction, its probability, p(positive) and the loss; with `learn`, a second row shows
-    the Grad-CAM heatmap of the predicted class on the image as the model sees it.
-    (The seed took the top-2 by highest logit; ranking by loss puts confidently wrong images first.)
-    """
-    files = {}
-    pos_name, p_pos, _ = ev.positive()
+def rank_by_loss(ev: Evaluation, k: int = 8) -> dict:
+    """`{"best_<class>": indices, "worst_<class>": indices}`: per true class, the `k` images of lowest loss
+    (lowest first) and of highest loss (highest first).
+    (The seed took the top-2 by highest logit; ranking by loss puts confidently wrong images first.)"""
+    ranked = {}
     for ci, cls in enumerate(ev.classes):
         idx = np.nonzero(ev.targs == ci)[0]
         order = idx[np.argsort(ev.losses[idx], kind="stable")]
-        for kind, chosen in (("best", order[:k]), ("worst", order[::-1][:k])):
-            n = max(len(chosen), 1)
-            rows = 2 if learn is not None and len(chosen) else 1
-            fig, axes = plt.subplots(rows, n, figsize=(2.3 * n, 2.9 if rows == 1 else 5.2), squeeze=False)
-            # explain the class the title names: ev.preds may come from TTA, cam_images' own argmax from one pass
-            cams = cam_images(learn, [ev.items[i] for i in chosen], target=[int(ev.preds[i]) for i in chosen]) \
-                if rows == 2 else None
-            for j, (ax, i) in enumerate(zip(axes[0], chosen)):
-                img = PILImage.create(ev.items[i])
-                img.thumbnail((256, 256))
-                ax.imshow(np.asarray(img.convert("L")), cmap="gray", interpolation="nearest")  # already display-sized
-                p = ev.preds[i]
-                ax.set_title(f"pred {ev.classes[p]} {ev.probs[i, p]:.2f}\np({pos_name}) {p_pos[i]:.2f} "
-                             f"loss {ev.losses[i]:.3f}", fontsize=8, color="black" if p == ci else "red")
-                if cams is not None:
-                    from .gradcam import overlay
-                    axes[1][j].imshow(overlay(cams[0][j], cams[1][j]))
-                    axes[1][j].set_title(f"Grad-CAM: {ev.classes[p]}", fontsize=8)
-            for ax in axes.flat: ax.axis("off")
-            what = "lowest" if kind == "best" else "highest"
-            fig.suptitle(f"{kind} classified '{cls}' ({ev.split} split, {what} loss first){note}", fontsize=9)
-            # fixed margins instead of bbox "tight" (a second full draw): these grids are most of a run's plotting
-            fig.subplots_adjust(left=0.01, right=0.99, top=0.8 if rows == 1 else 0.87, bottom=0.01, wspace=0.08,
-                                hspace=0.3)
-            files[f"{kind}_{cls}"] = _save(fig, Path(out_dir) / f"{kind}_{cls}.png", tight=False)
+        ranked[f"best_{cls}"], ranked[f"worst_{cls}"] = order[:k], order[::-1][:k]
+    return ranked
+
+
+def extremes_figure(ev: Evaluation, kind: str, cls: str, chosen, note: str = "", learn=None) -> Figure:
+    """The images `chosen` (indices into `ev`) of true class `cls`, one per column, titled with the prediction,
+    its probability, p(positive) and the loss; with `learn`, a second row shows the Grad-CAM heatmap of the
+    predicted class on the image as the model sees it."""
+    pos_name, p_pos, _ = ev.positive()
+    ci = ev.classes.index(cls)
+    n = max(len(chosen), 1)
+    rows = 2 if learn is not None and len(chosen) else 1
+    fig = Figure(figsize=(2.3 * n, 2.9 if rows == 1 else 5.2))
+    axes = fig.subplots(rows, n, squeeze=False)
+    # explain the class the title names: ev.preds may come from TTA, cam_images' own argmax from one pass
+    cams = cam_images(learn, [ev.items[i] for i in chosen], target=[int(ev.preds[i]) for i in chosen]) \
+        if rows == 2 else None
+    for j, (ax, i) in enumerate(zip(axes[0], chosen)):
+        img = PILImage.create(ev.items[i])
+        img.thumbnail((256, 256))
+        ax.imshow(np.asarray(img.convert("L")), cmap="gray", interpolation="nearest")  # already display-sized
+        p = ev.preds[i]
+        ax.set_title(f"pred {ev.classes[p]} {ev.probs[i, p]:.2f}\np({pos_name}) {p_pos[i]:.2f} "
+                     f"loss {ev.losses[i]:.3f}", fontsize=8, color="black" if p == ci else "red")
+        if cams is not None:
+            from .gradcam import overlay
+            axes[1][j].imshow(overlay(cams[0][j], cams[1][j]))
+            axes[1][j].set_title(f"Grad-CAM: {ev.classes[p]}", fontsize=8)
+    for ax in axes.flat: ax.axis("off")
+    what = "lowest" if kind == "best" else "highest"
+    fig.suptitle(f"{kind} classified '{cls}' ({ev.split} split, {what} loss first){note}", fontsize=9)
+    # fixed margins instead of bbox "tight" (a second full draw): these grids are most of a run's plotting
+    fig.subplots_adjust(left=0.01, right=0.99, top=0.8 if rows == 1 else 0.87, bottom=0.01, wspace=0.08, hspace=0.3)
+    return fig
+
+
+def plot_extremes(ev: Evaluation, out_dir, k: int = 8, note: str = "", learn=None) -> dict:
+    "Best and worst classified images of each class, ranked by loss (`rank_by_loss`): `{best,worst}_<class>.png`."
+    files = {}
+    for name, chosen in rank_by_loss(ev, k).items():
+        kind, cls = name.split("_", 1)
+        fig = extremes_figure(ev, kind, cls, chosen, note, learn)
+        files[name] = _save(fig, Path(out_dir) / f"{name}.png", tight=False)
     return files
 
 
-def plot_roc_pr(ev: Evaluation, threshold: float, path, title: str) -> Path:
+def roc_pr_figure(ev: Evaluation, threshold: float, title: str) -> Figure:
     "ROC and precision-recall curves of the positive view, with the 0.5 and chosen operating points."
     name, p, y = ev.positive()
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 4))
+    fig = Figure(figsize=(9, 4))
+    a1, a2 = fig.subplots(1, 2)
     if len(np.unique(y)) == 2:
         fpr, tpr, _ = skm.roc_curve(y, p)
         prec, rec, _ = skm.precision_recall_curve(y, p)
@@ -192,13 +226,18 @@ def plot_roc_pr(ev: Evaluation, threshold: float, path, title: str) -> Path:
         if a.get_legend_handles_labels()[0]: a.legend(fontsize=8, loc="lower right" if a is a1 else "lower left")
         a.grid(alpha=0.3)
     fig.suptitle(title, fontsize=10)
-    return _save(fig, path)
+    return fig
 
 
-def plot_calibration(ev: Evaluation, path, title: str, bins: int = 10) -> Path:
+def plot_roc_pr(ev: Evaluation, threshold: float, path, title: str) -> Path:
+    return _save(roc_pr_figure(ev, threshold, title), path)
+
+
+def calibration_figure(ev: Evaluation, title: str, bins: int = 10) -> Figure:
     "Reliability curve of p(positive) (quantile bins) over a histogram of the probabilities."
     name, p, y = ev.positive()
-    fig, (a1, a2) = plt.subplots(2, 1, figsize=(4.8, 5.4), height_ratios=(3, 1), sharex=True)
+    fig = Figure(figsize=(4.8, 5.4))
+    a1, a2 = fig.subplots(2, 1, height_ratios=(3, 1), sharex=True)
     if len(np.unique(y)) == 2:
         frac, mean = calibration_curve(y, p, n_bins=min(bins, max(2, len(y) // 5)), strategy="quantile")
         a1.plot(mean, frac, "o-", label="model")
@@ -208,17 +247,22 @@ def plot_calibration(ev: Evaluation, path, title: str, bins: int = 10) -> Path:
     a1.legend(fontsize=8, loc="lower right"); a1.grid(alpha=0.3)
     a2.hist([p[y == 1], p[y == 0]], bins=20, range=(0, 1), label=[name, "rest"], stacked=True)
     a2.set(xlabel=f"predicted p({name})", ylabel="images"); a2.legend(fontsize=7)
-    return _save(fig, path)
+    return fig
 
 
-def plot_confusion_matrices(ev: Evaluation, threshold: float, path, title: str) -> Path:
+def plot_calibration(ev: Evaluation, path, title: str, bins: int = 10) -> Path:
+    return _save(calibration_figure(ev, title, bins), path)
+
+
+def confusion_matrices_figure(ev: Evaluation, threshold: float, title: str) -> Figure:
     "Counts and row-normalised confusion matrices at argmax (= 0.5 for two classes) and at the chosen threshold."
     name, p, y = ev.positive()
     two = len(ev.classes) == 2
     views = [("argmax" + (" (t = 0.5)" if two else ""), ev.targs, ev.preds, ev.classes)]
     pos_labels = [name, "not " + name if not two else next(c for c in ev.classes if c != name)]
     views.append((f"{name} at t = {threshold:.3f}", 1 - y, (p < threshold).astype(int), pos_labels))
-    fig, axes = plt.subplots(len(views), 2, figsize=(8.4, 3.9 * len(views)), squeeze=False)
+    fig = Figure(figsize=(8.4, 3.9 * len(views)))
+    axes = fig.subplots(len(views), 2, squeeze=False)
     for (lab, t, pr, names), row in zip(views, axes):
         for ax, norm in zip(row, (None, "true")):
             skm.ConfusionMatrixDisplay.from_predictions(t, pr, labels=list(range(len(names))), display_labels=names,
@@ -227,7 +271,11 @@ def plot_confusion_matrices(ev: Evaluation, threshold: float, path, title: str) 
             ax.set_title(f"{lab}: {'row-normalised' if norm else 'counts'}", fontsize=9)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    return _save(fig, path)
+    return fig
+
+
+def plot_confusion_matrices(ev: Evaluation, threshold: float, path, title: str) -> Path:
+    return _save(confusion_matrices_figure(ev, threshold, title), path)
 
 
 def predictions_frame(items, classes, probs, threshold, targs=None) -> pd.DataFrame:

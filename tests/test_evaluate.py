@@ -1,6 +1,6 @@
 """A finished run's clinical evaluation: the numbers in metrics.json against scikit-learn on its own
 predictions; `evaluate` and `predict` on folders; breakdowns from labels.csv; TTA; the three-class mode; the
-HTML report in headless Chromium. One small run (module fixture) serves most tests."""
+HTML report in headless Chromium. One small run (conftest's `tiny_run`) serves most tests."""
 import json
 import shutil
 import subprocess
@@ -25,11 +25,9 @@ def cli(*args):
                           text=True, timeout=600)
 
 
-@pytest.fixture(scope="module")
-def run_dir(tiny_data, tmp_path_factory) -> Path:
-    # 64 px: ResNet's layer4 is 2x2 there, so Grad-CAM has something to show; a higher lr so it learns a bit
-    return run_recipe("resnet18_head", out=tmp_path_factory.mktemp("runs"), data=str(tiny_data), epochs=2,
-                      pretrained=False, size=64, bs=8, lr=0.01)
+@pytest.fixture
+def run_dir(tiny_run) -> Path:
+    return tiny_run  # conftest.py: one run per test session
 
 
 def test_run_metrics_match_sklearn_on_its_predictions(run_dir):

@@ -415,9 +415,8 @@ def test_every_torch_load_is_weights_only():
     assert calls and all("weights_only=True" in c for _, c in calls), calls
 
 
-def test_export_pkl_only_on_request_and_loaded_only_when_trusted(tiny_data, tmp_path, capsys):
-    plain = run_recipe("resnet18_one", out=tmp_path, data=str(tiny_data), epochs=1, **TINY)
-    assert not (plain / "export.pkl").exists()
+def test_export_pkl_only_on_request_and_loaded_only_when_trusted(tiny_data, tiny_run, tmp_path, capsys):
+    assert not (tiny_run / "export.pkl").exists()
     d = run_recipe("resnet18_one", out=tmp_path, data=str(tiny_data), epochs=1, export=True, **TINY)
     pkl = d / "export.pkl"
     assert pkl.is_file()

@@ -1,5 +1,6 @@
 "Bad and unusual image files: each is read correctly or refused with a reason (covid_fastai.images)."
 import io
+import os
 import re
 import subprocess
 import sys
@@ -229,9 +230,21 @@ def test_dcm_files_are_listed(tmp_path):
 def test_scan_splits_good_and_bad_and_remembers(tmp_path):
     good = tmp_path / "good.png"
     Image.fromarray(gradient()).save(good)
+    png = good.read_bytes()
     (tmp_path / "bad.jpg").write_bytes(b"")
     ok, bad = scan_images([good, tmp_path / "bad.jpg"], root=tmp_path)
     assert ok == [good] and bad == [(tmp_path / "bad.jpg", "empty file (0 bytes)")]
-    (tmp_path / "bad.jpg").write_bytes(good.read_bytes())  # fixed: a changed file is checked again
-    ok, bad = scan_images([good, tmp_path / "bad.jpg"], root=tmp_path)
-    assert len(ok) == 2 and bad == []
+    # Spoil good.png behind the scan's back, keeping its size and modification time: a scan that remembers its
+    # verdict per (path, size, mtime) still calls it readable; one that decodes again refuses it.
+    st = good.stat()
+    good.write_bytes(b"x" * st.st_size)
+    os.utime(good, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(UnreadableImage): open_xray(good)
+    assert scan_images([good])[0] == [good]  # remembered in this process (no cache folder involved)
+    # ... and in the next one, from the cache folder
+    code = f"from covid_fastai.images import scan_images; print(scan_images([{str(good)!r}], root={str(tmp_path)!r})[1])"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", (r.stdout, r.stderr[-2000:])
+    (tmp_path / "bad.jpg").write_bytes(png)  # fixed: a changed file is checked again
+    ok, bad = scan_images([tmp_path / "bad.jpg"], root=tmp_path)
+    assert ok == [tmp_path / "bad.jpg"] and bad == []

@@ -2,7 +2,9 @@
 the feature cache is used, reused and invalidated."""
 import json
 import shutil
+import time
 
+import pandas as pd
 import pytest
 import torch
 
@@ -10,7 +12,8 @@ import covid_fastai.features as F
 import covid_fastai.learner as L
 from covid_fastai.callbacks import BF16Autocast, ChannelsLast, bf16_supported
 from covid_fastai.errors import UserError
-from covid_fastai.recipes import load_recipe, with_overrides
+from covid_fastai.features import use_feature_cache
+from covid_fastai.recipes import cache_mode, load_recipe, with_overrides
 from covid_fastai.train import recipe_learner, run_recipe
 
 TINY = dict(pretrained=False, size=32, bs=8)
@@ -78,13 +81,30 @@ def _config(d): return json.loads((d / "config.json").read_text())
 def _speed(d): return _config(d)["speed"]["cached_features"]
 
 
+def _cached_head(out=None, epochs=1, **overrides):
+    """The head Learner a resnet18_head run would fit on cached features (its cache made or loaded as the run's
+    would be), without the fit and evaluation around it: for tests about the cache alone."""
+    rec = with_overrides(load_recipe("resnet18_head"), epochs=epochs, **overrides)
+    learn, _ = recipe_learner(rec)
+    return F.head_learner(learn, rec, views=rec.cache_views, bf16=learn.bf16_used)
+
+
 def test_feature_cache_used_reused_and_invalidated(tiny_data, tmp_path, body_calls):
     data = tmp_path / "data"
     shutil.copytree(tiny_data, data)
     # 'on': cached even with training-mode BatchNorm, whose statistics the cache must store and restore
     kw = dict(out=tmp_path / "o", data=str(data), epochs=3, cache_features="on", **TINY)
+    t0 = time.perf_counter()
     d1 = run_recipe("resnet18_head", **kw)
-    assert _speed(d1) == {"views": 2, "from_disk": False, "seconds": _speed(d1)["seconds"]}
+    wall = time.perf_counter() - t0
+    s1 = _speed(d1)
+    assert set(s1) == {"views", "from_disk", "seconds"} and s1["views"] == 2 and s1["from_disk"] is False
+    # making the cache takes time, inside the run, and the training time counts it (cached and uncached runs
+    # compare fairly): train_seconds = the epochs' training phases + the cache's seconds
+    epochs_s = pd.read_csv(d1 / "history.csv")["train_seconds"].sum()
+    assert 0 < s1["seconds"] < wall
+    assert json.loads((d1 / "metrics.json").read_text())["train_seconds"] == pytest.approx(epochs_s + s1["seconds"],
+                                                                                              abs=0.01)
     assert len(body_calls) == 3  # 2 training views + validation, not 3 epochs x (train + valid)
     d2 = run_recipe("resnet18_head", **kw)
     assert _speed(d2)["from_disk"] and len(body_calls) == 3
@@ -94,12 +114,12 @@ def test_feature_cache_used_reused_and_invalidated(tiny_data, tmp_path, body_cal
     bn = "0.model.layer1.0.bn1.running_mean"  # BatchNorm statistics from the training-mode pass, restored on reuse
     s1, s2 = load_file(d1 / "model.safetensors"), load_file(d2 / "model.safetensors")
     assert torch.equal(s1[bn], s2[bn]) and not torch.equal(s1[bn], torch.zeros_like(s1[bn]))
-    run_recipe("resnet18_head", **{**kw, "size": 48})  # input size changed
+    assert _cached_head(**{**kw, "size": 48}).features_from_disk is False  # input size changed
     assert len(body_calls) == 6
+    assert _cached_head(**kw).features_from_disk is True and len(body_calls) == 6  # the runs' cache, unchanged
     f = next((data / "train" / "normal").iterdir())  # data changed
     f.write_bytes(next((data / "train" / "infected").iterdir()).read_bytes())
-    d4 = run_recipe("resnet18_head", **kw)
-    assert not _speed(d4)["from_disk"] and len(body_calls) == 9
+    assert _cached_head(**kw).features_from_disk is False and len(body_calls) == 9
 
 
 def test_feature_cache_follows_the_labels(fine_labelled, tmp_path, body_calls):
@@ -107,28 +127,36 @@ def test_feature_cache_follows_the_labels(fine_labelled, tmp_path, body_calls):
     kw = dict(out=tmp_path / "o", data=str(fine_labelled.root), epochs=1, cache_features="on", **TINY)
     run_recipe("resnet18_head", **kw)
     assert len(body_calls) == 3
-    d = run_recipe("resnet18_head", labels="fine_label", **kw)  # same images, three classes
-    assert len(body_calls) == 6 and not _speed(d)["from_disk"]
-    assert _speed(run_recipe("resnet18_head", labels="fine_label", **kw))["from_disk"] and len(body_calls) == 6
+    assert not _cached_head(labels="fine_label", **kw).features_from_disk  # same images, three classes
+    assert len(body_calls) == 6
+    assert _cached_head(labels="fine_label", **kw).features_from_disk and len(body_calls) == 6
     fine_labelled.relabel_one_training_film()
-    assert not _speed(run_recipe("resnet18_head", labels="fine_label", **kw))["from_disk"] and len(body_calls) == 9
+    assert not _cached_head(labels="fine_label", **kw).features_from_disk and len(body_calls) == 9
+
+
+def _decision(name, **overrides) -> tuple[bool, str]:
+    "(cache?, why) as a run of recipe `name` decides it, without the run."
+    rec = with_overrides(load_recipe(name), **overrides)
+    learn, _ = recipe_learner(rec)
+    return use_feature_cache(learn, cache_mode(rec.cache_features), rec.aug)
 
 
 def test_feature_cache_only_for_frozen_bodies(tiny_data, tmp_path, body_calls):
-    kw = dict(out=tmp_path, data=str(tiny_data), epochs=1, **TINY)
-    assert _speed(run_recipe("resnet18_one", **kw)) is None  # a conv trains: no cache
-    assert _speed(run_recipe("resnet18_head", cache_features=False, bn_freeze=True, **kw)) is None
-    assert _speed(run_recipe("resnet18_head", train_bn=True, **kw)) is None  # BatchNorm trains
-    # 'auto' (the default): not with training-mode BatchNorm, whose batch statistics a cache cannot reproduce
-    d = run_recipe("resnet18_head", **kw)
+    kw = dict(data=str(tiny_data), epochs=1, **TINY)
+    assert _decision("resnet18_one", **kw)[0] is False  # a conv trains: no cache
+    assert _decision("resnet18_head", cache_features=False, bn_freeze=True, **kw)[0] is False
+    assert _decision("resnet18_head", train_bn=True, **kw)[0] is False  # BatchNorm trains
+    # 'auto' (the default): not with training-mode BatchNorm, whose batch statistics a cache cannot reproduce;
+    # a run follows the decision and records it
+    d = run_recipe("resnet18_head", out=tmp_path, **kw)
     assert _speed(d) is None and "training mode" in _config(d)["speed"]["feature_cache_decision"]
     assert body_calls == []
-    assert _speed(run_recipe("resnet18_head", aug="none", bn_freeze=True, **kw))["views"] == 1
-    d = run_recipe("vgg16_head", **kw)  # no BatchNorm, but the seed's heavy augmentation
-    assert _speed(d) is None and "too heavy" in _config(d)["speed"]["feature_cache_decision"]
-    assert _speed(run_recipe("vgg16_head", aug="xray", **kw))["views"] == 2  # mild augmentation: cached
+    assert _speed(run_recipe("resnet18_head", out=tmp_path, aug="none", bn_freeze=True, **kw))["views"] == 1
+    use, why = _decision("vgg16_head", **kw)  # no BatchNorm, but the seed's heavy augmentation
+    assert not use and "too heavy" in why
+    assert _decision("vgg16_head", aug="xray", **kw)[0] is True  # mild augmentation: cached
     with pytest.raises(UserError, match="--cache_features must be auto, on or off"):
-        run_recipe("resnet18_head", cache_features="sometimes", **kw)
+        run_recipe("resnet18_head", out=tmp_path, cache_features="sometimes", **kw)
 
 
 def test_cached_head_is_the_models_head(tiny_data, tmp_path):

@@ -1,0 +1,41 @@
+"""Importing covid_fastai changes nothing global: the matplotlib backend, the warning filters and the process
+settings stay as the user had them, and the torch.jit.script deprecation fastai's import triggers stays quiet."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# One fresh interpreter (a module imports once per process). The backend is pdf: not Agg, and it needs no
+# display, standing for a notebook's inline backend or a desktop's Qt. torch, PIL and matplotlib come first so
+# their own settings are in `before`; fastai does not, so its import-time jit warning would show on stderr.
+IMPORT_AND_COMPARE = textwrap.dedent("""
+    import json, sys, warnings
+    import matplotlib, numpy, PIL.Image, torch
+    def state():
+        return {"backend": matplotlib.get_backend(), "threads": torch.get_num_threads(),
+                "dtype": str(torch.get_default_dtype()), "deterministic": torch.are_deterministic_algorithms_enabled(),
+                "max_pixels": PIL.Image.MAX_IMAGE_PIXELS, "recursion": sys.getrecursionlimit(),
+                "numpy_print": numpy.get_printoptions()["linewidth"],
+                "jit_filters": [repr(f) for f in warnings.filters if "jit" in repr(f[1])]}
+    before = state()
+    from covid_fastai import *
+    import covid_fastai.cli, covid_fastai.report
+    import matplotlib.pyplot
+    print(json.dumps([before, state(), matplotlib.pyplot.get_fignums()]))
+""")
+
+
+def test_import_leaves_backend_warning_filters_and_settings_alone():
+    env = {**os.environ, "MPLBACKEND": "pdf",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, "-c", IMPORT_AND_COMPARE], capture_output=True, text=True, cwd=ROOT, env=env,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    before, after, figures = json.loads(r.stdout)
+    assert before["backend"] == "pdf" and after == before and figures == []
+    # why the package touched warnings at all: fastai's import calls the deprecated torch.jit.script
+    assert r.stderr == "", r.stderr[-3000:]
