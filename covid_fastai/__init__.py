@@ -30,3 +30,4 @@ from .train import *  # noqa: E402,F401,F403
 from .evaluate import evaluate_run, predict_run  # noqa: E402,F401
 from .sweep import compare_runs, resume_sweep, run_sweep  # noqa: E402,F401
 from .audit import audit_data, audit_run  # noqa: E402,F401
+from .modelcard import model_card, write_model_card  # noqa: E402,F401

@@ -31,6 +31,7 @@ from .fit import deterministic, find_lr, fit_recipe, fitting_learner
 from .interpret import Evaluation, plot_curves, write_evaluation
 from .learner import folders_learner, recipe_learner, resolve_data  # noqa: F401 (re-exported for callers)
 from .metrics import binary_metrics, choose_threshold
+from .modelcard import write_model_card
 from .provenance import run_facts
 from .recipes import Recipe, load_recipe, with_overrides
 from .report import SYNTHETIC_BANNER, write_html, write_report
@@ -174,6 +175,7 @@ def _finish(r: _Run):
     d.write_json("metrics.json", metrics)
 
     def report(config):
+        write_model_card(d.path, config, metrics)
         write_report(d.path, config, metrics, history, files)
         write_html(d / "report.md")
     d.complete(report, threshold=threshold)
