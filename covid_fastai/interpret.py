@@ -23,6 +23,7 @@ from sklearn.calibration import calibration_curve
 
 from . import metrics as M
 from .labels import join_labels
+from .progress import phase
 
 __all__ = ["Evaluation", "classification_metrics", "plot_confusion_matrix", "plot_curves", "plot_extremes",
            "plot_roc_pr", "plot_calibration", "plot_confusion_matrices", "assess", "write_evaluation",
@@ -54,6 +55,11 @@ class Evaluation:
 
     @classmethod
     def of(cls, learn, dl, split: str, tta: bool = False) -> "Evaluation":
+        with phase(f"predict the {split} split" + (" (test-time augmentation: 5 passes)" if tta else "")):
+            return cls._predict(learn, dl, split, tta)
+
+    @classmethod
+    def _predict(cls, learn, dl, split: str, tta: bool) -> "Evaluation":
         if tta:
             # fastai's tta: 4 passes with the training augmentation (the dataset's split_idx set to 0, which
             # TorchvisionTfm reads), averaged, then mixed 0.75/0.25 with the plain prediction.
@@ -126,11 +132,11 @@ def cam_images(learn, files, target=None) -> tuple[list, np.ndarray, np.ndarray]
     return imgs, cams, probs
 
 
-def plot_extremes(ev: Evaluation, out_dir, k: int = 8, note: str = "", learn=None) -> dict:
+def plot_extremes(ev: Evaluation, out_dir, k: int = 8, note: str = "", learn=None, step=None) -> dict:
     """Best and worst classified images of each class, ranked by loss: `{best,worst}_<class>.png`.
 
     Titles give the prediction, its probability, p(positive) and the loss; with `learn`, a second row shows
-    the Grad-CAM heatmap of the predicted class on the image as the model sees it.
+    the Grad-CAM heatmap of the predicted class on the image as the model sees it. `step()` is called after each grid.
     (The seed took the top-2 by highest logit; ranking by loss puts confidently wrong images first.)
     """
     files = {}
@@ -163,6 +169,7 @@ def plot_extremes(ev: Evaluation, out_dir, k: int = 8, note: str = "", learn=Non
             fig.subplots_adjust(left=0.01, right=0.99, top=0.8 if rows == 1 else 0.87, bottom=0.01, wspace=0.08,
                                 hspace=0.3)
             files[f"{kind}_{cls}"] = _save(fig, Path(out_dir) / f"{kind}_{cls}.png", tight=False)
+            if step is not None: step()
     return files
 
 
@@ -268,10 +275,15 @@ def write_evaluation(out_dir, ev: Evaluation, threshold: dict, title: str, note:
     "(metrics, {plot name: file}) for one evaluated split, plots written into `out_dir`."
     out_dir = Path(out_dir)
     t = threshold["value"]
-    files = {"confusion_matrix": plot_confusion_matrix(ev, out_dir / "confusion_matrix.png", f"{title}{note}"),
-             "confusion_matrices": plot_confusion_matrices(ev, t, out_dir / "confusion_matrices.png", f"{title}{note}"),
-             "roc_pr": plot_roc_pr(ev, t, out_dir / "roc_pr.png", f"{title}{note}"),
-             "calibration": plot_calibration(ev, out_dir / "calibration.png", f"calibration: {ev.split}{note}"),
-             **plot_extremes(ev, out_dir, note=note, learn=learn if gradcam else None)}
+    grids = "plots and Grad-CAM grids" if learn is not None and gradcam else "plots"
+    with phase(grids, total=4 + 2 * len(ev.classes)) as ph:
+        files = {"confusion_matrix": plot_confusion_matrix(ev, out_dir / "confusion_matrix.png", f"{title}{note}"),
+                 "confusion_matrices": plot_confusion_matrices(ev, t, out_dir / "confusion_matrices.png",
+                                                               f"{title}{note}"),
+                 "roc_pr": plot_roc_pr(ev, t, out_dir / "roc_pr.png", f"{title}{note}"),
+                 "calibration": plot_calibration(ev, out_dir / "calibration.png", f"calibration: {ev.split}{note}")}
+        ph.step(len(files))
+        files.update(plot_extremes(ev, out_dir, note=note, learn=learn if gradcam else None, step=ph.step))
     predictions_frame(ev.items, ev.classes, ev.probs, t, ev.targs).to_csv(out_dir / "predictions.csv", index=False)
-    return assess(ev, threshold, labels, root), files
+    with phase("metrics with bootstrap 95% CIs"):
+        return assess(ev, threshold, labels, root), files
