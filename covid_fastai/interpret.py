@@ -10,10 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only; no display here or in CI
-import matplotlib.pyplot as plt
+import matplotlib.pyplot as plt  # no backend forced: Jupyter's inline one shows plots; the CLI picks Agg
 import numpy as np
 import pandas as pd
 import torch
@@ -78,6 +75,23 @@ class Evaluation:
         "(positive class name, p_positive, y_positive): see `covid_fastai.metrics.positive_view`."
         return M.positive_view(self.classes, self.probs, self.targs)
 
+    # Interactive plots: each returns a matplotlib Figure (the cell's value shows inline in Jupyter; `.savefig` else).
+    def plot_confusion_matrix(self, title: str = ""):
+        "fastai's confusion matrix at argmax."
+        return plot_confusion_matrix(self, None, title or f"{self.split} split")
+
+    def plot_confusion_matrices(self, threshold: float = 0.5, title: str = ""):
+        "Counts and row-normalised confusion matrices at argmax and at `threshold` on p(positive)."
+        return plot_confusion_matrices(self, threshold, None, title or f"{self.split} split")
+
+    def plot_roc_pr(self, threshold: float = 0.5, title: str = ""):
+        "ROC and precision-recall curves, with the 0.5 and `threshold` operating points."
+        return plot_roc_pr(self, threshold, None, title or f"{self.split} split")
+
+    def plot_calibration(self, title: str = ""):
+        "Reliability curve of p(positive) over a histogram of the probabilities."
+        return plot_calibration(self, None, title or f"calibration: {self.split}")
+
 
 def classification_metrics(targs, preds, classes) -> dict:
     "Accuracy, per-class precision/recall/F1/support and the confusion matrix (rows = true), via scikit-learn."
@@ -93,9 +107,12 @@ def classification_metrics(targs, preds, classes) -> dict:
     }
 
 
-def _save(fig, path, tight: bool = True) -> Path:
-    fig.savefig(path, dpi=110, bbox_inches="tight" if tight else None)
+def _save(fig, path, tight: bool = True):
+    """Write `fig` to `path` and return the path; with no path, the Figure itself (out of pyplot's list, so Jupyter
+    shows it once, as the cell's value)."""
     plt.close(fig)
+    if path is None: return fig
+    fig.savefig(path, dpi=110, bbox_inches="tight" if tight else None)
     return Path(path)
 
 

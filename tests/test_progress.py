@@ -2,24 +2,14 @@
 a fastprogress bar with an ETA where output is interactive."""
 import re
 
-import torch
-
 from covid_fastai.progress import phase, phase_lines
-from covid_fastai.train import run_recipe
 
 PHASES = ["pre-scan: decode each of 48 images once", "feature cache: ", "fit: 1 epoch(s)", "predict the test split",
           "predict the valid split", "plots and Grad-CAM grids", "metrics with bootstrap 95% CIs"]
 
 
-def test_a_piped_run_prints_each_phase_as_it_starts_and_ends(tiny_data, tmp_path, capsys):
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:  # a frozen body with its features cached: every phase of a run happens
-        run_recipe("resnet18_head", out=tmp_path, data=str(tiny_data), epochs=1, pretrained=False, size=32, bs=8,
-                   cache_features="on")
-    finally:
-        torch.set_num_threads(n)
-    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.strip()]  # pytest's capture: not a tty
+def test_a_piped_run_prints_each_phase_as_it_starts_and_ends(labelled_run):
+    lines = [ln for ln in labelled_run[1].splitlines() if ln.strip()]  # a StringIO: not a tty
     events = [(m.group(1), m.group(2)) for ln in lines if (m := re.match(r"(.+): (started|done in [\d.]+ s)$", ln))]
     assert len(events) == 2 * len(PHASES), lines
     for i, name in enumerate(PHASES):  # each phase starts, then ends, before the next one starts
