@@ -36,6 +36,7 @@ from .evaluate import evaluate_run, predict_run  # noqa: E402,F401
 from .sweep import compare_runs, resume_sweep, run_sweep  # noqa: E402,F401
 from .audit import audit_data, audit_run  # noqa: E402,F401
 from .cv import plan_cv, run_cv  # noqa: E402,F401
+from .modelcard import model_card, write_model_card  # noqa: E402,F401
 
 if _jit_filter_added: warnings.filters.remove(_JIT_DEPRECATION)
 del _jit_filter_added

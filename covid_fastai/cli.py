@@ -349,6 +349,8 @@ def _check_command(component, argv):
 def _fire(component, argv):
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
+    import matplotlib
+    matplotlib.use("Agg")  # the commands write plots to files; they never open a window
     _one_line_warnings()
     try: old = signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
     except ValueError: old = None  # not the main thread: leave signals alone

@@ -35,6 +35,7 @@ from torch import nn
 from .cache import cache_dir
 from .cache import sha256_file
 from .files import atomic_path
+from .progress import phase
 
 __all__ = ["body_is_frozen", "bn_in_training_mode", "use_feature_cache", "CACHE_SAFE_AUGS", "feature_cache_key", "split_head", "body_features", "head_learner", "FeatureViews"]
 
@@ -125,8 +126,8 @@ def feature_cache_key(arch: str, weights_sha: str | None, train_files, valid_fil
 
 @torch.no_grad()
 def body_features(learn, dl, pre_pool: nn.Module, bf16: bool, channels_last: bool = True,
-                  train_mode: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    "Run the (frozen) body and the head's leading pooling over `dl`: (features, targets)."
+                  train_mode: bool = False, progress=None) -> tuple[torch.Tensor, torch.Tensor]:
+    "Run the (frozen) body and the head's leading pooling over `dl`: (features, targets); `progress.step()` per batch."
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     # on the device the Learner's batches go to (a GPU where there is one: the fit has not moved the model yet)
     device = getattr(learn.dls, "device", None) or next(learn.model[0].parameters()).device
@@ -139,6 +140,7 @@ def body_features(learn, dl, pre_pool: nn.Module, bf16: bool, channels_last: boo
             f = pre_pool(body(xb))
         feats.append(f.cpu())  # bf16 when the body ran under autocast: half the cache
         targs.append(yb.as_subclass(torch.Tensor).cpu())
+        if progress is not None: progress.step()
     return torch.cat(feats), torch.cat(targs)
 
 
@@ -176,14 +178,17 @@ def _compute_or_load(learn, recipe, pre_pool, views: int, bf16: bool) -> tuple[d
             return t, True
         except Exception: path.unlink(missing_ok=True)  # a torn, corrupt or foreign file: recompute
     out = {}
-    for v in range(views):
-        set_seed(recipe.seed + v)  # each view's augmentation is reproducible
-        # shuffled batches, as in training: BatchNorm's batch statistics must not see one class per batch
-        dl = learn.dls.train.new(shuffle=True, drop_last=False)
-        out[f"train_{v}"], out[f"train_{v}_y"] = body_features(learn, dl, pre_pool, bf16, recipe.channels_last,
-                                                               train_mode=bn_train)
-    out["valid"], out["valid_y"] = body_features(learn, learn.dls.valid.new(shuffle=False, drop_last=False),
-                                                 pre_pool, bf16, recipe.channels_last)
+    valid_dl = learn.dls.valid.new(shuffle=False, drop_last=False)
+    n_batches = views * len(learn.dls.train.new(shuffle=True, drop_last=False)) + len(valid_dl)
+    with phase(f"feature cache: the frozen body over {views} training view(s) and valid", total=n_batches) as ph:
+        for v in range(views):
+            set_seed(recipe.seed + v)  # each view's augmentation is reproducible
+            # shuffled batches, as in training: BatchNorm's batch statistics must not see one class per batch
+            dl = learn.dls.train.new(shuffle=True, drop_last=False)
+            out[f"train_{v}"], out[f"train_{v}_y"] = body_features(learn, dl, pre_pool, bf16, recipe.channels_last,
+                                                                   train_mode=bn_train, progress=ph)
+        out["valid"], out["valid_y"] = body_features(learn, valid_dl, pre_pool, bf16, recipe.channels_last,
+                                                     progress=ph)
     out.update({f"buffer.{k}": b.detach().clone() for k, b in buffers.items()})
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:

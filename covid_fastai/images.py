@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .files import write_atomic
+from .progress import phase
 
 __all__ = ["open_xray", "UnreadableImage", "IMAGE_EXTENSIONS", "is_dicom", "scan_images", "HUGE_PIXELS",
            "get_xray_files"]
@@ -202,22 +203,24 @@ def scan_images(files, root=None) -> tuple[list[Path], list[tuple[Path, str]]]:
         try: disk = json.loads(cache_file.read_text())
         except (OSError, ValueError): disk = {}
     good, bad, changed, seen = [], [], False, {}
-    for f in files:
-        f = Path(f)
-        try:
-            st = f.stat()
-            key = (str(f), st.st_size, st.st_mtime_ns)
-        except OSError as e:
-            bad.append((f, f"cannot be read: {e.strerror}"))
-            continue
-        dkey = f"{key[0]}|{key[1]}|{key[2]}"
-        if key in _SCANNED: reason = _SCANNED[key]
-        elif dkey in disk: reason = disk[dkey]
-        else:
-            reason = _check(f)
-            changed = True
-        _SCANNED[key] = seen[dkey] = reason
-        (good.append(f) if reason is None else bad.append((f, reason)))
+    files = list(files)
+    with phase(f"pre-scan: decode each of {len(files)} images once", total=len(files)) as ph:
+        for f in ph(files):
+            f = Path(f)
+            try:
+                st = f.stat()
+                key = (str(f), st.st_size, st.st_mtime_ns)
+            except OSError as e:
+                bad.append((f, f"cannot be read: {e.strerror}"))
+                continue
+            dkey = f"{key[0]}|{key[1]}|{key[2]}"
+            if key in _SCANNED: reason = _SCANNED[key]
+            elif dkey in disk: reason = disk[dkey]
+            else:
+                reason = _check(f)
+                changed = True
+            _SCANNED[key] = seen[dkey] = reason
+            (good.append(f) if reason is None else bad.append((f, reason)))
     if changed and cache_file is not None:
         try:
             cache_file.parent.mkdir(parents=True, exist_ok=True)

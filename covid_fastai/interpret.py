@@ -15,13 +15,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from fastai.vision.all import ClassificationInterpretation, PILImage
+from fastai.vision.all import ClassificationInterpretation
 from matplotlib.figure import Figure
 from sklearn import metrics as skm
 from sklearn.calibration import calibration_curve
 
 from . import metrics as M
+from .images import open_xray
 from .labels import join_labels
+from .progress import phase
 
 __all__ = ["Evaluation", "classification_metrics", "plot_confusion_matrix", "plot_curves", "plot_extremes",
            "plot_roc_pr", "plot_calibration", "plot_confusion_matrices", "assess", "write_evaluation",
@@ -54,6 +56,11 @@ class Evaluation:
 
     @classmethod
     def of(cls, learn, dl, split: str, tta: bool = False) -> "Evaluation":
+        with phase(f"predict the {split} split" + (" (test-time augmentation: 5 passes)" if tta else "")):
+            return cls._predict(learn, dl, split, tta)
+
+    @classmethod
+    def _predict(cls, learn, dl, split: str, tta: bool) -> "Evaluation":
         if tta:
             # fastai's tta: 4 passes with the training augmentation (the dataset's split_idx set to 0, which
             # TorchvisionTfm reads), averaged, then mixed 0.75/0.25 with the plain prediction.
@@ -71,6 +78,23 @@ class Evaluation:
     def positive(self) -> tuple[str, np.ndarray, np.ndarray]:
         "(positive class name, p_positive, y_positive): see `covid_fastai.metrics.positive_view`."
         return M.positive_view(self.classes, self.probs, self.targs)
+
+    # Interactive plots: each returns a matplotlib Figure (the cell's value shows inline in Jupyter; `.savefig` else).
+    def plot_confusion_matrix(self, title: str = ""):
+        "fastai's confusion matrix at argmax."
+        return confusion_matrix_figure(self, title or f"{self.split} split")
+
+    def plot_confusion_matrices(self, threshold: float = 0.5, title: str = ""):
+        "Counts and row-normalised confusion matrices at argmax and at `threshold` on p(positive)."
+        return confusion_matrices_figure(self, threshold, title or f"{self.split} split")
+
+    def plot_roc_pr(self, threshold: float = 0.5, title: str = ""):
+        "ROC and precision-recall curves, with the 0.5 and `threshold` operating points."
+        return roc_pr_figure(self, threshold, title or f"{self.split} split")
+
+    def plot_calibration(self, title: str = ""):
+        "Reliability curve of p(positive) over a histogram of the probabilities."
+        return calibration_figure(self, title or f"calibration: {self.split}")
 
 
 def classification_metrics(targs, preds, classes) -> dict:
@@ -171,7 +195,7 @@ def extremes_figure(ev: Evaluation, kind: str, cls: str, chosen, note: str = "",
     cams = cam_images(learn, [ev.items[i] for i in chosen], target=[int(ev.preds[i]) for i in chosen]) \
         if rows == 2 else None
     for j, (ax, i) in enumerate(zip(axes[0], chosen)):
-        img = PILImage.create(ev.items[i])
+        img = open_xray(ev.items[i])  # DICOM too, as training reads it
         img.thumbnail((256, 256))
         ax.imshow(np.asarray(img.convert("L")), cmap="gray", interpolation="nearest")  # already display-sized
         p = ev.preds[i]
@@ -189,13 +213,15 @@ def extremes_figure(ev: Evaluation, kind: str, cls: str, chosen, note: str = "",
     return fig
 
 
-def plot_extremes(ev: Evaluation, out_dir, k: int = 8, note: str = "", learn=None) -> dict:
-    "Best and worst classified images of each class, ranked by loss (`rank_by_loss`): `{best,worst}_<class>.png`."
+def plot_extremes(ev: Evaluation, out_dir, k: int = 8, note: str = "", learn=None, step=None) -> dict:
+    """Best and worst classified images of each class, ranked by loss (`rank_by_loss`): `{best,worst}_<class>.png`.
+    `step()` is called after each grid (a progress bar's)."""
     files = {}
     for name, chosen in rank_by_loss(ev, k).items():
         kind, cls = name.split("_", 1)
         fig = extremes_figure(ev, kind, cls, chosen, note, learn)
         files[name] = _save(fig, Path(out_dir) / f"{name}.png", tight=False)
+        if step is not None: step()
     return files
 
 
@@ -316,10 +342,15 @@ def write_evaluation(out_dir, ev: Evaluation, threshold: dict, title: str, note:
     "(metrics, {plot name: file}) for one evaluated split, plots written into `out_dir`."
     out_dir = Path(out_dir)
     t = threshold["value"]
-    files = {"confusion_matrix": plot_confusion_matrix(ev, out_dir / "confusion_matrix.png", f"{title}{note}"),
-             "confusion_matrices": plot_confusion_matrices(ev, t, out_dir / "confusion_matrices.png", f"{title}{note}"),
-             "roc_pr": plot_roc_pr(ev, t, out_dir / "roc_pr.png", f"{title}{note}"),
-             "calibration": plot_calibration(ev, out_dir / "calibration.png", f"calibration: {ev.split}{note}"),
-             **plot_extremes(ev, out_dir, note=note, learn=learn if gradcam else None)}
+    grids = "plots and Grad-CAM grids" if learn is not None and gradcam else "plots"
+    with phase(grids, total=4 + 2 * len(ev.classes)) as ph:
+        files = {"confusion_matrix": plot_confusion_matrix(ev, out_dir / "confusion_matrix.png", f"{title}{note}"),
+                 "confusion_matrices": plot_confusion_matrices(ev, t, out_dir / "confusion_matrices.png",
+                                                               f"{title}{note}"),
+                 "roc_pr": plot_roc_pr(ev, t, out_dir / "roc_pr.png", f"{title}{note}"),
+                 "calibration": plot_calibration(ev, out_dir / "calibration.png", f"calibration: {ev.split}{note}")}
+        ph.step(len(files))
+        files.update(plot_extremes(ev, out_dir, note=note, learn=learn if gradcam else None, step=ph.step))
     predictions_frame(ev.items, ev.classes, ev.probs, t, ev.targs).to_csv(out_dir / "predictions.csv", index=False)
-    return assess(ev, threshold, labels, root), files
+    with phase("metrics with bootstrap 95% CIs"):
+        return assess(ev, threshold, labels, root), files

@@ -189,6 +189,9 @@ def write_report(run_dir, config: dict, metrics: dict, history: pd.DataFrame, fi
         L += [f"> **{SYNTHETIC_BANNER}** This run used the generated demo set ({data['path']}): drawings, "
               "not chest X-rays. Its numbers only show that the pipeline runs.", ""]
     for msg in config.get("warnings", []): L += [f"> **Warning:** {msg}", ""]
+    if (run_dir / "model_card.md").is_file():
+        L += ["Model card (intended use, data and licences, limitations, how to reproduce): "
+              "[model_card.md](model_card.md)", ""]
     w = config["weights"]
     L += ["## Setup", "",
           f"- Architecture: `{rec['arch']}`; weights: {w.get('source')}" + (f" ({w['file']})" if w.get("file") else "")

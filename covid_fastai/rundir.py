@@ -39,7 +39,7 @@ def one_line(e: BaseException, limit: int = 500) -> str:
 
 def new_run_dir(root, name: str) -> Path:
     "A fresh `root/name/<UTC timestamp>[-k]/`; `mkdir` without exist_ok makes concurrent runs distinct."
-    base = Path(root) / name
+    base = Path(root).expanduser().absolute() / name  # absolute: fastai joins a Learner's relative path twice
     try:
         base.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -101,7 +101,7 @@ class RunDir:
 
     @classmethod
     def open(cls, path) -> RunDir:
-        path = Path(path).expanduser()
+        path = Path(path).expanduser().absolute()
         if not (path / CONFIG).is_file():
             raise RunFolderError(f"{path} is not a run folder (no {CONFIG})",
                                  "pass a folder a run created, e.g. outputs/<recipe>/<timestamp>", path=path)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import sys
 import time
 from pathlib import Path
 
@@ -31,6 +30,8 @@ from .fit import deterministic, find_lr, fit_recipe, fitting_learner
 from .interpret import Evaluation, plot_curves, write_evaluation
 from .learner import folders_learner, recipe_learner, resolve_data  # noqa: F401 (re-exported for callers)
 from .metrics import binary_metrics, choose_threshold
+from .modelcard import write_model_card
+from .progress import interactive, phase, phase_lines
 from .provenance import run_facts
 from .recipes import Recipe, load_recipe, with_overrides
 from .report import SYNTHETIC_BANNER, write_html, write_report
@@ -59,6 +60,7 @@ class _Run:
     def start_epoch(self) -> int: return self.state["epoch"] + 1 if self.state else 0
 
 
+@phase_lines()  # in logs and pipes, each step around training prints a line as it starts and ends
 def run(recipe: Recipe, out=None, resume=None, export: bool = False, cbs=None, started=None, track=None) -> Path:
     """Train and evaluate `recipe`; returns the run folder.
 
@@ -102,9 +104,10 @@ def _run_in(r: _Run):
         config.update(run_facts(r.recipe, learn, r.folders, trainer))
         rd.save()
         if r.recipe.lr_find and "lr_find" not in config:  # a resumed run keeps the rate it started with
-            config["lr_find"] = find_lr(trainer, r.recipe, rd.path, quiet=_own_cbs(r))
+            with phase("lr_find"): config["lr_find"] = find_lr(trainer, r.recipe, rd.path, quiet=_own_cbs(r))
             rd.save()
-        fit_recipe(trainer, r.recipe, config["lr_find"]["lr"] if r.recipe.lr_find else r.recipe.lr, r.start_epoch)
+        with phase(f"fit: {r.recipe.epochs} epoch(s)" + (f", from epoch {r.start_epoch}" if r.start_epoch else "")):
+            fit_recipe(trainer, r.recipe, config["lr_find"]["lr"] if r.recipe.lr_find else r.recipe.lr, r.start_epoch)
         trainer.remove_cbs(_own_cbs(r))  # fastai's tta fires before_fit/after_fit: the run's callbacks leave first
         _finish(r)
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (the CLI turns it into KeyboardInterrupt)
@@ -136,7 +139,7 @@ def _prepare(r: _Run, warn) -> Learner:
     trainer = fitting_learner(learn, r.recipe, cbs)
     trainer.train_throughput = r.throughput
     trainer.recorder.train_metrics = True
-    if not sys.stdout.isatty():
+    if not interactive():  # a log or pipe (a notebook's stdout is no tty, but its bars draw well)
         for lrn in {id(learn): learn, id(trainer): trainer}.values(): lrn.remove_cb(ProgressCallback)
         trainer.logger = plain_epoch_log(trainer, r.start_epoch)
     if r.state is not None: restore_fit_state(trainer, r.state)
@@ -179,6 +182,7 @@ def _finish(r: _Run):
     d.write_json("metrics.json", metrics)
 
     def report(config):
+        write_model_card(d.path, config, metrics)
         write_report(d.path, config, metrics, history, files)
         write_html(d / "report.md")
     d.complete(report, threshold=threshold)

@@ -72,3 +72,34 @@ def real_data() -> Path:
     if not (REAL_DATA / "train").is_dir():
         pytest.skip(f"real X-ray data not found at {REAL_DATA} (set COVID_FASTAI_REAL_DATA to its folder)")
     return REAL_DATA
+
+
+@pytest.fixture(scope="session")
+def labelled_run(tiny_data, tmp_path_factory):
+    """(run folder, what it printed) of one tiny run on a copy of tiny_data with a labels.csv: source siteA holds the
+    24 infected films and one normal one (96% infected), siteB the other 23 normal films, each with its licence.
+    Its body is frozen and its features cached, so every phase around training happens; stdout is not a tty."""
+    import contextlib
+    import io
+    import shutil
+
+    import pandas as pd
+    import torch
+    from covid_fastai.train import run_recipe
+    root = tmp_path_factory.mktemp("labelled") / "data"
+    shutil.copytree(tiny_data, root)
+    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.png"))
+    src = ["siteA" if f.split("/")[1] == "infected" or f == "test/normal/synthetic_test_normal_000.png" else "siteB"
+           for f in files]
+    pd.DataFrame({"file": files, "source": src, "patient_id": [f"p{i}" for i in range(len(files))],
+                  "licence": ["CC BY 4.0" if s == "siteA" else "research use only" for s in src]}
+                 ).to_csv(root / "labels.csv", index=False)
+    n, out = torch.get_num_threads(), io.StringIO()
+    torch.set_num_threads(1)
+    try:
+        with contextlib.redirect_stdout(out):
+            d = run_recipe("resnet18_head", out=root.parent / "runs", data=str(root), epochs=1, pretrained=False,
+                           size=32, bs=8, lr=0.01, cache_features="on")
+    finally:
+        torch.set_num_threads(n)
+    return d, out.getvalue()

@@ -312,8 +312,6 @@ def test_evaluate_and_predict_read_dicom_folders_as_training_does(run_dir, tiny_
     assert len(df) == n and "error" not in df and df["p_infected"].between(0, 1).all()
 
 
-@pytest.mark.xfail(strict=True, reason="interpret.plot_extremes opens images with PILImage.create, not open_xray "
-                                       "(interpret.py is outside this branch; fixed at merge, then drop this mark)")
 def test_evaluate_writes_a_report_for_a_dicom_folder(run_dir, tiny_data, tmp_path):
     from covid_fastai.evaluate import evaluate_run
     dcm = _as_dicom(tiny_data / "test", tmp_path / "dcm")
