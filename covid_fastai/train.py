@@ -163,7 +163,7 @@ def _finish(r: _Run):
     # Evaluate on test when there is one (and the caller does not hold it out), else on valid (and say so); the
     # decision threshold is chosen on valid.
     split = "test" if folders.has_test and r.evaluate_on == "test" else "valid"
-    dl = learn.dls.test_dl(folders.files("test"), with_labels=True) if folders.has_test else learn.dls.valid
+    dl = learn.dls.test_dl(folders.files("test"), with_labels=True) if split == "test" else learn.dls.valid
     ev = Evaluation.of(learn, dl, split, tta=rec.tta)
     valid_ev = ev if split == "valid" else Evaluation.of(learn, learn.dls.valid, "valid", tta=rec.tta)
     _, pv, yv = valid_ev.positive()
