@@ -122,10 +122,10 @@ def write_tune_report(tune_dir, plan: dict, study) -> Path:
           f"- Objective: validation **{plan['metric']}** (`metrics.json` `valid.at_0.5.{plan['metric']}`), maximised. "
           "Every trial is a run evaluated on the validation split only; the test split is held out until the end.",
           f"- Data: `{data}`; recipe `{plan['name']}` with overrides {plan['overrides'] or 'none'}",
-          f"- Proxies: " + (", ".join(f"{k} {v}" for k, v in proxies.items()) + " for every trial (those fields left "
+          "- Proxies: " + (", ".join(f"{k} {v}" for k, v in proxies.items()) + " for every trial (those fields left "
                             "the space); the best settings are run once at full settings for the test score"
                             if proxies else "none (trials ran at full settings)"),
-          f"- Pruner: " + ("none" if pr["kind"] == "none" else f"{pr['kind']}" + (
+          "- Pruner: " + ("none" if pr["kind"] == "none" else f"{pr['kind']}" + (
               f" (n_startup_trials {pr['n_startup_trials']}, n_warmup_steps {pr['n_warmup_steps']})"
               if pr["kind"] == "median" else f" {pr.get('repr', '')}")) +
           f", fed each epoch's `valid_{plan['monitor']}` by optuna-integration's FastAIPruningCallback",
