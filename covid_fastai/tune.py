@@ -30,7 +30,7 @@ from .files import folder_lock, write_json
 from .learner import resolve_data
 from .recipes import OVERRIDABLE, Recipe, load_recipe, with_overrides
 from .rundir import OUTPUTS, new_run_dir
-from .tune_trials import (METRICS, TUNE_FILE, EpochRocAuc, finished, load_study, need_optuna,  # noqa: F401
+from .tune_trials import (METRICS, TUNE_FILE, EpochRocAuc, finished, load_study, need_optuna, need_ray,  # noqa: F401
                           pruning_callback, run_ray, run_trials, storage, trial_recipe, _recipe_from_json)
 
 __all__ = ["DEFAULT_SPACE", "TUNE_FILE", "METRICS", "tune", "resume_tune", "score_test_once", "recipe_space",
@@ -105,6 +105,7 @@ def tune(recipe, trials: int = 20, out=None, engine: str = "local", metric: str 
     n = _whole("trials", trials)
     if metric not in METRICS: raise RecipeError(f"--metric must be one of {', '.join(METRICS)}, got {metric!r}")
     if engine not in ("local", "ray"): raise RecipeError(f"--engine must be local or ray, got {engine!r}")
+    if engine == "ray": need_ray()
     if final not in ("auto", "evaluate", "rerun", "none"):
         raise RecipeError(f"--final must be auto, evaluate, rerun or none, got {final!r}")
     proxies = {f: v for p, f in PROXIES.items() for v in [{"proxy_size": proxy_size, "proxy_epochs": proxy_epochs,

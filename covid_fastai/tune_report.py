@@ -1,6 +1,7 @@
 """A tune folder's report: the trials table (trials.csv/.md), Optuna's plots, tune.md and tune.html."""
 from __future__ import annotations
 
+import functools
 import json
 import warnings
 from pathlib import Path
@@ -63,10 +64,12 @@ def _plot(fn, study, path: Path, **kw) -> str | None:
 
 
 def write_plots(tune_dir: Path, study) -> dict:
-    "{name: (file, note)}: history, importance (fANOVA, needs 2+ complete trials) and per-epoch values."
+    "{name: (file, note)}: history, parameter importance (fANOVA, 2+ complete trials) and the per-epoch values."
     from optuna.visualization import matplotlib as ov
     done = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
-    plots = {"history": ov.plot_optimization_history, "importance": ov.plot_param_importances,
+    from optuna.importance import FanovaImportanceEvaluator  # fANOVA (scikit-learn's forests), seeded: repeatable
+    plots = {"history": ov.plot_optimization_history,
+             "importance": functools.partial(ov.plot_param_importances, evaluator=FanovaImportanceEvaluator(seed=0)),
              "intermediate": ov.plot_intermediate_values}
     out = {}
     for name, fn in plots.items():

@@ -27,7 +27,7 @@ from .recipes import Recipe, with_overrides
 from .rundir import RunDir, one_line
 
 __all__ = ["METRICS", "TUNE_FILE", "need_optuna", "storage", "load_study", "EpochRocAuc", "pruning_callback",
-           "make_pruner", "trial_recipe", "objective", "run_trials", "run_ray", "finished"]
+           "make_pruner", "trial_recipe", "objective", "run_trials", "need_ray", "run_ray", "finished"]
 
 TUNE_FILE = "tune.json"
 METRICS = ("roc_auc", "accuracy", "balanced_accuracy", "pr_auc", "sens_at_spec95")  # all: higher is better
@@ -120,11 +120,16 @@ def storage(tune_dir):
                                           grace_period=180, engine_kwargs={"connect_args": {"timeout": 60}})
 
 
-def load_study(tune_dir, plan: dict, pruner=None):
+def load_study(tune_dir, plan: dict, pruner=None, worker: int = 0):
+    """The tune's study with a TPE sampler and the plan's pruner (or `pruner`). The sampler's seed is the plan's
+    plus the trials so far and the worker's index: a resumed tune or a second worker must not draw again the
+    settings the first one drew (the same seed would repeat its random start-up trials)."""
     optuna = need_optuna()
-    return optuna.load_study(study_name=plan["study"], storage=storage(tune_dir),
-                             sampler=optuna.samplers.TPESampler(seed=plan["seed"]),
-                             pruner=pruner if pruner is not None else make_pruner(plan["pruner"]))
+    study = optuna.load_study(study_name=plan["study"], storage=storage(tune_dir),
+                              pruner=pruner if pruner is not None else make_pruner(plan["pruner"]))
+    seed = plan["seed"] + len(study.get_trials(deepcopy=False)) + 1009 * worker
+    study.sampler = optuna.samplers.TPESampler(seed=seed)
+    return study
 
 
 def _recipe_from_json(d: dict) -> Recipe:
@@ -166,32 +171,38 @@ def objective(tune_dir: Path, plan: dict, cbs=()):
     return f
 
 
-def run_trials(tune_dir: Path, plan: dict, n: int, pruner=None, cbs=()):
+def run_trials(tune_dir: Path, plan: dict, n: int, pruner=None, cbs=(), worker: int = 0):
     "Run trials in this process until the study has `plan['trials']` finished (complete or pruned) ones, n at most."
     need_optuna()
     from optuna.study import MaxTrialsCallback
     from optuna.trial import TrialState
-    study = load_study(tune_dir, plan, pruner)
+    study = load_study(tune_dir, plan, pruner, worker)
     stop = MaxTrialsCallback(plan["trials"], states=(TrialState.COMPLETE, TrialState.PRUNED))
     # a failed trial (bad settings, a crash) is recorded and the search goes on; Ctrl-C stops it (recorded FAIL)
     study.optimize(objective(tune_dir, plan, cbs), n_trials=n, callbacks=[stop], catch=(Exception,),
                    gc_after_trial=True)
 
 
-def _worker(tune_dir: str, n: int, threads: int):  # one Ray task: an Optuna worker on the shared storage
+def _worker(tune_dir: str, n: int, threads: int, worker: int):  # one Ray task: an Optuna worker on the shared storage
     import torch
     torch.set_num_threads(max(1, int(threads)))
     tune_dir = Path(tune_dir)
-    run_trials(tune_dir, json.loads((tune_dir / TUNE_FILE).read_text()), n)
+    run_trials(tune_dir, json.loads((tune_dir / TUNE_FILE).read_text()), n, worker=worker)
     return n
 
 
-def run_ray(tune_dir: Path, plan: dict, n: int):
-    "Trials as Ray tasks, `workers` at once, each declaring `cpus_per_trial` CPUs; joins `address` or starts Ray."
+def need_ray():
+    "ray, or a one-line RecipeError naming the extra to install."
     try:
         import ray
     except ImportError:
         raise RecipeError("--engine ray needs the optional package ray", 'install it with pip install -e ".[dist]"') from None
+    return ray
+
+
+def run_ray(tune_dir: Path, plan: dict, n: int):
+    "Trials as Ray tasks, `workers` at once, each declaring `cpus_per_trial` CPUs; joins `address` or starts Ray."
+    ray = need_ray()
     eng = plan["engine"]
     started = not ray.is_initialized()
     if started:
@@ -204,7 +215,7 @@ def run_ray(tune_dir: Path, plan: dict, n: int):
         workers = max(1, min(workers, n))
         task = ray.remote(num_cpus=cpus, max_retries=0)(_worker)
         per = math.ceil(n / workers)
-        ray.get([task.remote(str(tune_dir), per, math.ceil(cpus)) for _ in range(workers)])
+        ray.get([task.remote(str(tune_dir), per, math.ceil(cpus), w) for w in range(workers)])
     finally:
         if started: ray.shutdown()
 
