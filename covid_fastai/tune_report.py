@@ -44,7 +44,7 @@ def _md(df: pd.DataFrame) -> str:
                       *("| " + " | ".join(_cell(r[c]) for c in cols) + " |" for r in df.to_dict("records"))])
 
 
-def _plot(fn, study, path: Path, **kw) -> str | None:
+def _plot(fn, study, path: Path, labels=None, **kw) -> str | None:
     """Draw one of optuna.visualization.matplotlib's plots into `path`; None, with the reason, when it cannot.
     Optuna's plots set pyplot's ggplot style: rc_context keeps that to this figure."""
     import matplotlib
@@ -57,13 +57,15 @@ def _plot(fn, study, path: Path, **kw) -> str | None:
         except (ValueError, RuntimeError, ZeroDivisionError) as e:
             plt.close("all")
             return f"not drawn: {' '.join(str(e).split())[:200]}"
-        fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
+        ax0 = ax.flat[0] if hasattr(ax, "flat") else ax
+        if labels: ax0.set(xlabel=labels[0], ylabel=labels[1])
+        fig = ax0.figure
         fig.savefig(path, dpi=100, bbox_inches="tight")
         plt.close(fig)
     return None
 
 
-def write_plots(tune_dir: Path, study) -> dict:
+def write_plots(tune_dir: Path, study, monitor: str = "roc_auc") -> dict:
     "{name: (file, note)}: history, parameter importance (fANOVA, 2+ complete trials) and the per-epoch values."
     from optuna.visualization import matplotlib as ov
     done = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
@@ -77,7 +79,7 @@ def write_plots(tune_dir: Path, study) -> dict:
         if name == "importance" and len(done) < 2:
             out[name] = (None, f"not drawn: importance needs 2 or more complete trials ({len(done)} so far)")
             continue
-        note = _plot(fn, study, path)
+        note = _plot(fn, study, path, labels=("epoch", f"valid_{monitor}") if name == "intermediate" else None)
         out[name] = (None if note else path.name, note)
     return out
 
@@ -107,7 +109,7 @@ def write_tune_report(tune_dir, plan: dict, study) -> Path:
     df = trials_frame(study, tune_dir)
     df.to_csv(tune_dir / "trials.csv", index=False)
     (tune_dir / "trials.md").write_text(f"# Trials of tune {plan['study']}\n\n" + (_md(df) if len(df) else "none yet") + "\n")
-    plots = write_plots(tune_dir, study)
+    plots = write_plots(tune_dir, study, plan["monitor"])
     counts = df["state"].value_counts().to_dict() if len(df) else {}
     finished = counts.get("COMPLETE", 0) + counts.get("PRUNED", 0)
     data = plan["recipe"]["data"]
