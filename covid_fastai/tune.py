@@ -44,7 +44,6 @@ DEFAULT_SPACE = {
     "label_smoothing": ("float", 0.0, 0.2),
     "size": ("choice", [160, 192, 224]),
 }
-PROXIES = {"proxy_size": "size", "proxy_epochs": "epochs", "proxy_cache": "cache_features"}
 
 
 # -- the space --------------------------------------------------------------------------------------------------
@@ -98,8 +97,9 @@ def tune(recipe, trials: int = 20, out=None, engine: str = "local", metric: str 
     """
     optuna = need_optuna()
     base = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
-    space_from = "given" if space else "recipe file" if recipe_space(base) else "default"
-    space = space or recipe_space(base) or DEFAULT_SPACE
+    declared = None if space else recipe_space(base)
+    space_from = "given" if space else "recipe file" if declared else "default"
+    space = space or declared or DEFAULT_SPACE
     base = with_overrides(base, **overrides)
     if base.data != "demo": base = dataclasses.replace(base, data=str(resolve_data(base.data)))  # resumed elsewhere
     n = _whole("trials", trials)
@@ -108,8 +108,9 @@ def tune(recipe, trials: int = 20, out=None, engine: str = "local", metric: str 
     if engine == "ray": need_ray()
     if final not in ("auto", "evaluate", "rerun", "none"):
         raise RecipeError(f"--final must be auto, evaluate, rerun or none, got {final!r}")
-    proxies = {f: v for p, f in PROXIES.items() for v in [{"proxy_size": proxy_size, "proxy_epochs": proxy_epochs,
-               "proxy_cache": "on" if str(proxy_cache).lower() in ("true", "1", "on", "yes") else None}[p]] if v is not None}
+    proxies = {"size": proxy_size, "epochs": proxy_epochs,  # the fields the proxies fix for every trial
+               "cache_features": "on" if str(proxy_cache).lower() in ("true", "1", "on", "yes") else None}
+    proxies = {k: v for k, v in proxies.items() if v is not None}
     with_overrides(base, **proxies)  # checked now
     space = check_space({k: v for k, v in space.items() if k not in proxies}, base)
     if isinstance(pruner, str):
