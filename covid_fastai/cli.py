@@ -1,4 +1,4 @@
-"""Command line: `python -m covid_fastai {list,recipe,sweep,cv,compare,resume,check,evaluate,predict,audit,weights,track}` (python-fire).
+"""Command line: `python -m covid_fastai {list,recipe,sweep,cv,tune,compare,resume,check,evaluate,predict,audit,weights,track}` (python-fire).
 
 Overrides are recipe fields as flags: `--epochs 2 --lr 3e-4 --bs 32 --size 128 --data DIR --pretrained false
 --seed 1 --out DIR`. The library raises typed errors (covid_fastai.errors) carrying the fix; this module alone turns
@@ -57,7 +57,7 @@ def _eval_summary(d: Path) -> str:
 
 
 class Commands:
-    "fastai + timm experiments on chest X-ray folders. Commands: list, recipe, sweep, cv, compare, resume, check, evaluate, predict, audit, weights, track."
+    "fastai + timm experiments on chest X-ray folders. Commands: list, recipe, sweep, cv, tune, compare, resume, check, evaluate, predict, audit, weights, track."
 
     def list(self):
         "Show the recipes with a one-line description each."
@@ -100,6 +100,7 @@ class Commands:
         from .train import resume
         d = Path(run_dir)
         if (d / SWEEP_FILE).is_file(): return _print_comparison(summary_md(resume_sweep(d, track=track)))
+        if (d / "tune.json").is_file(): return self.tune(resume=str(d))
         if not (d / "config.json").is_file():
             raise RunFolderError(f"{d} is not a run folder (no config.json) nor a sweep folder (no {SWEEP_FILE})",
                                  "pass one a run or sweep created, e.g. outputs/<recipe>/<timestamp> or "
@@ -236,6 +237,50 @@ class Commands:
         from .cv import run_cv
         _print_comparison(run_cv(name, folds=folds, by=by, out=out, fold_seed=fold_seed, **overrides) / "cv.md")
 
+    @_bools_by_type
+    def tune(self, recipe: str | None = None, trials: int = 20, engine: str = "local", out: str | None = None,
+             resume: str | None = None, metric: str = "roc_auc", space: str | None = None,
+             proxy_size: int | None = None, proxy_epochs: int | None = None, proxy_cache: bool = False,
+             final: str = "auto", pruner: str = "median", workers: int | None = None, cpus_per_trial: float = 1,
+             address: str | None = None, seed: int = 0, **overrides):
+        """Search a recipe's settings with Optuna on the validation split; the test split is scored once, for the
+        best trial. Writes <out>/tunes/<recipe>/<timestamp>/ (study.db, trials.csv/md, tune.md/html, plots).
+        Needs the extra: pip install -e ".[tune]" (and ".[dist]" for --engine ray). See docs/tune.md.
+
+        Args:
+          recipe: recipe name or file
+          trials: finished (complete or pruned) trials to reach
+          engine: local (one after another) or ray (parallel Ray tasks sharing study.db)
+          out: folder for tunes/ (default ./outputs)
+          resume: a stopped tune folder to continue (same as `resume TUNE_DIR`)
+          metric: objective on valid: roc_auc, accuracy, balanced_accuracy, pr_auc or sens_at_spec95
+          space: JSON (or a .json file) of field -> spec, e.g. '{"lr": ["log", 1e-4, 1e-2]}' (default: the recipe
+            file's `space`, else lr, epochs, dropout, label_smoothing, size)
+          proxy_size: cheap trials at this size (the best settings then run once at full size)
+          proxy_epochs: cheap trials with this many epochs
+          proxy_cache: cheap trials on cached body features (cache_features on)
+          final: auto, evaluate (the best trial's model on test), rerun (its settings at full size) or none
+          pruner: median or none
+          workers: Ray tasks at once (default: the cluster's CPUs / cpus_per_trial)
+          cpus_per_trial: CPUs each Ray task declares (and torch threads it uses)
+          address: a Ray cluster to join (default: start a local Ray)
+          seed: the TPE sampler's seed
+          overrides: recipe fields for every trial, e.g. --data DIR --bs 32 --pretrained false
+        """
+        from .tune import resume_tune, tune
+        if resume is not None:
+            _resume_tune_as(recipe, resume, overrides)
+            md = resume_tune(resume) / "tune.md"
+        else:
+            if not recipe: raise RecipeError("tune needs a RECIPE (or --resume TUNE_DIR)", "see {command}",
+                                             command=Command("list", function="list_recipes"))
+            sp = space if isinstance(space, dict) or not space else json.loads(
+                Path(space).read_text() if str(space).endswith(".json") else str(space))  # fire may parse it already
+            md = tune(recipe, trials=trials, engine=engine, out=out, metric=metric, space=sp, proxy_size=proxy_size,
+                      proxy_epochs=proxy_epochs, proxy_cache=proxy_cache, final=final, pruner=pruner, workers=workers,
+                      cpus_per_trial=cpus_per_trial, address=address, seed=seed, **overrides) / "tune.md"
+        print(f"tune: {md} and {md.with_suffix('.html')}; trials in {md.parent / 'trials.md'}")
+
     def compare(self, *run_dirs, out: str | None = None):
         """Put finished runs side by side: the table a sweep writes, in <out>/comparisons/<timestamp>/.
 
@@ -269,6 +314,17 @@ def _resume_as(*names, run_dir, export, out, overrides, track=None):
         raise RunFolderError(f"{run_dir} is a run of recipe {recorded!r}, not {names[0]!r}", "use {command}",
                              path=run_dir, command=Command("resume", (run_dir,)))
     return Commands().resume(run_dir, export=export, track=track)
+
+
+def _resume_tune_as(recipe, tune_dir, overrides):
+    "`tune --resume TUNE_DIR` goes on with the tune's recorded plan: no new settings, and the recipe must be its own."
+    if overrides: raise RecipeError(f"--resume continues {tune_dir} with its recorded plan",
+                                    f"drop {', '.join('--' + k for k in overrides)}")
+    f = Path(tune_dir) / "tune.json"
+    name = json.loads(f.read_text()).get("name") if f.is_file() else None
+    if recipe and name and Path(str(recipe)).stem != name:
+        raise RunFolderError(f"{tune_dir} is a tune of recipe {name!r}, not {recipe!r}", "use {command}",
+                             path=tune_dir, command=Command("resume", (str(tune_dir),)))
 
 
 def _print_comparison(md: Path):

@@ -214,4 +214,5 @@ def head_learner(learn, recipe, views: int = 2, bf16: bool = False, cbs=None) ->
     hl = Learner(dls, rest, loss_func=learn.loss_func, opt_func=learn.opt_func, lr=learn.lr, metrics=learn.metrics,
                  cbs=[SwitchView()] + list(cbs or []), path=learn.path, train_bn=learn.train_bn, wd=learn.wd)
     hl.features_from_disk, hl.feature_views = from_disk, views
+    dls.vocab = learn.dls.vocab  # the images' classes, for callbacks that name them (a tune's per-epoch ROC AUC)
     return hl

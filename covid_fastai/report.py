@@ -213,6 +213,9 @@ def write_report(run_dir, config: dict, metrics: dict, history: pd.DataFrame, fi
     if data["test"] is None:
         L += ["**No test/ folder: the metrics below are on the validation split**, which also steered nothing "
               "in training but is not an independent test.", ""]
+    elif config.get("evaluate_on") == "valid":  # a tune's trial: settings are chosen on valid, test stays unscored
+        L += ["**Test split held out: the metrics below are on the validation split** (a tune trial; the test split "
+              "is scored once, for the best trial, by the tune).", ""]
     L += [f"## Results on the {split} split ({metrics['n']} images)", "",
           f"Accuracy **{metrics['accuracy']:.4f}**.", ""]
     per = pd.DataFrame([{"class": c, **v} for c, v in metrics["per_class"].items()])

@@ -55,13 +55,15 @@ class _Run:
     t_start: float = dataclasses.field(default_factory=time.perf_counter)
     throughput: TrainThroughput = dataclasses.field(default_factory=TrainThroughput)
     trainer: Learner | None = None  # the Learner that fits: `learn`, or a head-only one on cached features
+    evaluate_on: str = "test"  # 'valid': the test split is held out (a tune's trials), see `run`
 
     @property
     def start_epoch(self) -> int: return self.state["epoch"] + 1 if self.state else 0
 
 
 @phase_lines()  # in logs and pipes, each step around training prints a line as it starts and ends
-def run(recipe: Recipe, out=None, resume=None, export: bool = False, cbs=None, started=None, track=None) -> Path:
+def run(recipe: Recipe, out=None, resume=None, export: bool = False, cbs=None, started=None, track=None,
+        evaluate_on: str = "test") -> Path:
     """Train and evaluate `recipe`; returns the run folder.
 
     resume: a run folder of this recipe with a `checkpoint.pt`: continue it from the next epoch (see `resume`).
@@ -70,7 +72,11 @@ def run(recipe: Recipe, out=None, resume=None, export: bool = False, cbs=None, s
     started: called with the run folder as soon as it exists (a sweep records it, to resume the run later).
     track: 'mlflow', 'tensorboard' or both ('mlflow,tensorboard'), see covid_fastai.track; a resumed run keeps
       the trackers it started with.
+    evaluate_on: 'test' evaluates on the test split when the data has one, else on valid; 'valid' always on valid,
+    leaving the test split unscored (a tune's trials choose settings on valid only; config.json records it).
     """
+    if evaluate_on not in ("test", "valid"):
+        raise ValueError(f"evaluate_on must be 'test' or 'valid', got {evaluate_on!r}")
     t_start = time.perf_counter()
     record = RunDir.open(resume).config.get("tracking") if resume is not None else None
     tracking = Tracking.of(track, Path(resume).parent.parent if resume is not None else out or OUTPUTS, record)
@@ -82,7 +88,8 @@ def run(recipe: Recipe, out=None, resume=None, export: bool = False, cbs=None, s
     else:
         rd, state = RunDir.new(Path(out) if out is not None else OUTPUTS, recipe.name), None
     if started is not None: started(rd.path)
-    r = _Run(recipe, learn, folders, rd, state, export, [*(cbs or []), *tracking.callbacks(rd)], t_start)
+    r = _Run(recipe, learn, folders, rd, state, export, [*(cbs or []), *tracking.callbacks(rd)], t_start,
+             evaluate_on=evaluate_on)
     with rd.lock(), deterministic(recipe.reproducible), tracking.around(rd):
         _run_in(r)
     return rd.path
@@ -93,6 +100,7 @@ def _run_in(r: _Run):
     rd, learn = r.dir, r.learn
     learn.path = rd.path
     config = rd.start(r.recipe, r.start_epoch)
+    if r.evaluate_on != "test": config["evaluate_on"] = r.evaluate_on  # a resume keeps holding the test split out
 
     def warn(msg):  # kept in config.json (and so in the report), and said at once beside the epoch lines
         config.setdefault("warnings", []).append(msg)
@@ -161,9 +169,10 @@ def _finish(r: _Run):
     save_file({k: v.detach().contiguous() for k, v in learn.model.state_dict().items()}, d / "model.safetensors")
     if r.export: export_learner(learn, d.path)
 
-    # Evaluate on test when there is one, else on valid (and say so); the decision threshold is chosen on valid.
-    split = "test" if folders.has_test else "valid"
-    dl = learn.dls.test_dl(folders.files("test"), with_labels=True) if folders.has_test else learn.dls.valid
+    # Evaluate on test when there is one (and the caller does not hold it out), else on valid (and say so); the
+    # decision threshold is chosen on valid.
+    split = "test" if folders.has_test and r.evaluate_on == "test" else "valid"
+    dl = learn.dls.test_dl(folders.files("test"), with_labels=True) if split == "test" else learn.dls.valid
     ev = Evaluation.of(learn, dl, split, tta=rec.tta)
     valid_ev = ev if split == "valid" else Evaluation.of(learn, learn.dls.valid, "valid", tta=rec.tta)
     _, pv, yv = valid_ev.positive()
@@ -214,7 +223,8 @@ def resume(run_dir, export: bool = False, cbs=None, track=None) -> Path:
         raise RunFolderError(f"{rd.path} has no {CHECKPOINT}",
                              "it stopped before its first epoch finished; start it again with {command}",
                              path=rd.path, command=again)
-    return run(rd.recipe(), resume=rd.path, export=export, cbs=cbs, track=track)
+    return run(rd.recipe(), resume=rd.path, export=export, cbs=cbs, track=track,
+               evaluate_on=rd.config.get("evaluate_on", "test"))
 
 
 def run_recipe(name_or_recipe, out=None, export: bool = False, cbs=None, track=None, **overrides) -> Path:
