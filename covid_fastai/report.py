@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import csv
 import html
+import json
 import re
 from pathlib import Path
 
@@ -262,11 +263,23 @@ def sweep_row(run_dir, config: dict, metrics: dict) -> dict:
     if by_source:  # from labels.csv: the shared set's sources differ in class mix and look (see its README)
         row["accuracy (t) by source"] = ", ".join(f"{g['group']} {g['accuracy']:.3f} ({g['n']})"
                                                   for g in sorted(by_source, key=lambda g: -g["n"]))
+    row.update(_audit_columns(run_dir))
     row.update({"confusion matrix (rows true)": _cm_text(metrics["confusion_matrix"], classes),
                 "train time (s)": round(metrics["train_seconds"], 1),
                 "images/s": round(metrics["train_images_per_s"], 1),
                 "synthetic data": config["data"]["synthetic"], "run": str(run_dir)})
     return row
+
+
+def _audit_columns(run_dir) -> dict:
+    "The newest shortcut audit of the run (`audit RUN_DIR --data DIR`), if it has one: its headline numbers."
+    audits = sorted(Path(run_dir).glob("audits/*/audit.json"))  # timestamped folders: the last is the newest
+    if not audits: return {}
+    a = json.loads(audits[-1].read_text())
+    ws, occ = a["within_source"], {o["condition"]: o for o in a["occlusion"]}
+    lungs = next((o for c, o in occ.items() if c.startswith("lung region")), {})
+    return {"audit: mean within-source AUC": ws.get("mean_within_auc"), "audit: pooled AUC": ws.get("pooled_auc"),
+            "audit: AUC with lungs masked": lungs.get("roc_auc"), "audit: flags": len(a.get("flags", []))}
 
 
 def _figure_grid(rows: list[dict], image: str, caption: str) -> str:

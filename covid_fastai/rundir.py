@@ -18,7 +18,7 @@ from .fit import mom_trained_with
 from .plans import Plan
 from .recipes import Recipe
 
-__all__ = ["OUTPUTS", "CHECKPOINT", "CONFIG", "RunDir", "new_run_dir", "run_status", "recipe_from_config",
+__all__ = ["OUTPUTS", "CHECKPOINT", "CONFIG", "RunDir", "new_run_dir", "run_status", "recipe_from_config", "open_unfinished",
            "run_summary"]
 
 OUTPUTS = Path(os.environ.get("COVID_FASTAI_OUTPUTS", "outputs"))
@@ -62,6 +62,22 @@ def run_status(run_dir) -> str | None:
     cfg = Path(run_dir) / CONFIG if run_dir else None
     if cfg is None or not cfg.is_file(): return None
     return json.loads(cfg.read_text()).get("status")
+
+
+def open_unfinished(folder, manifest: str, what: str, example: str, summary) -> tuple[Path, dict]:
+    """(folder, its parsed `manifest` file) of a sweep/cv/tune folder to carry on; `RunFolderError` when it is not
+    one (`what`, e.g. 'sweep', and `example`, a folder it would be) or has finished (pointing at `summary(folder,
+    manifest)`, its report)."""
+    folder = Path(folder).expanduser().resolve()
+    f = folder / manifest
+    if not f.is_file():
+        raise RunFolderError(f"{folder} is not a {what} folder (no {manifest})",
+                             f"pass a folder a {what} created, e.g. {example}", path=folder)
+    m = json.loads(f.read_text())
+    if m.get("status") == "complete":
+        raise RunFolderError(f"{folder} finished already (status complete)", f"its summary is {summary(folder, m)}",
+                             path=folder)
+    return folder, m
 
 
 def recipe_from_config(config: dict) -> Recipe:

@@ -31,7 +31,7 @@ from .learner import resolve_data
 from .plans import Plan
 from .recipes import Recipe, match_recipes, with_overrides
 from .report import sweep_row, write_sweep
-from .rundir import CHECKPOINT, OUTPUTS, new_run_dir, run_status, run_summary
+from .rundir import CHECKPOINT, OUTPUTS, new_run_dir, open_unfinished, run_status, run_summary
 from .track import Tracking
 from .train import resume, run
 
@@ -121,15 +121,8 @@ def summary_md(sweep_dir) -> Path:
 def resume_sweep(sweep_dir, cbs=None, track=None) -> Path:
     """Carry on with an interrupted or failed sweep from its `sweep.json` (see the module docstring); it keeps the
     trackers it started with, and `track` adds more."""
-    sweep_dir = Path(sweep_dir).expanduser()
-    f = sweep_dir / SWEEP_FILE
-    if not f.is_file():
-        raise RunFolderError(f"{sweep_dir} is not a sweep folder (no {SWEEP_FILE})",
-                             "pass a folder a sweep created, e.g. outputs/sweeps/<timestamp>", path=sweep_dir)
-    manifest = json.loads(f.read_text())
-    if manifest.get("status") == "complete":
-        raise RunFolderError(f"{sweep_dir} finished already (status complete)",
-                             f"its summary is {summary_md(sweep_dir)}", path=sweep_dir)
+    sweep_dir, manifest = open_unfinished(sweep_dir, SWEEP_FILE, "sweep", "outputs/sweeps/<timestamp>",
+                                          lambda d, m: summary_md(d))
     return _carry_on(sweep_dir, manifest, cbs, Tracking.of(track, manifest["out"], manifest.get("tracking")))
 
 

@@ -29,7 +29,7 @@ from .errors import Command, RecipeError, RunFolderError, RunInterrupted, note_f
 from .files import folder_lock, write_json
 from .learner import resolve_data
 from .recipes import OVERRIDABLE, Recipe, load_recipe, with_overrides
-from .rundir import OUTPUTS, new_run_dir
+from .rundir import OUTPUTS, new_run_dir, open_unfinished
 from .tune_trials import (METRICS, TUNE_FILE, EpochRocAuc, finished, load_study, need_optuna, need_ray,  # noqa: F401
                           pruning_callback, run_ray, run_trials, storage, trial_recipe, _recipe_from_json)
 
@@ -135,15 +135,8 @@ def tune(recipe, trials: int = 20, out=None, engine: str = "local", metric: str 
 def resume_tune(tune_dir, pruner=None, cbs=None) -> Path:
     """Continue a stopped tune in its folder: trials that were running when it stopped are recorded as failed, and
     new trials run until the study has its number of finished (complete or pruned) trials; then the test score."""
-    tune_dir = Path(tune_dir).expanduser().resolve()
-    f = tune_dir / TUNE_FILE
-    if not f.is_file():
-        raise RunFolderError(f"{tune_dir} is not a tune folder (no {TUNE_FILE})",
-                             "pass a folder tune created, e.g. outputs/tunes/<recipe>/<timestamp>", path=tune_dir)
-    plan = json.loads(f.read_text())
-    if plan.get("status") == "complete":
-        raise RunFolderError(f"{tune_dir} finished already (status complete)", f"its report is {tune_dir / 'tune.md'}",
-                             path=tune_dir)
+    tune_dir, plan = open_unfinished(tune_dir, TUNE_FILE, "tune", "outputs/tunes/<recipe>/<timestamp>",
+                                     lambda d, m: d / "tune.md")
     return _carry_on(tune_dir, plan, pruner, cbs or ())
 
 

@@ -157,6 +157,18 @@ def test_model_on_planted_shortcut_fails_when_corners_are_masked(planted, plante
     assert audit_run(planted_run, planted, out=tmp_path) != d  # a second audit never overwrites the first
 
 
+def test_comparison_table_carries_the_runs_newest_audit(planted, planted_run):
+    from covid_fastai.report import sweep_row
+    def row(): return sweep_row(planted_run, *(json.loads((planted_run / f).read_text())
+                                              for f in ("config.json", "metrics.json")))
+    assert not [k for k in row() if k.startswith("audit:")]  # no audit in the run folder yet: no columns
+    m = findings(audit_run(planted_run, planted))  # the default: RUN_DIR/audits/<stamp>/
+    lungs = next(o for o in m["occlusion"] if o["condition"] == "lung region masked")
+    r = row()
+    assert (r["audit: mean within-source AUC"], r["audit: AUC with lungs masked"], r["audit: flags"]) == \
+        (m["within_source"]["mean_within_auc"], lungs["roc_auc"], len(m["flags"]))
+
+
 def test_cli_audit_prints_the_flags_and_where_the_report_is(planted, tmp_path, capsys):
     from covid_fastai.cli import main
     main(["audit", "--data", str(planted), "--out", str(tmp_path), "--arch", "resnet18", "--size", str(SIZE),

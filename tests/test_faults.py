@@ -24,7 +24,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from covid_fastai.cli import main
-from covid_fastai.errors import Command, RunFolderError, RunInterrupted, UserError
+from covid_fastai.errors import Command, RunFolderError, RunInterrupted, UserError, recipe_command
 from covid_fastai.rundir import RunDir
 from covid_fastai.train import CHECKPOINT, load_export, new_run_dir, resume, run_recipe
 from test_images import gradient, write_dicom
@@ -342,7 +342,7 @@ def test_resume_refusals(tiny_data, tmp_path, capsys):
     (d / CHECKPOINT).write_bytes(b"not a checkpoint")
     with pytest.raises(RunFolderError, match=rf"{CHECKPOINT} cannot be read .*start it again") as e:
         resume(d)
-    assert e.value.command == Command("recipe", ("resnet18_head",))
+    assert e.value.command == recipe_command("resnet18_head")
     (d / CHECKPOINT).write_bytes(good)
     resume(d)
     code, err = main_exit(["resume", d], capsys)
@@ -436,8 +436,8 @@ def test_interrupted_before_any_epoch_says_start_again(tiny_data, tmp_path, caps
         run_recipe("resnet18_one", out=tmp_path, cbs=[StopAtStart()], data=str(tiny_data), epochs=2, **TINY)
     (d,) = (tmp_path / "resnet18_one").iterdir()
     assert e.value.message() == (f"{d} is marked incomplete; no epoch had finished, so start it again "
-                                 f"(`recipe('resnet18_one')`)")
-    assert e.value.command == Command("recipe", ("resnet18_one",)) and e.value.epochs_done == 0
+                                 f"(`run_recipe('resnet18_one')`)")
+    assert e.value.command == recipe_command("resnet18_one") and e.value.epochs_done == 0
     assert "marked incomplete" not in capsys.readouterr().err  # the library prints nothing: the CLI says it
     cfg = json.loads((d / "config.json").read_text())
     assert cfg["status"] == "interrupted" and "resume" not in cfg and cfg["data"]["counts"]
