@@ -1,50 +1,22 @@
 """Command line: `python -m covid_fastai {list,recipe,sweep,cv,tune,compare,resume,check,evaluate,predict,audit,weights,track}` (python-fire).
 
 Overrides are recipe fields as flags: `--epochs 2 --lr 3e-4 --bs 32 --size 128 --data DIR --pretrained false
---seed 1 --out DIR`. The library raises typed errors (covid_fastai.errors) carrying the fix; this module alone turns
-them into one line, `error: ...`, exit status 2, spelling any command in the fix as the shell runs it (`spell`); add
+--seed 1 --out DIR`. The library raises typed errors (covid_fastai.errors) carrying the fix; the CLI alone (shell.py)
+turns them into one line, `error: ...`, exit status 2, spelling any command in the fix as the shell runs it; add
 `--debug` for the traceback. Ctrl-C or SIGTERM marks the run folder `interrupted`, prints how to go on
 (`interrupted: ...`) and exits with status 130; `resume RUN_DIR` continues it.
 """
 from __future__ import annotations
 
-import difflib
-import functools
-import inspect
 import json
-import re
-import shlex
-import signal
 import sys
-import typing
-import warnings
 from pathlib import Path
 
-import fire
-
-from .errors import Command, DataError, RecipeError, RunFolderError, RunInterrupted, UserError
-from .options import parse_value
+from .errors import Command, DataError, RecipeError, RunFolderError
+from .shell import bools_by_type, fire_command, spell  # noqa: F401 (spell: the shell spelling, for callers)
 from .train import run_summary
 
 __all__ = ["main", "script_main", "Commands", "spell"]
-
-
-def spell(command: Command) -> str:
-    "A library command as a shell runs it: `python -m covid_fastai NAME ARGS --opt VALUE` (the one spelling)."
-    opts = [f"--{k}" if v is None or v is True else f"--{k} {shlex.quote(str(v))}" for k, v in command.options]
-    return " ".join(["python -m covid_fastai", command.name, *(shlex.quote(str(a)) for a in command.args), *opts])
-
-
-def _bools_by_type(fn):
-    """Read a command's options annotated `bool` (or `bool | None`) as `true`/`false` words: fire passes
-    `--export false` as the string 'false'."""
-    @functools.wraps(fn)
-    def typed(*args, **kwargs):
-        hints, bound = typing.get_type_hints(fn), inspect.signature(fn).bind(*args, **kwargs)
-        for k, v in bound.arguments.items():
-            if hints.get(k) in (bool, bool | None): bound.arguments[k] = parse_value(k, v, hints[k])
-        return fn(*bound.args, **bound.kwargs)
-    return typed
 
 
 def _eval_summary(d: Path) -> str:
@@ -66,7 +38,7 @@ class Commands:
         w = max(len(r.name) for r in recs)
         for r in recs: print(f"{r.name:<{w}}  {r.describe()}")
 
-    @_bools_by_type
+    @bools_by_type
     def recipe(self, name: str, out: str | None = None, resume: str | None = None, export: bool = False,
                track: str | None = None, **overrides):
         """Run one recipe: NAME (see `list`) or a recipe file, e.g. `recipe vgg16_partial --data DIR --epochs 2`.
@@ -86,7 +58,7 @@ class Commands:
         run_dir = run_recipe(name, out=out, export=export, track=track, **overrides)
         print(run_summary(run_dir))
 
-    @_bools_by_type
+    @bools_by_type
     def resume(self, run_dir: str, export: bool = False, track: str | None = None):
         """Continue an interrupted (or failed) run in its own folder from its last finished epoch, or an
         interrupted sweep (a folder with sweep.json) from where it stopped.
@@ -107,7 +79,7 @@ class Commands:
                                  "outputs/sweeps/<timestamp>", path=d)
         print(run_summary(resume(run_dir, export=export, track=track)))
 
-    @_bools_by_type
+    @bools_by_type
     def check(self, data: str, strict: bool = False, limit: int = 50):
         """Pre-scan an X-ray folder: unreadable files, counts per split, duplicates across splits, labels.csv.
 
@@ -132,7 +104,7 @@ class Commands:
                             "add readable images or remove the folder", path=rep.root)
         if strict and rep.warnings: sys.exit(1)
 
-    @_bools_by_type
+    @bools_by_type
     def evaluate(self, run_dir: str, data: str, tta: bool | None = None, threshold: float | None = None,
                  out: str | None = None):
         """Evaluate a finished run on a labelled folder (DIR/<class>/ or DIR/test/<class>/); writes
@@ -149,7 +121,7 @@ class Commands:
         d = evaluate_run(run_dir, data, tta=tta, threshold=threshold, out=out)
         print(_eval_summary(d))
 
-    @_bools_by_type
+    @bools_by_type
     def predict(self, run_dir: str, *paths, out: str | None = None, heatmaps: bool = False, tta: bool | None = None,
                 threshold: float | None = None):
         """Predict image files or folders with a finished run: CSV of file, p_infected and the label at the
@@ -168,7 +140,7 @@ class Commands:
         csv = predict_run(run_dir, paths, out=out, heatmaps=heatmaps, tta=tta, threshold=threshold)
         print(f"{csv}: {sum(1 for _ in open(csv)) - 1} images")
 
-    @_bools_by_type
+    @bools_by_type
     def audit(self, run_dir: str | None = None, data: str | None = None, out: str | None = None,
               arch: str = "tf_efficientnet_lite0.in1k", size: int = 224, pretrained: bool = True):
         """Check for source shortcuts: `audit --data DIR` before training (label x source, a source probe on frozen
@@ -194,7 +166,7 @@ class Commands:
               "".join(f"\n  - {f}" for f in m["flags"]))
         print(f"audit: {d / 'audit.md'} and {d / 'audit.html'}")
 
-    @_bools_by_type
+    @bools_by_type
     def weights(self, probe_hub: bool = False):
         """Where each recipe architecture's ImageNet weights would come from here; downloads nothing.
 
@@ -237,7 +209,7 @@ class Commands:
         from .cv import run_cv
         _print_comparison(run_cv(name, folds=folds, by=by, out=out, fold_seed=fold_seed, **overrides) / "cv.md")
 
-    @_bools_by_type
+    @bools_by_type
     def tune(self, recipe: str | None = None, trials: int = 20, engine: str = "local", out: str | None = None,
              resume: str | None = None, metric: str = "roc_auc", space: str | None = None,
              proxy_size: int | None = None, proxy_epochs: int | None = None, proxy_cache: bool = False,
@@ -344,94 +316,9 @@ def _weights_table(probe_hub: bool) -> str:
     return "\n".join(lines)
 
 
-def _sigterm_to_interrupt(signum, frame):
-    raise KeyboardInterrupt  # `kill` stops a run the way Ctrl-C does: run folder marked, resumable
-
-
-def _one_line_warnings():
-    "Our own warnings (skipped files) as one `warning: ...` line on stderr; others as Python shows them."
-    show = warnings.showwarning
-    if getattr(show, "covid_fastai", False): return  # installed already (main called again in one process)
-
-    def showwarning(message, category, filename, lineno, file=None, line=None):
-        if category.__name__ == "SkippedImagesWarning": print(f"warning: {message}", file=sys.stderr, flush=True)
-        else: show(message, category, filename, lineno, file, line)
-    showwarning.covid_fastai = True
-    warnings.showwarning = showwarning
-
-
-def _check_args(fn, args, what: str, help: Command | None = None):
-    """Refuse options and arguments `fn` does not take, before it runs: fire would call it with what it can use
-    and only then fail on the rest, after the work was done (a CSV written at the wrong threshold)."""
-    params = inspect.signature(fn).parameters
-    kinds = {p.kind for p in params.values()}
-    named = [n for n, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-    is_flag = re.compile(r"^--?[A-Za-z_]").match  # as fire reads them: `-3` is a value, `-key` a flag
-    flags, positional, i = [], [], 0
-    while i < len(args):  # fire's reading: `--key value`, `--key=value`, or a bare `--key` (true)
-        a = str(args[i])
-        if is_flag(a):
-            flags.append(a.lstrip("-").split("=", 1)[0].replace("-", "_"))
-            if "=" not in a and i + 1 < len(args) and not is_flag(str(args[i + 1])): i += 1
-        else: positional.append(a)
-        i += 1
-    if inspect.Parameter.VAR_KEYWORD not in kinds:
-        for k in flags:
-            if k not in named:
-                close = difflib.get_close_matches(k, named, n=2)
-                opts = ", ".join("--" + n for n in named if params[n].default is not params[n].empty) or "none"
-                raise RecipeError(f"unknown option --{k} for {what}" +
-                                (f" (did you mean {', '.join('--' + c for c in close)}?)" if close else f": options are {opts}"))
-    free = [n for n, p in params.items() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and n not in flags]
-    if inspect.Parameter.VAR_POSITIONAL not in kinds and len(positional) > len(free):
-        raise RecipeError(f"unexpected argument {positional[len(free)]!r} for {what}",
-                          ("{command}" if help else "`--help`") + " shows what it takes", command=help)
-
-
-def _check_command(component, argv):
-    "A misspelt command or an option a command does not take: one line, before anything runs."
-    if not argv or any(a in ("--help", "-h") for a in map(str, argv)): return  # fire lists commands / shows help
-    if not isinstance(component, type):
-        return _check_args(component, argv, "this recipe file")
-    commands = [n for n, v in vars(component).items() if callable(v) and not n.startswith("_")]
-    if str(argv[0]) not in commands:
-        close = difflib.get_close_matches(str(argv[0]), commands, n=2)
-        raise RecipeError(f"unknown command {argv[0]!r}" + (f" (did you mean {', '.join(close)}?)" if close else "")
-                        + f": commands are {', '.join(commands)}")
-    name = str(argv[0])
-    _check_args(getattr(component(), name), argv[1:], name, Command(name, options=(("help", None),)))  # bound: no self
-
-
-def _fire(component, argv):
-    debug = "--debug" in argv
-    argv = [a for a in argv if a != "--debug"]
-    import matplotlib
-    matplotlib.use("Agg")  # the commands write plots to files; they never open a window
-    _one_line_warnings()
-    try: old = signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
-    except ValueError: old = None  # not the main thread: leave signals alone
-    try:
-        _check_command(component, argv)
-        fire.Fire(component, command=argv, name="covid_fastai")
-    except UserError as e:
-        if debug: raise
-        print(f"error: {e.message(spell)}", file=sys.stderr)
-        for fix, command in getattr(e, "fix_notes", []): print(fix.replace("{command}", f"`{spell(command)}`"), file=sys.stderr)
-        sys.exit(2)
-    except RunInterrupted as e:  # the library marked the run folder and says how to go on
-        if debug: raise
-        print(f"interrupted: {e.message(spell)}", file=sys.stderr)
-        sys.exit(130)
-    except KeyboardInterrupt:
-        if debug: raise
-        sys.exit(130)  # the shell's code for Ctrl-C; the run folder says what happened
-    finally:
-        if old is not None: signal.signal(signal.SIGTERM, old)
-
-
 def main(argv=None):
     "Entry point of `python -m covid_fastai`."
-    _fire(Commands, list(sys.argv[1:] if argv is None else argv))
+    fire_command(Commands, list(sys.argv[1:] if argv is None else argv))
 
 
 def script_main(recipe, argv=None):
@@ -439,11 +326,11 @@ def script_main(recipe, argv=None):
     from .train import run
     from .recipes import with_overrides
 
-    @_bools_by_type
+    @bools_by_type
     def _run(out: str | None = None, resume: str | None = None, export: bool = False, track: str | None = None,
              **overrides):
         if resume is not None:  # the same options as `python -m covid_fastai recipe NAME`
             return _resume_as(recipe.name, run_dir=resume, export=export, out=out, overrides=overrides, track=track)
         print(run_summary(run(with_overrides(recipe, **overrides), out=out, export=export, track=track)))
 
-    _fire(_run, list(sys.argv[1:] if argv is None else argv))
+    fire_command(_run, list(sys.argv[1:] if argv is None else argv))

@@ -6,6 +6,7 @@ traceback. A fix that is a library command carries it as a `Command`: the CLI sp
 """
 from __future__ import annotations
 
+import shlex
 from typing import NamedTuple
 
 __all__ = ["Command", "UserError", "DataError", "RecipeError", "RunFolderError", "ModelFileError",
@@ -19,9 +20,14 @@ class Command(NamedTuple):
     options: tuple = ()  # (flag, value) pairs, e.g. (("data", "DIR"),)
     function: str = ""   # the Python function where its name is not the command's (`list` -> `list_recipes`)
 
-    def __str__(self):  # the Python spelling; cli.py has the shell one
+    def __str__(self):  # the Python spelling
         opts = [f"{k}={v!r}" for k, v in self.options]
         return f"{self.function or self.name}({', '.join([*map(repr, map(str, self.args)), *opts])})"
+
+    def shell(self) -> str:
+        "As a shell runs it: `python -m covid_fastai NAME ARGS --opt VALUE` (the one shell spelling; the CLI's)."
+        opts = [f"--{k}" if v is None or v is True else f"--{k} {shlex.quote(str(v))}" for k, v in self.options]
+        return " ".join(["python -m covid_fastai", self.name, *(shlex.quote(str(a)) for a in self.args), *opts])
 
 
 def recipe_command(name: str) -> Command:

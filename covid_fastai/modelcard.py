@@ -63,11 +63,6 @@ def _command(argv) -> str:
     return ""
 
 
-def _spell(command: Command) -> str:
-    from .cli import spell  # the one shell spelling of a library command
-    return spell(command)
-
-
 def _intended_use(config: dict) -> list[str]:
     synthetic = config["data"].get("synthetic")
     L = ["## Intended use", ""]
@@ -194,7 +189,7 @@ def _limitations(config: dict, metrics: dict, labels, run_dir: Path) -> list[str
                  + (f", {len(flags)} flag(s): " + "; ".join(flags) if flags else ", no flag raised") + ".")
     elif not config["data"].get("synthetic"):
         L.append("- No shortcut audit has been run for this model: "
-                 f"`{_spell(Command('audit', (str(run_dir),), (('data', config['data']['path']),)))}`.")
+                 f"`{Command('audit', (str(run_dir),), (('data', config['data']['path']),)).shell()}`.")
     n = metrics.get("n", 0)
     if n and n < 500:
         L.append(f"- Scored on {n} images only: the intervals above are wide, and small subgroups are wider still.")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from .errors import Command
 from .report import SYNTHETIC_BANNER, write_html
 
 __all__ = ["trials_frame", "write_tune_report"]
@@ -138,7 +139,7 @@ def write_tune_report(tune_dir, plan: dict, study) -> Path:
                                         f"trial{', cluster ' + eng['address'] if eng['address'] else ', local Ray'})"
                                         if eng["kind"] == "ray" else " (trials one after another)") +
           f"; storage `study.db` (SQLite), sampler TPE (seed {plan['seed']})",
-          f"- Continue a stopped tune with `python -m covid_fastai resume {tune_dir}`", "",
+          f"- Continue a stopped tune with `{Command('resume', (str(tune_dir),)).shell()}`", "",
           f"## Search space ({plan['space_from']})", "", "| field | kind | range |", "|---|---|---|", space, ""]
     done = df[df["state"] == "COMPLETE"] if len(df) else df
     if len(done):
