@@ -149,7 +149,7 @@ def bench1(quick):
 
 def bench2(quick):
     from covid_fastai.recipes import load_recipe, with_overrides
-    from covid_fastai.train import recipe_learner
+    from covid_fastai.learner import recipe_learner
     from covid_fastai.callbacks import TrainThroughput
     rows = ["| model | batch | pure train step img/s | end-to-end epoch img/s (real data, loading included) | ratio | target |",
             "|---|---|---|---|---|---|"]

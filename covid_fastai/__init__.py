@@ -18,25 +18,28 @@ _JIT_DEPRECATION = ("ignore", re.compile(r".*torch\.jit\.script.*is deprecated",
 _jit_filter_added = _JIT_DEPRECATION not in warnings.filters
 if _jit_filter_added: warnings.filters.insert(0, _JIT_DEPRECATION)
 
-from .errors import *  # noqa: E402,F401,F403
-from .images import open_xray, scan_images, UnreadableImage  # noqa: E402,F401
-from .data import *  # noqa: E402,F401,F403
-from .demo import demo_data, make_demo_data  # noqa: E402,F401
-from .models import *  # noqa: E402,F401,F403
-from .plans import *  # noqa: E402,F401,F403
-from .recipes import *  # noqa: E402,F401,F403
-from .callbacks import *  # noqa: E402,F401,F403
-from .interpret import *  # noqa: E402,F401,F403
-from .rundir import *  # noqa: E402,F401,F403
-from .learner import *  # noqa: E402,F401,F403
-from .checkpoint import EpochCheckpoint  # noqa: E402,F401
-from .export import load_export  # noqa: E402,F401
-from .train import *  # noqa: E402,F401,F403
-from .evaluate import evaluate_run, predict_run  # noqa: E402,F401
-from .sweep import compare_runs, resume_sweep, run_sweep  # noqa: E402,F401
-from .audit import audit_data, audit_run  # noqa: E402,F401
-from .cv import plan_cv, run_cv  # noqa: E402,F401
-from .modelcard import model_card, write_model_card  # noqa: E402,F401
-
-if _jit_filter_added: warnings.filters.remove(_JIT_DEPRECATION)
+try:  # the filter comes off however the imports end (a broken optional install must not leave it behind)
+    from .errors import *  # noqa: E402,F401,F403
+    from .images import open_xray, scan_images, UnreadableImage  # noqa: E402,F401
+    from .augment import *  # noqa: E402,F401,F403
+    from .data import *  # noqa: E402,F401,F403
+    from .labels import read_labels, read_labels_csv  # noqa: E402,F401
+    from .demo import demo_data, make_demo_data  # noqa: E402,F401
+    from .models import *  # noqa: E402,F401,F403
+    from .plans import *  # noqa: E402,F401,F403
+    from .recipes import *  # noqa: E402,F401,F403
+    from .callbacks import *  # noqa: E402,F401,F403
+    from .interpret import *  # noqa: E402,F401,F403
+    from .rundir import *  # noqa: E402,F401,F403
+    from .learner import *  # noqa: E402,F401,F403
+    from .checkpoint import EpochCheckpoint  # noqa: E402,F401
+    from .export import load_export  # noqa: E402,F401
+    from .train import *  # noqa: E402,F401,F403
+    from .evaluate import evaluate_run, predict_run  # noqa: E402,F401
+    from .sweep import compare_runs, resume_sweep, run_sweep  # noqa: E402,F401
+    from .audit import audit_data, audit_run  # noqa: E402,F401
+    from .cv import plan_cv, run_cv  # noqa: E402,F401
+    from .modelcard import model_card, write_model_card  # noqa: E402,F401
+finally:
+    if _jit_filter_added: warnings.filters.remove(_JIT_DEPRECATION)
 del _jit_filter_added

@@ -187,7 +187,8 @@ def _frozen_features(folders: XrayFolders, arch: str, size: int, pretrained: boo
     kept in the feature cache under a key of everything they depend on (`features.feature_cache_key`)."""
     from safetensors.torch import load_file, save_file
     from .cache import cache_dir
-    from .data import make_aug, xray_dls
+    from .augment import make_aug
+    from .data import xray_dls
     from .features import body_features, feature_cache_key, split_head
     from .files import atomic_path
     from .models import xray_learner
@@ -307,4 +308,7 @@ def audit_run(run_dir, data, out=None) -> Path:
     findings, preds = run_audit(run_dir, resolve_data(str(data)))
     out_dir = new_run_dir(Path(out) if out else Path(run_dir), "audits")
     write_run_audit(out_dir, findings, preds)
+    if out is None:  # the run's model card names its audits: write it again with this one
+        from .modelcard import write_model_card
+        write_model_card(run_dir)
     return out_dir

@@ -10,7 +10,7 @@ from fastai.vision.all import PILImage, RandTransform
 
 from .errors import RecipeError
 
-__all__ = ["XrayAugment", "SeedAug", "AUGMENTATIONS", "make_aug", "ASSIGNMENT_RESIZE_RATIO", "SEED_RESIZE_RATIO"]
+__all__ = ["XrayAugment", "AUGMENTATIONS", "make_aug", "ASSIGNMENT_RESIZE_RATIO"]
 
 
 class TorchvisionTfm(RandTransform):
@@ -34,7 +34,6 @@ class TorchvisionTfm(RandTransform):
 
 
 ASSIGNMENT_RESIZE_RATIO = 256 / 224  # the assignment's Resize 256 before its 224 crops
-SEED_RESIZE_RATIO = ASSIGNMENT_RESIZE_RATIO  # former name
 
 
 @dataclass(frozen=True)
@@ -72,7 +71,6 @@ class XrayAugment:
         return [TorchvisionTfm(tail(self.train_tfm()), tail(self.eval_tfm()))]
 
 
-SeedAug = XrayAugment  # former name: it builds every policy's pipeline, not only the assignment's
 
 # Named augmentation policies a recipe or `--aug` can pick. 'seed' is the assignment's (its seed notebook's)
 # pipeline: the name is recorded in every run's config.json and in feature-cache keys, so it stays.

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .errors import Command, DataError, RecipeError, RunFolderError
 from .shell import bools_by_type, fire_command, spell  # noqa: F401 (spell: the shell spelling, for callers)
-from .train import run_summary
+from .rundir import run_summary
 
 __all__ = ["main", "script_main", "Commands", "spell"]
 
@@ -91,7 +91,7 @@ class Commands:
           limit: longest list printed per kind of problem (0: all)
         """
         from .check import check_data
-        from .train import resolve_data
+        from .learner import resolve_data
         try: n = int(limit)
         except (TypeError, ValueError): n = -1
         if n < 0 or str(n) != str(limit).strip():
@@ -296,7 +296,7 @@ def _resume_tune_as(recipe, tune_dir, overrides):
     name = json.loads(f.read_text()).get("name") if f.is_file() else None
     if recipe and name and Path(str(recipe)).stem != name:
         raise RunFolderError(f"{tune_dir} is a tune of recipe {name!r}, not {recipe!r}", "use {command}",
-                             path=tune_dir, command=Command("resume", (str(tune_dir),)))
+                             path=tune_dir, command=Command("resume", (str(tune_dir),), function="resume_tune"))
 
 
 def _print_comparison(md: Path):

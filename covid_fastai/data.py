@@ -20,14 +20,13 @@ from fastai.vision.all import (CategoryBlock, DataBlock, FuncSplitter, IntToFloa
                                Transform, TransformBlock, parent_label)
 from PIL import Image
 
-from .augment import (AUGMENTATIONS, ASSIGNMENT_RESIZE_RATIO, SEED_RESIZE_RATIO, SeedAug, XrayAugment,  # noqa: F401
-                      make_aug)
-from .errors import Command, DataError
+from .augment import XrayAugment
+from .errors import DataError
 from .images import UnreadableImage, get_xray_files, open_xray, scan_images
-from .labels import join_labels, read_labels, read_labels_csv  # noqa: F401  (read_labels_csv: former home)
+from .labels import join_labels, read_labels
 
-__all__ = ["XrayFolders", "find_xray_folders", "XrayAugment", "SeedAug", "AUGMENTATIONS", "xray_datablock",
-           "xray_dls", "SYNTHETIC_MARKER", "DATA_VIEW", "SkippedImagesWarning", "read_labels_csv"]
+__all__ = ["XrayFolders", "find_xray_folders", "xray_datablock", "xray_dls", "SYNTHETIC_MARKER", "DATA_VIEW",
+           "SkippedImagesWarning"]
 
 VALID_NAMES = ("valid", "validation", "val")
 SYNTHETIC_MARKER = "SYNTHETIC.txt"  # present at the root of generated (non-real) data sets
@@ -156,8 +155,7 @@ class DecodeOnce(Transform):
                 im = open_xray(fn, min_side=self.resize.size)  # 8-bit grayscale whatever the file holds
             except UnreadableImage as e:  # readable at the pre-scan, so it changed during the run
                 raise DataError(f"{fn} became unreadable during the run ({e})",
-                                "restore it, or remove it and resume with {command}", path=fn,
-                                command=Command("resume", ("RUN_DIR",))) from None
+                                "restore it, or remove it, then resume the run", path=fn) from None
             arr = np.asarray(self.resize(im))
             _remember(key, arr)
         return PILImage(Image.fromarray(arr))

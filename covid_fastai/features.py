@@ -163,7 +163,7 @@ class SwitchView(Callback):
 
 def _compute_or_load(learn, recipe, pre_pool, views: int, bf16: bool) -> tuple[dict, bool]:
     "The cached tensors {'train_<v>', 'train_<v>_y', 'valid', 'valid_y', 'buffer.<name>'}, and whether from disk."
-    from .data import make_aug
+    from .augment import make_aug
     aug = make_aug(recipe.aug, recipe.size, recipe.resize)
     bn_train = not recipe.bn_freeze  # BnFreeze keeps frozen BatchNorm in eval mode: features then depend on nothing else
     key = feature_cache_key(recipe.arch, learn.weights_provenance.get("sha256"), learn.dls.train.items,

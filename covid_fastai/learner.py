@@ -8,7 +8,8 @@ from fastcore.meta import delegates
 from fastai.vision.all import set_seed
 
 from .callbacks import BF16Autocast, ChannelsLast, bf16_supported
-from .data import find_xray_folders, make_aug, xray_dls
+from .augment import make_aug
+from .data import find_xray_folders, xray_dls
 from .demo import demo_data
 from .labels import fine_label_getter
 from .models import xray_learner

@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from .errors import Command
+from .files import write_atomic
 from .labels import read_labels_csv
 
 __all__ = ["write_model_card", "model_card", "MODEL_CARD"]
@@ -242,5 +243,5 @@ def model_card(run_dir, config: dict | None = None, metrics: dict | None = None)
 def write_model_card(run_dir, config: dict | None = None, metrics: dict | None = None) -> Path:
     "Write `RUN_DIR/model_card.md` (see `model_card`); returns its path."
     out = Path(run_dir) / MODEL_CARD
-    out.write_text(model_card(run_dir, config, metrics))
+    write_atomic(out, model_card(run_dir, config, metrics))
     return out

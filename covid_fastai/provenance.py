@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .data import make_aug, patients_of
+from .augment import make_aug
+from .data import patients_of
 from .fit import momentum_used
 from .recipes import Recipe
 

@@ -136,7 +136,7 @@ def _carry_on(sweep_dir: Path, manifest: dict, cbs, tracking: Tracking, fresh: b
     items, root = manifest["runs"], Path(manifest["out"])
 
     def save(): write_json(sweep_dir / SWEEP_FILE, manifest)
-    go_on = Command("resume", (str(sweep_dir),))
+    go_on = Command("resume", (str(sweep_dir),), function="resume_sweep")
     busy = RunFolderError(f"{sweep_dir} is in use by another process (a sweep or resume still going)",
                           "wait for it or stop it first", path=sweep_dir)
     with folder_lock(sweep_dir, busy):

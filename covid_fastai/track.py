@@ -143,7 +143,7 @@ class Tracking:
     def _warn(self, e: Exception):
         self.failed = one_line(e)
         print(f"warning: MLflow logging stopped ({self.failed}); the run goes on, and "
-              f"{Command('track', (str(self.rd.path),))} imports it once finished", flush=True)
+              f"{Command('track', (str(self.rd.path),), function='import_folders')} imports it once finished", flush=True)
 
     def open_run(self):
         "Open (or continue) the run's MLflow run, log its params and record its id in config.json."
@@ -182,7 +182,7 @@ class Tracking:
         if not self.run_id or self.failed:
             if self.run_id:
                 with contextlib.suppress(Exception): self.mlflow.end(self.run_id, "FAILED")
-            return print(f"warning: the run is not (wholly) in MLflow; {Command('track', (str(rd.path),))} imports "
+            return print(f"warning: the run is not (wholly) in MLflow; {Command('track', (str(rd.path),), function='import_folders')} imports "
                          "it", flush=True)
         try:
             log_finished(self.mlflow, self.run_id, rd)
@@ -195,6 +195,7 @@ def import_folders(paths, uri: str | None = None) -> list[str]:
     returns one line per folder saying where it went."""
     from .sweep import SWEEP_FILE
     if importlib.util.find_spec("mlflow") is None: raise MissingExtra("mlflow", "track", "`track`")
+    if isinstance(paths, (str, Path)): paths = [paths]  # one folder, as the advice `import_folders('RUN')` reads
     if not paths: raise RunFolderError("track needs run or sweep folders, e.g. outputs/vgg16_head/20260101-120000")
     stores, lines = {}, []
 

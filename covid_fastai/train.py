@@ -24,19 +24,18 @@ from safetensors.torch import save_file
 from .callbacks import HistoryCSV, OneClassWarning, TrainThroughput, plain_epoch_log
 from .checkpoint import EpochCheckpoint, load_checkpoint, restore_fit_state
 from .data import XrayFolders
-from .errors import Command, RunFolderError, RunInterrupted, recipe_command
-from .export import export_learner, load_export  # noqa: F401 (load_export: imported from here by callers)
+from .errors import Command, RunFolderError, RunInterrupted, UserError, note_fix, recipe_command
+from .export import export_learner
 from .fit import deterministic, find_lr, fit_recipe, fitting_learner
 from .interpret import Evaluation, plot_curves, write_evaluation
-from .learner import folders_learner, recipe_learner, resolve_data  # noqa: F401 (re-exported for callers)
+from .learner import recipe_learner
 from .metrics import binary_metrics, choose_threshold
 from .modelcard import write_model_card
 from .progress import interactive, phase, phase_lines
 from .provenance import run_facts
 from .recipes import Recipe, load_recipe, with_overrides
 from .report import SYNTHETIC_BANNER, write_html, write_report
-from .rundir import (CHECKPOINT, OUTPUTS, RunDir, new_run_dir, one_line,  # noqa: F401 (re-exported for callers)
-                     recipe_from_config, run_summary)
+from .rundir import CHECKPOINT, OUTPUTS, RunDir, one_line
 from .track import Tracking
 
 __all__ = ["run", "run_recipe", "resume"]
@@ -135,6 +134,8 @@ def _run_in(r: _Run):
         raise err from None
     except BaseException as e:
         rd.mark("failed", error=one_line(e))
+        if isinstance(e, UserError) and rd.checkpoint.exists():  # the user fixes it, then the run goes on
+            note_fix(e, f"{rd.path} keeps its finished epochs: continue it with {{command}}", rd.resume_command)
         raise
 
 

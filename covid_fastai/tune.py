@@ -163,7 +163,7 @@ def _carry_on(tune_dir: Path, plan: dict, pruner, cbs) -> Path:
     from .tune_report import write_tune_report
     busy = RunFolderError(f"{tune_dir} is in use by another process (a tune or resume still going)",
                           "wait for it or stop it first", path=tune_dir)
-    go_on = Command("resume", (str(tune_dir),))
+    go_on = Command("resume", (str(tune_dir),), function="resume_tune")
 
     def save(): write_json(tune_dir / TUNE_FILE, plan)
     with folder_lock(tune_dir, busy):

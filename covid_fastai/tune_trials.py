@@ -20,7 +20,7 @@ from fastai.callback.core import Callback
 from fastai.learner import Recorder
 from fastai.metrics import AccumMetric, ActivationType
 
-from .errors import RecipeError
+from .errors import MissingExtra, RecipeError
 from .metrics import positive_view
 from .plans import Plan
 from .recipes import Recipe, with_overrides
@@ -34,13 +34,12 @@ METRICS = ("roc_auc", "accuracy", "balanced_accuracy", "pr_auc", "sens_at_spec95
 
 
 def need_optuna():
-    "optuna and its fastai integration, or a one-line RecipeError naming the extra to install."
+    "optuna and its fastai integration, or a one-line MissingExtra naming the extra to install."
     try:
         import optuna
         import optuna_integration.fastaiv2  # noqa: F401 (needs fastai: fails here, not in trial 1)
     except ImportError as e:
-        raise RecipeError(f"tune needs the optional package {e.name or 'optuna'} (Optuna and optuna-integration)",
-                          'install it with pip install -e ".[tune]"') from None
+        raise MissingExtra(e.name or "optuna", "tune", "tune") from None
     return optuna
 
 
@@ -192,11 +191,11 @@ def _worker(tune_dir: str, n: int, threads: int, worker: int):  # one Ray task: 
 
 
 def need_ray():
-    "ray, or a one-line RecipeError naming the extra to install."
+    "ray, or a one-line MissingExtra naming the extra to install."
     try:
         import ray
     except ImportError:
-        raise RecipeError("--engine ray needs the optional package ray", 'install it with pip install -e ".[dist]"') from None
+        raise MissingExtra("ray", "dist", "--engine ray") from None
     return ray
 
 

@@ -162,7 +162,9 @@ def test_comparison_table_carries_the_runs_newest_audit(planted, planted_run):
     def row(): return sweep_row(planted_run, *(json.loads((planted_run / f).read_text())
                                               for f in ("config.json", "metrics.json")))
     assert not [k for k in row() if k.startswith("audit:")]  # no audit in the run folder yet: no columns
-    m = findings(audit_run(planted_run, planted))  # the default: RUN_DIR/audits/<stamp>/
+    d = audit_run(planted_run, planted)  # the default: RUN_DIR/audits/<stamp>/
+    m = findings(d)
+    assert f"audits/{d.name}/audit.md" in (planted_run / "model_card.md").read_text()  # the card names it
     lungs = next(o for o in m["occlusion"] if o["condition"] == "lung region masked")
     r = row()
     assert (r["audit: mean within-source AUC"], r["audit: AUC with lungs masked"], r["audit: flags"]) == \

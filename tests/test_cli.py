@@ -333,7 +333,7 @@ def test_every_option_reads_back_its_own_default():
 def test_policy_seed_is_the_assignment_policy_under_its_former_name():
     import dataclasses
     from covid_fastai.recipes import ASSIGNMENT_POLICY, SEED_POLICY, load_recipe, with_overrides
-    from covid_fastai.train import recipe_from_config
+    from covid_fastai.rundir import recipe_from_config
     rec = load_recipe("vgg16_head")
     assert SEED_POLICY is ASSIGNMENT_POLICY and rec.policy == "assignment"
     modern = with_overrides(rec, policy="modern")

@@ -280,7 +280,7 @@ def test_report_html_renders_in_headless_chromium(run_dir, tmp_path):
 def test_evaluation_uses_the_geometry_the_run_used(run_dir, tmp_path):
     "config.json records the short side; evaluate/resume rebuild with it; older configs (none recorded) used 256/224."
     from covid_fastai.evaluate import load_run
-    from covid_fastai.train import recipe_from_config
+    from covid_fastai.rundir import recipe_from_config
     _, cfg, rec = load_run(run_dir)
     assert cfg["data"]["resize"] == rec.resize == round(64 * 256 / 224)  # seed augmentation at 64 px
     xray = {**cfg, "recipe": {**cfg["recipe"], "aug": "xray"}, "data": {**cfg["data"], "resize": 64}}

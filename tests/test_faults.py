@@ -26,7 +26,9 @@ from safetensors.torch import load_file
 from covid_fastai.cli import main
 from covid_fastai.errors import Command, RunFolderError, RunInterrupted, UserError, recipe_command
 from covid_fastai.rundir import RunDir
-from covid_fastai.train import CHECKPOINT, load_export, new_run_dir, resume, run_recipe
+from covid_fastai.export import load_export
+from covid_fastai.rundir import CHECKPOINT, new_run_dir
+from covid_fastai.train import resume, run_recipe
 from test_images import gradient, write_dicom
 
 ROOT = Path(__file__).resolve().parents[1]

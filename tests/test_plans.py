@@ -6,7 +6,7 @@ import pytest
 from covid_fastai import plans
 from covid_fastai.errors import UserError
 from covid_fastai.recipes import load_recipe, recipe_files, with_overrides
-from covid_fastai.train import recipe_learner
+from covid_fastai.learner import recipe_learner
 
 HEAD = {"head.2.weight", "head.2.bias", "head.5.weight", "head.5.bias"}
 VGG_CONVS = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)

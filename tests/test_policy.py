@@ -9,11 +9,12 @@ from fastai.vision.all import BnFreeze, Callback, Learner, LabelSmoothingCrossEn
 from torch import nn
 from torchvision import transforms as T
 
-from covid_fastai.data import make_aug
+from covid_fastai.augment import make_aug
 from covid_fastai.errors import UserError
 from covid_fastai.features import feature_cache_key
 from covid_fastai.recipes import MODERN_POLICY, SEED_POLICY, load_recipe, with_overrides
-from covid_fastai.train import recipe_learner, run
+from covid_fastai.learner import recipe_learner
+from covid_fastai.train import run
 
 
 def _tiny(tiny_data, name, **kw):
@@ -166,7 +167,7 @@ def test_one_cycle_momentum_cycles_unless_mom_is_given(tiny_data, tmp_path):
     assert json.loads((d / "config.json").read_text())["momentum"] == "0.8 (constant)"
     from covid_fastai.report import _momentum  # runs recorded before "momentum" existed always cycled
     assert _momentum({"recipe": {"schedule": "one_cycle", "mom": 0.9}}).startswith("0.95→0.85→0.95")
-    from covid_fastai.train import recipe_from_config  # and resume such a run the same way
+    from covid_fastai.rundir import recipe_from_config  # and resume such a run the same way
     cfg = json.loads((d / "config.json").read_text())
     assert recipe_from_config(cfg).mom == 0.8
     del cfg["momentum"]

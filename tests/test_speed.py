@@ -10,11 +10,13 @@ import torch
 
 import covid_fastai.features as F
 import covid_fastai.learner as L
+from covid_fastai.augment import make_aug
 from covid_fastai.callbacks import BF16Autocast, ChannelsLast, bf16_supported
 from covid_fastai.errors import UserError
 from covid_fastai.features import use_feature_cache
 from covid_fastai.recipes import cache_mode, load_recipe, with_overrides
-from covid_fastai.train import recipe_learner, run_recipe
+from covid_fastai.learner import recipe_learner
+from covid_fastai.train import run_recipe
 
 TINY = dict(pretrained=False, size=32, bs=8)
 
@@ -185,7 +187,7 @@ def test_decode_once_cache(tiny_data, tmp_path, monkeypatch):
     opened = []
     real_open = Image.open
     monkeypatch.setattr(D.Image, "open", lambda fp, *a, **k: (opened.append(str(fp)), real_open(fp, *a, **k))[1])
-    dls = D.xray_dls(f, D.make_aug("seed", 32), bs=8)
+    dls = D.xray_dls(f, make_aug("seed", 32), bs=8)
     for _ in range(2): list(dls.train)
     assert sorted(set(opened)) == sorted(map(str, f.files("train"))) and len(opened) == 24  # once each
     assert all(v.dtype == np.uint8 and v.ndim == 2 and min(v.shape) == 37 for v in D._DECODED.values())
@@ -202,7 +204,7 @@ def test_decoded_eval_pipeline_equals_the_seeds(tiny_data):
 
     from covid_fastai import data as D
     f = D.find_xray_folders(tiny_data)
-    dls = D.xray_dls(f, D.make_aug("seed", 32), bs=4)
+    dls = D.xray_dls(f, make_aug("seed", 32), bs=4)
     xb = dls.valid.one_batch()[0]
     ref = TV.Compose([TV.Resize(37), TV.CenterCrop(32), TV.PILToTensor()])
     for i, fn in enumerate(dls.valid.items[:4]):

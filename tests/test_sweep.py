@@ -19,7 +19,7 @@ from covid_fastai.cli import main
 from covid_fastai.errors import Command, RunInterrupted
 from covid_fastai.report import sweep_row
 from covid_fastai.sweep import SWEEP_FILE, compare_runs, resume_sweep, run_sweep
-from covid_fastai.train import CHECKPOINT
+from covid_fastai.rundir import CHECKPOINT
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(pretrained=False, size=32, bs=8)
@@ -66,9 +66,9 @@ def test_interrupted_sweep_resumes_where_it_stopped(tiny_data, tmp_path, capsys)
     # the table so far: the finished run only, and the title says so
     assert [r["recipe"] for r in rows(sweep)] == ["resnet18_head"]
     assert "1 of 2 runs finished" in (sweep / "comparison.md").read_text()
-    assert e.value.command == Command("resume", (str(sweep),))  # the CLI spells it `python -m covid_fastai resume`
+    assert e.value.command == Command("resume", (str(sweep),), function="resume_sweep")  # the CLI spells it `python -m covid_fastai resume`
     assert e.value.message() == (f"{sweep} is marked incomplete; the sweep has 1 of 2 runs finished; continue it "
-                                 f"with `resume('{sweep}')`")
+                                 f"with `resume_sweep('{sweep}')`")
     capsys.readouterr()
 
     before = (first / "metrics.json").stat().st_mtime_ns

@@ -287,6 +287,6 @@ def test_mlflow_failing_mid_run_does_not_stop_it(tracked, tmp_path, capsys):
         t.log_epoch({"valid_loss": 0.4}, 1)  # no second warning, no second try
     out = capsys.readouterr().out.splitlines()
     assert out[0] == (f"warning: MLflow logging stopped (ConnectionError: server went away); the run goes on, and "
-                      f"track('{tmp_path}') imports it once finished")
+                      f"import_folders('{tmp_path}') imports it once finished")
     assert len(out) == 2 and "imports it" in out[1] and FlakyStore.ended == ["FAILED"]
     assert json.loads((tmp_path / "config.json").read_text())["tracking"]["mlflow"]["run_id"] == "r1"
