@@ -164,6 +164,16 @@ _HINTS = field_hints(Recipe)
 OVERRIDABLE = [f.name for f in dataclasses.fields(Recipe) if FIXED not in getattr(_HINTS[f.name], "__metadata__", ())]
 
 
+def recipe_from_dict(d: dict) -> Recipe:
+    """The Recipe that `dataclasses.asdict` wrote to JSON (sweep.json, tune.json, config.json): the plan's tuple
+    comes back as a list, and fields this version's Recipe lacks are dropped."""
+    d = dict(d)
+    p = d.pop("plan")
+    fields = {f.name for f in dataclasses.fields(Recipe)} - {"plan"}
+    return Recipe(plan=plans.Plan(p["kind"], tuple(p.get("patterns") or ()), p.get("n")),
+                  **{k: v for k, v in d.items() if k in fields})
+
+
 def with_overrides(recipe: Recipe, **overrides) -> Recipe:
     """A copy of `recipe` with command-line style overrides checked and applied (`epochs='3'` works); each is read
     as its field's type says (covid_fastai.options.parse_value).

@@ -15,8 +15,7 @@ from pathlib import Path
 from .errors import Command, RunFolderError
 from .files import folder_lock, write_json
 from .fit import mom_trained_with
-from .plans import Plan
-from .recipes import Recipe
+from .recipes import Recipe, recipe_from_dict
 
 __all__ = ["OUTPUTS", "CHECKPOINT", "CONFIG", "RunDir", "new_run_dir", "run_status", "recipe_from_config", "open_unfinished",
            "run_summary"]
@@ -83,16 +82,10 @@ def open_unfinished(folder, manifest: str, what: str, example: str, summary) -> 
 def recipe_from_config(config: dict) -> Recipe:
     "The exact `Recipe` a run used, from its config.json (its data path as recorded, absolute)."
     from .augment import ASSIGNMENT_RESIZE_RATIO
-    r = dict(config["recipe"])
-    p = r.pop("plan")
-    plan = Plan(p["kind"], tuple(p.get("patterns") or ()), p.get("n"))
-    fields = {f.name for f in dataclasses.fields(Recipe)} - {"plan"}
-    r = {k: v for k, v in r.items() if k in fields}
-    r["data"] = config["data"]["path"]
-    if r.get("resize") is None:  # the short side the run used; runs before it was recorded all used size*256/224
-        r["resize"] = config["data"].get("resize") or round(r.get("size", 224) * ASSIGNMENT_RESIZE_RATIO)
-    r["mom"] = mom_trained_with(config)
-    return Recipe(plan=plan, **r)
+    rec = recipe_from_dict(config["recipe"])
+    # the short side the run used; runs before it was recorded all used size*256/224
+    resize = rec.resize or config["data"].get("resize") or round(rec.size * ASSIGNMENT_RESIZE_RATIO)
+    return dataclasses.replace(rec, data=config["data"]["path"], resize=resize, mom=mom_trained_with(config))
 
 
 def run_summary(run_dir) -> str:

@@ -28,8 +28,7 @@ from pathlib import Path
 from .errors import Command, RecipeError, RunFolderError, RunInterrupted, note_fix
 from .files import folder_lock, write_json
 from .learner import resolve_data
-from .plans import Plan
-from .recipes import Recipe, match_recipes, with_overrides
+from .recipes import Recipe, match_recipes, recipe_from_dict, with_overrides
 from .report import sweep_row, write_sweep
 from .rundir import CHECKPOINT, OUTPUTS, new_run_dir, open_unfinished, run_status, run_summary
 from .track import Tracking
@@ -55,13 +54,6 @@ def plan_sweep(pattern: str, policies: str | None = None, **overrides) -> list[R
             for p in pols]
     # the plan is resumed from other folders and sessions: pin the data folder
     return [r if r.data == "demo" else dataclasses.replace(r, data=str(resolve_data(r.data))) for r in recs]
-
-
-def _recipe_from_json(d: dict) -> Recipe:
-    "The exact Recipe that `dataclasses.asdict` wrote to sweep.json (JSON turns the plan's tuple into a list)."
-    d = dict(d)
-    p = d.pop("plan")
-    return Recipe(plan=Plan(p["kind"], tuple(p.get("patterns") or ()), p.get("n")), **d)
 
 
 def _row(run_dir) -> dict:
@@ -146,7 +138,7 @@ def _carry_on(sweep_dir: Path, manifest: dict, cbs, tracking: Tracking, fresh: b
         tracking.open_sweep(sweep_dir, manifest, save)  # MLflow: the parent of the runs
         try:
             for i, item in enumerate(items):
-                rec, d = _recipe_from_json(item["recipe"]), item["run_dir"]
+                rec, d = recipe_from_dict(item["recipe"]), item["run_dir"]
                 tag = f"[{i + 1}/{len(items)}] {rec.name} ({rec.policy} policy)"
                 if item.get("tag"): tag += f", {item['tag']}"  # e.g. a cv's fold
                 if run_status(d) == "complete":

@@ -28,10 +28,10 @@ from pathlib import Path
 from .errors import Command, RecipeError, RunFolderError, RunInterrupted, note_fix
 from .files import folder_lock, write_json
 from .learner import resolve_data
-from .recipes import OVERRIDABLE, Recipe, load_recipe, with_overrides
+from .recipes import OVERRIDABLE, Recipe, load_recipe, recipe_from_dict, with_overrides
 from .rundir import OUTPUTS, new_run_dir, open_unfinished
 from .tune_trials import (METRICS, TUNE_FILE, EpochRocAuc, finished, load_study, need_optuna, need_ray,  # noqa: F401
-                          pruning_callback, run_ray, run_trials, storage, trial_recipe, _recipe_from_json)
+                          pruning_callback, run_ray, run_trials, storage, trial_recipe)
 
 __all__ = ["DEFAULT_SPACE", "TUNE_FILE", "METRICS", "tune", "resume_tune", "score_test_once", "recipe_space",
            "check_space", "EpochRocAuc", "pruning_callback", "need_optuna"]
@@ -207,7 +207,7 @@ def score_test_once(tune_dir: Path, plan: dict, study) -> dict:
     if not any(t.state.name == "COMPLETE" for t in study.get_trials(deepcopy=False)):
         return {"how": "none", "note": "no trial completed (all pruned or failed): nothing scored on test"}
     best = study.best_trial  # COMPLETE trials only
-    data = resolve_data(_recipe_from_json(plan["recipe"]).data)
+    data = resolve_data(recipe_from_dict(plan["recipe"]).data)
     how = plan["final_how"] if plan["final_how"] != "auto" else "rerun" if plan["proxy_overrides"] else "evaluate"
     out = {"how": how, "trial": best.number, "params": best.params, "valid": best.value}
     if how == "none": return {**out, "note": "not asked for (--final none): the test split was not scored"}

@@ -22,8 +22,7 @@ from fastai.metrics import AccumMetric, ActivationType
 
 from .errors import MissingExtra, RecipeError
 from .metrics import positive_view
-from .plans import Plan
-from .recipes import Recipe, with_overrides
+from .recipes import Recipe, recipe_from_dict, with_overrides
 from .rundir import RunDir, one_line
 
 __all__ = ["METRICS", "TUNE_FILE", "need_optuna", "storage", "load_study", "EpochRocAuc", "pruning_callback",
@@ -131,15 +130,9 @@ def load_study(tune_dir, plan: dict, pruner=None, worker: int = 0):
     return study
 
 
-def _recipe_from_json(d: dict) -> Recipe:
-    d = dict(d)
-    p = d.pop("plan")
-    return Recipe(plan=Plan(p["kind"], tuple(p.get("patterns") or ()), p.get("n")), **d)
-
-
 def trial_recipe(plan: dict, params: dict, proxies: bool = True) -> Recipe:
     "The recipe a trial runs: the tune's recipe, the trial's settings, and (proxies=True) the proxies on top."
-    return with_overrides(_recipe_from_json(plan["recipe"]), **params, **(plan["proxy_overrides"] if proxies else {}))
+    return with_overrides(recipe_from_dict(plan["recipe"]), **params, **(plan["proxy_overrides"] if proxies else {}))
 
 
 def objective(tune_dir: Path, plan: dict, cbs=()):

@@ -180,8 +180,9 @@ def test_sweep_row_gives_per_source_accuracy_and_the_roc_point(finished):
 
 def test_the_plan_holds_each_recipe_exactly():
     "sweep.json's recipes come back equal to the planned ones (plans with patterns, policies, overrides)."
-    from covid_fastai.sweep import _recipe_from_json, plan_sweep
+    from covid_fastai.recipes import recipe_from_dict
+    from covid_fastai.sweep import plan_sweep
     recs = plan_sweep("*", policies="seed,modern", epochs=3, data="demo")
     assert len(recs) > 10 and any(r.plan.patterns for r in recs)
     for r in recs:
-        assert _recipe_from_json(json.loads(json.dumps(dataclasses.asdict(r)))) == r
+        assert recipe_from_dict(json.loads(json.dumps(dataclasses.asdict(r)))) == r
