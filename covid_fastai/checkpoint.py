@@ -90,8 +90,11 @@ class EpochCheckpoint(FitOnlyCallback):
 
     @classmethod
     def of(cls, learn, fname, state: dict | None = None):
-        "The checkpoint callback for `learn`'s data (its digests computed now)."
-        return cls(fname, data_digest(learn), state, _targets_digest(learn))
+        """The checkpoint callback for `learn`'s data. Resuming, `state` was loaded by `load_checkpoint`, which
+        checked its digests against the data: they are reused rather than every image hashed again."""
+        data = state["data_digest"] if state else data_digest(learn)
+        targets = state.get("targets_digest") if state else None
+        return cls(fname, data, state, targets if targets is not None else _targets_digest(learn))
 
     def before_epoch(self):
         if self.state is not None and self.epoch == self.start_epoch: self._restore()
