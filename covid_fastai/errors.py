@@ -10,7 +10,7 @@ import shlex
 from typing import NamedTuple
 
 __all__ = ["Command", "UserError", "DataError", "RecipeError", "RunFolderError", "ModelFileError",
-           "WeightsUnavailable", "RunInterrupted", "note_fix", "recipe_command", "MissingExtra"]
+           "WeightsUnavailable", "RunInterrupted", "note_fix", "recipe_command", "MissingExtra", "first_line"]
 
 
 class Command(NamedTuple):
@@ -97,3 +97,8 @@ def note_fix(e: BaseException, fix: str, command: Command):
     note; the CLI prints it after the error line, with `{command}` spelt its way."""
     e.add_note(fix.replace("{command}", f"`{command}`"))
     e.fix_notes = [*getattr(e, "fix_notes", []), (fix, command)]
+
+
+def first_line(e: BaseException) -> str:
+    "An exception's first line (a parser's message can run over several), or its type name when it says nothing."
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

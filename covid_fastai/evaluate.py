@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from .data import XrayFolders
-from .errors import DataError, ModelFileError, RecipeError, RunFolderError, recipe_command
+from .errors import DataError, ModelFileError, RecipeError, RunFolderError, first_line, recipe_command
 from .files import write_json
 from .images import get_xray_files, scan_images
 from .interpret import Evaluation, cam_images, predictions_frame, write_evaluation
@@ -54,18 +54,15 @@ def run_learner(d: Path, cfg: dict, rec: Recipe, folders: XrayFolders, get_y=Non
     try:
         sd = load_file(f)
     except (SafetensorError, OSError) as e:  # truncated or overwritten: safetensors checks its header
-        raise ModelFileError(f"{f} is damaged ({_first_line(e)})", "restore it from a copy, or train the run again "
+        raise ModelFileError(f"{f} is damaged ({first_line(e)})", "restore it from a copy, or train the run again "
                              "with {command}", path=f, command=again) from None
     try:
         learn.model.load_state_dict(sd)
     except RuntimeError as e:
-        raise ModelFileError(f"{f} does not fit the run's recipe ({_first_line(e)})", path=f) from None
+        raise ModelFileError(f"{f} does not fit the run's recipe ({first_line(e)})", path=f) from None
     learn.model.to(learn.dls.device).eval()
     learn.remove_cb(ProgressCallback)  # one summary line per command; no redrawn bars in logs
     return learn
-
-
-def _first_line(e) -> str: return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 def _class_dirs(d: Path) -> dict:

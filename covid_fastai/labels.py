@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .errors import DataError
+from .errors import DataError, first_line
 
 __all__ = ["read_labels_csv", "index_labels", "read_labels", "join_labels", "relative_name", "fine_label_getter"]
 
@@ -32,7 +32,7 @@ def read_labels_csv(root) -> pd.DataFrame | None:
     try:
         df = pd.read_csv(f, dtype=str, keep_default_na=False)
     except (ValueError, OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{f} cannot be read as CSV ({_first_line(e)})", "fix or remove it", path=f) from None
+        raise DataError(f"{f} cannot be read as CSV ({first_line(e)})", "fix or remove it", path=f) from None
     if "file" not in df.columns:
         raise DataError(f"{f} has no 'file' column (columns: {', '.join(df.columns)})",
                         f"add one with image paths relative to {root}", path=f)
@@ -47,9 +47,6 @@ def read_labels_csv(root) -> pd.DataFrame | None:
         files.append(Path(rel).as_posix())
         paths.append(root / rel)
     return df.assign(file=files, path=paths)
-
-
-def _first_line(e) -> str: return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 def index_labels(rows: pd.DataFrame | None, f) -> pd.DataFrame | None:
