@@ -140,6 +140,16 @@ def test_shortcut_policy_trains_with_it_evaluates_without():
     assert tfm.tfm is tfm.valid and BorderErase not in [type(t) for t in tfm.valid.transforms]
 
 
+def test_shortcut_policy_without_scikit_image_names_the_extra(monkeypatch):
+    import sys
+    from covid_fastai.augment import make_aug
+    from covid_fastai.errors import MissingExtra
+    monkeypatch.setitem(sys.modules, "skimage.exposure", None)  # import fails as when it is not installed
+    with pytest.raises(MissingExtra, match=r'xray_shortcut.*scikit-image.*pip install -e "\.\[aug\]"'):
+        make_aug("xray_shortcut", 48)
+    make_aug("xray", 48)  # the other policies need nothing more
+
+
 # --- EMA -----------------------------------------------------------------------------------------------------------
 
 def test_ema_validates_and_keeps_the_average():
@@ -163,6 +173,24 @@ def test_ema_validates_and_keeps_the_average():
     assert all(torch.equal(final[k], v) for k, v in ema.ema.module.state_dict().items())
     assert any(not torch.equal(final[k], probe.last[k]) for k in final)  # ... not the last step's weights
     assert ema.step == 3 * len(learn.dls.train)
+
+
+def test_ema_resumes_its_average_and_sits_out_lr_find():
+    from fastai.test_utils import synth_learner
+    from covid_fastai.ema import WeightsEMA
+    first = WeightsEMA(0.9)
+    learn = synth_learner(n_trn=8, lr=0.1, cbs=[first])
+    learn.fit(2)
+    saved = first.state_dict()
+    again = WeightsEMA(0.9)
+    again.load_state_dict(saved)  # what restore_fit_state does with a checkpoint's "ema"
+    learn2 = synth_learner(n_trn=8, lr=0.1, cbs=[again])
+    learn2.fit(1)
+    assert again.step == saved["step"] + len(learn2.dls.train)  # the warmup goes on from where it was
+    probe = WeightsEMA(0.9)
+    learn3 = synth_learner(n_trn=8, lr=0.1, cbs=[probe])
+    learn3.lr_find(num_it=5, show_plot=False)
+    assert probe.ema is None  # lr_find's trial weights are never averaged
 
 
 # --- one run with all three, and its checkpoint -------------------------------------------------------------------
