@@ -35,7 +35,8 @@ def main():
         tfm = make_aug(name, 224).item_tfms()[0].train
         torch.manual_seed(0)
         lo, med = _min_median(lambda: [tfm(im).convert("RGB") for im in imgs])
-        print(f"augmentation {name}: {1000 * lo / len(imgs):.2f} / {1000 * med / len(imgs):.2f} ms per image (min / median)")
+        print(f"augmentation {name}: {1000 * lo / len(imgs):.2f} / {1000 * med / len(imgs):.2f} ms per image "
+              "(min / median)")
     m = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=2)
     e = ModelEmaV3(m, decay=0.999, use_warmup=True, warmup_power=0.75)
     step = [0]

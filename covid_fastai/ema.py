@@ -9,10 +9,16 @@ from __future__ import annotations
 
 from fastai.callback.schedule import LRFinder
 from timm.utils.model_ema import ModelEmaV3
+from torch import nn
 
 from .callbacks import FitOnlyCallback
 
 __all__ = ["WeightsEMA", "ema_callbacks"]
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    "The model inside a (Distributed)DataParallel wrapper (fastai's DistributedTrainer adds one in before_fit)."
+    return model.module if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else model
 
 
 class WeightsEMA(FitOnlyCallback):
@@ -28,7 +34,8 @@ class WeightsEMA(FitOnlyCallback):
     def before_fit(self):
         self.active = not any(isinstance(c, LRFinder) for c in self.learn.cbs)
         if not self.active: return
-        self.ema = ModelEmaV3(self.learn.model, decay=self.decay, use_warmup=True, warmup_power=self.warmup_power)
+        self.ema = ModelEmaV3(_unwrapped(self.learn.model), decay=self.decay, use_warmup=True,
+                              warmup_power=self.warmup_power)
         self.step = 0
         if self._resume is not None:
             self.ema.module.load_state_dict(self._resume["module"])
@@ -37,7 +44,7 @@ class WeightsEMA(FitOnlyCallback):
     def after_step(self):
         if not self.active: return
         self.step += 1
-        self.ema.update(self.learn.model, step=self.step)
+        self.ema.update(_unwrapped(self.learn.model), step=self.step)
 
     def before_validate(self):  # swap the average in: what the epoch's valid loss and metrics score
         if not self.active: return
@@ -45,10 +52,11 @@ class WeightsEMA(FitOnlyCallback):
         self.learn.model = self.ema.module.eval()
 
     def after_validate(self):
-        if self.active and getattr(self, "trained", None) is not None: self.learn.model, self.trained = self.trained, None
+        if self.active and getattr(self, "trained", None) is not None:
+            self.learn.model, self.trained = self.trained, None
 
     def after_fit(self):
-        if self.active: self.learn.model.load_state_dict(self.ema.module.state_dict())
+        if self.active: _unwrapped(self.learn.model).load_state_dict(self.ema.module.state_dict())
 
     def state_dict(self) -> dict:
         "What a checkpoint keeps: the averaged weights and the step count (the decay's warmup)."

@@ -134,7 +134,8 @@ def evaluate_ensemble(run_dirs, data, tta: bool | None = None, threshold=None, o
 
 
 def split_runs(args) -> tuple[list, list]:
-    "(run folders, the rest) of `predict ensemble RUN RUN ... IMAGES...`: runs are the leading folders with config.json."
+    """(run folders, the rest) of `predict ensemble RUN RUN ... IMAGES...`: the runs are the leading folders with a
+    config.json."""
     args = [str(a) for a in args]
     k = next((i for i, a in enumerate(args) if not (Path(a).expanduser() / "config.json").is_file()), len(args))
     return args[:k], args[k:]

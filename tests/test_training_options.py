@@ -235,7 +235,7 @@ def test_average_matches_items_by_file():
 def second_run(tiny_data, tmp_path_factory):
     from covid_fastai.train import run_recipe
     return run_recipe("resnet18_head", out=tmp_path_factory.mktemp("runs2"), data=str(tiny_data), epochs=1,
-                      pretrained=False, size=64, bs=8, lr=0.01, seed=7)
+                      pretrained=False, size=32, bs=8, lr=0.01, seed=7)  # another size: each run keeps its own
 
 
 def test_evaluate_and_predict_ensemble(tiny_run, second_run, tiny_data, tmp_path, capsys):
