@@ -220,7 +220,8 @@ def default_workers() -> int:
 
 def xray_dls(folders: XrayFolders, aug: XrayAugment, bs: int = 128, seed: int = 42, valid_pct: float = 0.2,
              num_workers: int | None = None, get_y=None, vocab=None,
-             balance: str = "none",  # weighted training draws: 'label' or 'source_label' (covid_fastai.sampling)
+             balance: str = "none",  # weighted training draws: 'label', 'source_label', 'label_in_source'
+                                    # (covid_fastai.sampling)
              **kwargs):
     "fastai `DataLoaders` for `folders` (train/valid); the test split is made later with `dls.test_dl`."
     dblock = xray_datablock(folders, aug, seed=seed, valid_pct=valid_pct, get_y=get_y, vocab=vocab)
@@ -234,7 +235,7 @@ def xray_dls(folders: XrayFolders, aug: XrayAugment, bs: int = 128, seed: int = 
         dss = dblock.datasets(folders.root)
         items = list(dss.train.items)
         label_of = get_y or parent_label
-        wgts = balance_weights(group_keys(items, [label_of(f) for f in items], balance, folders))
+        wgts = balance_weights(group_keys(items, [label_of(f) for f in items], balance, folders), balance)
         dls = dss.weighted_dataloaders(wgts, bs=bs, num_workers=nw, path=folders.root, after_item=dblock.item_tfms,
                                        after_batch=dblock.batch_tfms, **kwargs)
     # Keep the last partial batch, as the seed's torch DataLoader did (fastai drops it, and a data set smaller

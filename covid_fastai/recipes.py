@@ -77,8 +77,9 @@ class Recipe:
     bs: PositiveInt = 128           # batch size
     valid_pct: Fraction = 0.2       # held-out part of train when the data has no valid/ folder
     # weighted training draws (fastai WeightedDL, covid_fastai.sampling): 'label' = each class equally often,
-    # 'source_label' = each (labels.csv source, label) cell equally often; 'none' = every image once per epoch
-    balance: Literal["none", "label", "source_label"] = "none"
+    # 'source_label' = each (labels.csv source, label) cell equally often, 'label_in_source' = each source as often
+    # as its share of the images, its labels equally; 'none' = every image once per epoch
+    balance: Literal["none", "label", "source_label", "label_in_source"] = "none"
     # model
     pretrained: bool = True         # ImageNet weights (covid_fastai.weights) or random init
     weights: Annotated[str, _pinned_path] | None = None  # explicit weights file (.pth / .safetensors) to load

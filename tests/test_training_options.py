@@ -37,7 +37,7 @@ def test_options_default_off_and_are_checked():
     assert (r.balance, r.ema) == ("none", None)
     assert with_overrides(r, balance="source_label", ema="0.99").ema == 0.99
     assert with_overrides(r, ema="none").ema is None
-    with pytest.raises(RecipeError, match="--balance must be one of label, none, source_label"):
+    with pytest.raises(RecipeError, match="--balance must be one of label, label_in_source, none, source_label"):
         with_overrides(r, balance="source")
     for bad in ("0", "1", "1.5"):
         with pytest.raises(RecipeError, match="--ema"): with_overrides(r, ema=bad)
@@ -50,6 +50,12 @@ def test_balance_weights_equal_per_group():
     g = ["a"] * 9 + ["b"]
     w = balance_weights(g)
     assert w.sum() == pytest.approx(1) and w[:9].sum() == pytest.approx(0.5) and w[9] == pytest.approx(0.5)
+    # label_in_source: siteA (9 infected, 1 normal) keeps its 10 of 14 items' share, split evenly; siteB 4 of 14
+    g = [("A", "inf")] * 9 + [("A", "norm")] + [("B", "norm")] * 4
+    w = balance_weights(g, "label_in_source")
+    assert w[:9].sum() == pytest.approx(5 / 14) and w[9] == pytest.approx(5 / 14)
+    assert w[10:].sum() == pytest.approx(4 / 14)
+    assert balance_weights(g, "source_label")[9] == pytest.approx(1 / 3)
 
 
 def _draws(dls, epochs=40) -> Counter:
@@ -69,6 +75,9 @@ def test_source_label_loader_draws_cells_equally(sourced):
     # three cells (siteA infected, siteA normal, siteB normal): the lone film gets a third of the draws
     assert d_bal[lone] / sum(d_bal.values()) == pytest.approx(1 / 3, abs=0.06)
     assert bal.valid.get_idxs() == list(range(len(bal.valid_ds)))  # validation is read as it is
+    # label_in_source: siteA keeps its 13 of 24 films' share, half of it for its lone normal
+    lis = xray_dls(folders, aug, bs=4, num_workers=0, balance="label_in_source")
+    assert lis.train.wgts[[str(i) for i in lis.train.items].index(lone)] == pytest.approx(13 / 48)
 
 
 def test_label_loader_draws_classes_equally(tiny_data, tmp_path):
