@@ -220,6 +220,8 @@ def test_run_records_options_and_checkpoint_keeps_ema(sourced, tmp_path):
     assert (cfg["recipe"]["balance"], cfg["recipe"]["ema"], cfg["recipe"]["aug"]) == ("source_label", 0.9,
                                                                                      "xray_shortcut")
     assert "weights the image draws" in cfg["speed"]["feature_cache_decision"]  # the cache would ignore the weights
+    setup = (d / "report.md").read_text()
+    assert "Training draws balanced by source_label; EMA of weights, decay 0.9" in setup
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert ckpt["ema"]["step"] == 3  # 24 training films, bs 8
     assert any(not torch.equal(ckpt["ema"]["module"][k], v) for k, v in ckpt["model"].items())
