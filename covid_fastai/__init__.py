@@ -3,7 +3,8 @@
 `from covid_fastai import *` gives the layered API: data (`find_xray_folders`, `xray_dls`), models
 (`xray_learner`), image reading (`open_xray`), fine-tune plans (`head`, `layers`, `full`, `freeze_to`,
 `apply_plan`), recipes (`Recipe`, `load_recipe`, `run_recipe`), interpretation (`Evaluation`), evaluation of
-finished runs (`evaluate_run`, `predict_run`), sweeps (`run_sweep`, `resume_sweep`, `compare_runs`),
+finished runs (`evaluate_run`, `predict_run`) and ensembles of them (`evaluate_ensemble`,
+`predict_ensemble`), balanced sampling (`balance_weights`), EMA of weights (`WeightsEMA`), sweeps (`run_sweep`, `resume_sweep`, `compare_runs`),
 cross-validation (`run_cv`, `plan_cv`) and reports.
 """
 __version__ = "0.1.0"
@@ -36,6 +37,9 @@ try:  # the filter comes off however the imports end (a broken optional install 
     from .export import load_export  # noqa: E402,F401
     from .train import *  # noqa: E402,F401,F403
     from .evaluate import evaluate_run, predict_run  # noqa: E402,F401
+    from .ensemble import evaluate_ensemble, predict_ensemble  # noqa: E402,F401
+    from .sampling import balance_weights  # noqa: E402,F401
+    from .ema import WeightsEMA  # noqa: E402,F401
     from .sweep import compare_runs, resume_sweep, run_sweep  # noqa: E402,F401
     from .audit import audit_data, audit_run  # noqa: E402,F401
     from .cv import plan_cv, run_cv  # noqa: E402,F401

@@ -121,6 +121,8 @@ class EpochCheckpoint(FitOnlyCallback):
                 "model": self.learn.model.state_dict(), "opt": self.learn.opt.state_dict(),
                 "rng": rng_states(self.learn), "smooth_loss": {"count": sl.count, "val": sl.val},
                 "throughput": [list(tp.epoch_times), list(tp.epoch_images)] if tp else [[], []]}
+        ema = getattr(self.learn, "weights_ema", None)  # covid_fastai.ema: the average goes on with the run
+        if ema is not None and ema.ema is not None: ckpt["ema"] = ema.state_dict()
         with atomic_path(self.fname) as tmp:  # a kill mid-write leaves the previous epoch's checkpoint intact
             torch.save(_plain(ckpt), tmp)
 
@@ -152,6 +154,8 @@ def restore_fit_state(trainer, state: dict):
     "Load a checkpoint's model and optimiser state into the Learner that fits (the optimiser on the model's device)."
     from fastcore.foundation import L
     trainer.model.load_state_dict(state["model"])
+    if "ema" in state and getattr(trainer, "weights_ema", None) is not None:
+        trainer.weights_ema.load_state_dict(state["ema"])
     if trainer.opt is None: trainer.create_opt()
     device = getattr(trainer.dls, "device", default_device())  # where TrainEvalCallback puts the model
     opt_state = state["opt"]["state"] if device is None else to_device(state["opt"]["state"], device)

@@ -105,18 +105,31 @@ class Commands:
         if strict and rep.warnings: sys.exit(1)
 
     @bools_by_type
-    def evaluate(self, run_dir: str, data: str, tta: bool | None = None, threshold: float | None = None,
-                 out: str | None = None):
+    def evaluate(self, run_dir: str, *runs, data: str | None = None, tta: bool | None = None,
+                 threshold: float | None = None, out: str | None = None):
         """Evaluate a finished run on a labelled folder (DIR/<class>/ or DIR/test/<class>/); writes
         RUN_DIR/evaluations/<timestamp>/ (metrics.json, predictions.csv, plots, report.md, report.html).
+        `evaluate ensemble RUN RUN ... --data DIR` evaluates the runs' averaged probabilities, with the threshold
+        chosen on their averaged validation probabilities (to OUT/ensembles/<timestamp>/, default ./outputs).
 
         Args:
-          run_dir: a run folder (outputs/<recipe>/<timestamp>/)
+          run_dir: a run folder (outputs/<recipe>/<timestamp>/), or `ensemble` followed by run folders
+          runs: after `ensemble`, the run folders; else the data folder may come here instead of --data
           data: folder of class sub-folders, or with a test/ folder inside
           tta: test-time augmentation (default: as the run)
           threshold: decision threshold on p(infected) instead of the one the run chose on its validation split
+            (an ensemble also takes a rule, youden or sens:0.95, applied to its averaged valid probabilities)
           out: folder for the evaluations/<timestamp>/ folder instead of RUN_DIR
         """
+        if run_dir == "ensemble":
+            if data is None: raise DataError("evaluate ensemble needs --data DIR (a labelled folder)")
+            from .ensemble import evaluate_ensemble
+            print(_eval_summary(evaluate_ensemble(runs, data, tta=tta, threshold=threshold, out=out)))
+            return
+        if data is None and len(runs) == 1: data, runs = runs[0], ()
+        if runs or data is None:
+            raise DataError("evaluate takes RUN_DIR and --data DIR" + (f" (got also {' '.join(runs)})" if runs else ""),
+                            "for several runs, use `evaluate ensemble RUN RUN ... --data DIR`")
         from .evaluate import evaluate_run
         d = evaluate_run(run_dir, data, tta=tta, threshold=threshold, out=out)
         print(_eval_summary(d))
@@ -128,13 +141,20 @@ class Commands:
         run's threshold (to --out, or RUN_DIR/predictions/<timestamp>/predictions.csv).
 
         Args:
-          run_dir: a run folder
+          run_dir: a run folder, or `ensemble` followed by run folders (`predict ensemble RUN RUN ... IMAGES`:
+            averaged probabilities, threshold chosen on the runs' averaged validation probabilities)
           paths: image files and/or folders (searched recursively)
           out: CSV file to write (must not exist)
           heatmaps: also write Grad-CAM overlays (PNG) beside the CSV
           tta: test-time augmentation (default: as the run)
           threshold: decision threshold on p(infected) for the label column instead of the run's own
         """
+        if run_dir == "ensemble":  # predict ensemble RUN RUN ... IMAGES...: averaged probabilities
+            from .ensemble import predict_ensemble, split_runs
+            runs, paths = split_runs(paths)
+            csv = predict_ensemble(runs, paths, out=out, tta=tta, threshold=threshold)
+            print(f"{csv}: {sum(1 for _ in open(csv)) - 1} images")
+            return
         from .evaluate import predict_run
         if not paths: raise RecipeError("predict needs image files or folders after RUN_DIR")
         csv = predict_run(run_dir, paths, out=out, heatmaps=heatmaps, tta=tta, threshold=threshold)

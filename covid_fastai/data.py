@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torchvision.transforms as T
+from fastai.callback.data import WeightedDL  # noqa: F401 (adds Datasets.weighted_dataloaders)
 from fastai.vision.all import (CategoryBlock, DataBlock, FuncSplitter, IntToFloatTensor, PILImage, RandomSplitter,
                                Transform, TransformBlock, parent_label)
 from PIL import Image
@@ -24,6 +25,7 @@ from .augment import XrayAugment
 from .errors import DataError
 from .images import UnreadableImage, get_xray_files, open_xray, scan_images
 from .labels import join_labels, read_labels
+from .sampling import balance_weights, group_keys
 
 __all__ = ["XrayFolders", "find_xray_folders", "xray_datablock", "xray_dls", "SYNTHETIC_MARKER", "DATA_VIEW",
            "SkippedImagesWarning"]
@@ -217,13 +219,25 @@ def default_workers() -> int:
 
 
 def xray_dls(folders: XrayFolders, aug: XrayAugment, bs: int = 128, seed: int = 42, valid_pct: float = 0.2,
-             num_workers: int | None = None, get_y=None, vocab=None, **kwargs):
+             num_workers: int | None = None, get_y=None, vocab=None,
+             balance: str = "none",  # weighted training draws: 'label', 'source_label', 'label_in_source'
+                                    # (covid_fastai.sampling)
+             **kwargs):
     "fastai `DataLoaders` for `folders` (train/valid); the test split is made later with `dls.test_dl`."
     dblock = xray_datablock(folders, aug, seed=seed, valid_pct=valid_pct, get_y=get_y, vocab=vocab)
     nw = default_workers() if num_workers is None else num_workers
     # Workers that live across epochs keep their decode-once caches (fastai gives each worker 1 torch thread).
     kwargs.setdefault("persistent_workers", nw > 0)
-    dls = dblock.dataloaders(folders.root, bs=bs, num_workers=nw, **kwargs)
+    if balance == "none": dls = dblock.dataloaders(folders.root, bs=bs, num_workers=nw, **kwargs)
+    else:
+        # fastai's WeightedDL for train (weights over the train split's items, in order), as
+        # DataBlock.weighted_dataloaders does, plus the `path` it leaves out
+        dss = dblock.datasets(folders.root)
+        items = list(dss.train.items)
+        label_of = get_y or parent_label
+        wgts = balance_weights(group_keys(items, [label_of(f) for f in items], balance, folders), balance)
+        dls = dss.weighted_dataloaders(wgts, bs=bs, num_workers=nw, path=folders.root, after_item=dblock.item_tfms,
+                                       after_batch=dblock.batch_tfms, **kwargs)
     # Keep the last partial batch, as the seed's torch DataLoader did (fastai drops it, and a data set smaller
     # than one batch would train on nothing); drop it only when it is a single image, which BatchNorm refuses.
     dls.train.drop_last = len(dls.train_ds) % dls.train.bs == 1

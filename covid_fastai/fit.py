@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .ema import ema_callbacks
 from .features import head_learner, use_feature_cache
 from .recipes import Recipe, cache_mode
 
@@ -67,8 +68,12 @@ def find_lr(learn, recipe: Recipe, run_dir=None, quiet=()) -> dict:
 
 
 def fitting_learner(learn, recipe: Recipe, cbs):
-    "The Learner that fits: a head-only Learner on cached body features when the body is frozen, else `learn`."
+    """The Learner that fits: a head-only Learner on cached body features when the body is frozen, else `learn`;
+    with the recipe's EMA of weights (covid_fastai.ema) among its callbacks."""
     use, why = use_feature_cache(learn, cache_mode(recipe.cache_features), recipe.aug)
+    if use and recipe.balance != "none":  # the cache's loaders draw every image once: they would ignore the weights
+        use, why = False, f"balance {recipe.balance!r} weights the image draws: not cached"
+    cbs = [*cbs, *ema_callbacks(recipe.ema)]
     learn.feature_cache_decision = why
     if use:
         t0 = time.perf_counter()

@@ -30,7 +30,7 @@ def folders_learner(recipe: Recipe, folders,
                     num_workers: int | None = None,  # loader workers; None: as the recipe
                     cbs=None,  # more callbacks for the Learner
                     path=None,  # the Learner's folder (a run's folder)
-                    **kwargs):  # to `xray_dls`: get_y, vocab
+                    **kwargs):  # to `xray_dls`: get_y, vocab, balance (training runs only: evaluation reads as is)
     """The recipe's Learner over `folders`: DataLoaders, speed callbacks (channels-last, bf16 where supported) and
     model; no plan applied."""
     dls = xray_dls(folders, make_aug(recipe.aug, recipe.size, recipe.resize), bs=recipe.bs, seed=recipe.seed,
@@ -54,6 +54,6 @@ def recipe_learner(recipe: Recipe, path=None, cbs=None):
     # Three-class mode: classes from labels.csv's fine_label (covid / pneumonia / normal) instead of folders.
     get_y, vocab = (fine_label_getter(folders, [f for s in folders.splits for f in folders.files(s)])
                     if recipe.labels == "fine_label" else (None, None))
-    learn = folders_learner(recipe, folders, get_y=get_y, vocab=vocab, cbs=cbs, path=path)
+    learn = folders_learner(recipe, folders, get_y=get_y, vocab=vocab, cbs=cbs, path=path, balance=recipe.balance)
     learn.trainable = apply_plan(learn, recipe.plan)
     return learn, folders

@@ -76,6 +76,10 @@ class Recipe:
     aug: Annotated[str, one_of(_augmentations)] = "seed"  # augmentation policy: 'seed' is the assignment's pipeline
     bs: PositiveInt = 128           # batch size
     valid_pct: Fraction = 0.2       # held-out part of train when the data has no valid/ folder
+    # weighted training draws (fastai WeightedDL, covid_fastai.sampling): 'label' = each class equally often,
+    # 'source_label' = each (labels.csv source, label) cell equally often, 'label_in_source' = each source as often
+    # as its share of the images, its labels equally; 'none' = every image once per epoch
+    balance: Literal["none", "label", "source_label", "label_in_source"] = "none"
     # model
     pretrained: bool = True         # ImageNet weights (covid_fastai.weights) or random init
     weights: Annotated[str, _pinned_path] | None = None  # explicit weights file (.pth / .safetensors) to load
@@ -98,6 +102,9 @@ class Recipe:
     wd: Annotated[float, in_range(0)] = 0.0  # weight decay
     schedule: Literal["constant", "one_cycle"] = "constant"  # learn.fit (the assignment's) or fit_one_cycle
     epochs: PositiveInt = 10
+    # decay of an exponential moving average of the weights (timm ModelEmaV3, e.g. 0.999; covid_fastai.ema): the
+    # average is what validation scores and what the run saves. None = off
+    ema: Annotated[float, POSITIVE, in_range(0, 1)] | None = None
     # the training policy the settings above came from: see POLICIES ('seed', its former name, is read as 'assignment')
     policy: Annotated[str, one_of(_policies, aliases={"seed": "assignment"})] = "assignment"
     seed: int = 42                  # RNG seed (fastai set_seed) for weights init, splits, shuffling, augmentation

@@ -152,6 +152,15 @@ def _momentum(config: dict) -> str:
     return config.get("momentum") or momentum_used(config["recipe"]["schedule"], mom_trained_with(config))
 
 
+def _options_lines(rec: dict) -> list[str]:
+    "A Setup line for the issue 21 options a run used (balanced draws, EMA of weights); none when they are off."
+    on = ([f"training draws balanced by {rec['balance']}"] if rec.get("balance", "none") != "none" else []) + \
+         ([f"EMA of weights, decay {rec['ema']} (validation and the saved model use the average)"]
+          if rec.get("ema") is not None else [])
+    text = "; ".join(on)
+    return [f"- {text[:1].upper()}{text[1:]}"] if on else []
+
+
 def _lr(config: dict) -> str:
     "The rate the fit used: the recipe's, or the one lr_find picked (config.json's `lr_find`)."
     f = config.get("lr_find")
@@ -204,6 +213,7 @@ def write_report(run_dir, config: dict, metrics: dict, history: pd.DataFrame, fi
           f"schedule {rec['schedule']}, {rec['epochs']} epochs, batch {rec['bs']}",
           f"- Input {rec['size']} px, augmentation `{rec['aug']}`, head `{rec['head']}` "
           f"({head_summary(rec['head'], rec['hidden'], rec['dropout'])}), seed {rec['seed']}",
+          *_options_lines(rec),
           f"- Data: `{data['path']}`; counts {data['counts']}; validation: {data['valid']}; "
           f"test: {data['test'] or 'none'}",
           f"- Speed: bf16 autocast {config['speed']['bf16_autocast']}, channels_last "
