@@ -85,6 +85,16 @@ def test_ray_sweep_runs_at_once_tables_a_failure_and_resumes(local_ray, tiny_dat
     assert "1 of 2 runs finished, 1 failed" in md and "## Failed runs" in md and "failing on purpose" in md
     capsys.readouterr()
 
+    # the CLI: that error as one line naming the shell command that goes on, exit status 2
+    with pytest.MonkeyPatch.context() as mp:
+        def fails(*a, **k): raise e.value
+        mp.setattr("covid_fastai.sweep.run_sweep", fails)
+        with pytest.raises(SystemExit) as exit_:
+            main(["sweep", "resnet18_head,resnet18_one", "--engine", "ray"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 1 and err[0].startswith(f"error: sweep {sweep}: 1 of 2 runs failed")
+    assert err[0].endswith(f"`python -m covid_fastai resume {sweep}`")
+
     before = (ok / "metrics.json").stat().st_mtime_ns
     main(["resume", str(sweep)])  # with the engine it recorded (the same Ray here), without the failing callback
     said = capsys.readouterr().out
