@@ -17,7 +17,9 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from .errors import MissingExtra, RecipeError
@@ -62,8 +64,13 @@ def ray_session(address: str | None = None, cpus: int | None = None):
     if ray.is_initialized():
         yield ray
         return
+    main = threading.current_thread() is threading.main_thread()
+    term = signal.getsignal(signal.SIGTERM) if main else None
     ray.init(address=address or None, include_dashboard=False, log_to_driver=True, runtime_env=runtime_env(address),
              **({} if address else {"num_cpus": cpus}))
+    # ray.init makes SIGTERM exit at once; keep the caller's handler (the CLI's turns it into Ctrl-C: runs marked
+    # interrupted, the sweep resumable)
+    if term is not None: signal.signal(signal.SIGTERM, term)
     try:
         yield ray
     finally:
