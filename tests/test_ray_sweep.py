@@ -5,9 +5,11 @@ One local Ray of 2 CPUs for the file (its start-up is most of the time), tiny ru
 """
 import csv
 import json
+import signal
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from fastai.vision.all import Callback
 
@@ -109,3 +111,24 @@ def test_ray_sweep_runs_at_once_tables_a_failure_and_resumes(local_ray, tiny_dat
     assert [r["recipe"] for r in rows] == ["resnet18_head", "resnet18_one"] and "error" not in rows[0]
     assert "Failed runs" not in (sweep / "comparison.md").read_text()
     assert not (sweep / "started").exists()  # the workers' notes were folded into sweep.json
+
+
+@pytest.mark.slow  # a CLI process starting its own Ray, 12 tiny epochs in two workers, then the resume: 1-2 min
+def test_killed_ray_sweep_marks_its_runs_interrupted_and_resumes_them(local_ray, tiny_data, tmp_path, capsys):
+    from test_faults import signal_at_first_checkpoint
+    args = ["sweep", "resnet18_head,resnet18_one", "--engine", "ray", "--data", tiny_data, "--epochs", 12,
+            "--out", tmp_path, "--pretrained", "false", "--size", 32, "--bs", 8]
+    p = signal_at_first_checkpoint(args, tmp_path / "resnet18_one", signal.SIGTERM)  # `kill` of the driver
+    if p.returncode == 0: pytest.skip("the sweep finished before the signal arrived")
+    (sweep,) = (tmp_path / "sweeps").iterdir()
+    assert p.returncode == 130 and f"python -m covid_fastai resume {sweep}" in p.err, p.err[-2000:]
+    m = json.loads((sweep / SWEEP_FILE).read_text())
+    assert m["status"] == "interrupted"
+    stopped = [Path(r["run_dir"]) for r in m["runs"]]
+    one = config(stopped[1])
+    assert one["status"] == "interrupted" and (stopped[1] / "checkpoint.pt").is_file()  # cancelled as Ctrl-C stops
+    main(["resume", str(sweep)])
+    m = json.loads((sweep / SWEEP_FILE).read_text())
+    assert m["status"] == "complete" and [Path(r["run_dir"]) for r in m["runs"]] == stopped  # in their folders
+    assert config(stopped[1])["resumed"][0]["from_epoch"] >= 1
+    assert list(pd.read_csv(stopped[1] / "history.csv")["epoch"]) == list(range(12))
