@@ -22,7 +22,7 @@ import sys
 import threading
 from pathlib import Path
 
-from .errors import MissingExtra, RecipeError
+from .errors import MissingExtra, RecipeError, UserError, first_line
 
 __all__ = ["ENGINES", "need_ray", "check_engine", "runtime_env", "ray_session", "remote", "use_threads"]
 
@@ -66,8 +66,13 @@ def ray_session(address: str | None = None, cpus: int | None = None):
         return
     main = threading.current_thread() is threading.main_thread()
     term = signal.getsignal(signal.SIGTERM) if main else None
-    ray.init(address=address or None, include_dashboard=False, log_to_driver=True, runtime_env=runtime_env(address),
-             **({} if address else {"num_cpus": cpus}))
+    try:
+        ray.init(address=address or None, include_dashboard=False, log_to_driver=True,
+                 runtime_env=runtime_env(address), **({} if address else {"num_cpus": cpus}))
+    except ConnectionError as e:  # no cluster there, or one that refused us (Ray's auth token)
+        raise UserError(f"cannot join the Ray cluster at {address}: {first_line(e)}",
+                        "start it (`ray start --head` there, `ray status` shows its address and state), or drop "
+                        "--address for a local Ray") from None
     # ray.init makes SIGTERM exit at once; keep the caller's handler (the CLI's turns it into Ctrl-C: runs marked
     # interrupted, the sweep resumable)
     if term is not None: signal.signal(signal.SIGTERM, term)
