@@ -18,6 +18,7 @@ import contextlib
 import math
 import os
 import signal
+import socket
 import sys
 import threading
 from pathlib import Path
@@ -61,6 +62,10 @@ def ray_session(address: str | None = None, cpus: int | None = None):
     """Ray for the `with` block: joins `address`, else starts a local Ray of `cpus` CPUs (None: all); shut down at
     the end if started here. Yields the `ray` module."""
     ray = need_ray()
+    if address and not _reachable(address):
+        raise UserError(f"cannot join the Ray cluster at {address}: nothing answers there",
+                        "start it (`ray start --head` there, `ray status` shows its address), or drop --address "
+                        "for a local Ray")
     if ray.is_initialized():
         yield ray
         return
@@ -80,6 +85,17 @@ def ray_session(address: str | None = None, cpus: int | None = None):
         yield ray
     finally:
         ray.shutdown()
+
+
+def _reachable(address: str, timeout: float = 5) -> bool:
+    "Whether HOST:PORT (or ray://HOST:PORT) takes a TCP connection: Ray retries an unreachable address for minutes."
+    host, _, port = address.split("://")[-1].rpartition(":")
+    if not host or not port.isdigit(): return True  # 'auto' and the like: Ray finds it, or fails at once
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def remote(fn, cpus: float = 1, gpus: float = 0):

@@ -58,6 +58,13 @@ def test_unknown_engine_is_one_line_before_any_folder(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_a_cluster_that_does_not_answer_is_one_line_and_leaves_no_folder(tiny_data, tmp_path):
+    pytest.importorskip("ray")
+    with pytest.raises(UserError, match="cannot join the Ray cluster at 127.0.0.1:1: nothing answers there"):
+        run_sweep("resnet18_head", out=tmp_path, engine="ray", address="127.0.0.1:1", data=str(tiny_data), **TINY)
+    assert not list(tmp_path.iterdir())
+
+
 def test_ray_sweep_runs_at_once_tables_a_failure_and_resumes(local_ray, tiny_data, tmp_path, capsys):
     meet, out = tmp_path / "meet", tmp_path / "out"
     meet.mkdir()
