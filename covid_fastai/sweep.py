@@ -214,7 +214,6 @@ def _local_runs(sweep_dir: Path, manifest: dict, cbs, tracking: Tracking, save):
         if run_status(d) == "complete":
             print(f"== {tag}: finished already in {d}", flush=True)
             continue
-        item.pop("error", None)
         if d and (Path(d) / CHECKPOINT).is_file():
             print(f"== {tag}: resuming {d}", flush=True)
             resume(d, cbs=cbs, track=tracking.child())

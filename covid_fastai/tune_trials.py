@@ -184,7 +184,7 @@ def _worker(tune_dir: str, n: int, threads: float, worker: int):  # one Ray task
 def run_ray(tune_dir: Path, plan: dict, n: int):
     "Trials as Ray tasks, `workers` at once, each declaring `cpus_per_trial` CPUs; joins `address` or starts Ray."
     eng = plan["engine"]
-    with ray_session(eng["address"], None if eng["address"] else eng["cpus"]) as ray:
+    with ray_session(eng["address"], eng["cpus"]) as ray:
         cpus = eng["cpus_per_trial"]
         workers = eng["workers"] or max(1, int(ray.cluster_resources().get("CPU", 1) // cpus))
         workers = max(1, min(workers, n))
