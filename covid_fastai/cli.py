@@ -196,6 +196,7 @@ class Commands:
         print(_weights_table(probe_hub))
 
     def sweep(self, pattern: str, out: str | None = None, policies: str | None = None, track: str | None = None,
+              engine: str = "local", address: str | None = None, cpus_per_run: float = 1, gpus_per_run: float = 0,
               **overrides):
         """Run every recipe matching PATTERN (glob, or comma-separated names) and write a comparison table.
 
@@ -208,12 +209,21 @@ class Commands:
           out: folder for run folders (default ./outputs)
           policies: e.g. assignment,modern: run each recipe under each training policy, side by side in the table
           track: log every run to mlflow and/or tensorboard; in MLflow the sweep is a parent run
+          engine: local (one run after another, here) or ray (each run a Ray task, as many at once as the CPUs and
+            GPUs allow; a failed run is tabled and the others go on; exit status 2 if any failed). Needs
+            pip install -e ".[dist]"; see docs/cli.md
+          address: a Ray cluster to join, e.g. auto or HOST:6379 (default: start a local Ray)
+          cpus_per_run: CPUs each run's Ray task declares (and torch threads it uses)
+          gpus_per_run: GPUs each run's Ray task declares (e.g. 1; 0.5 puts two runs on one GPU)
         """
         from .sweep import run_sweep
-        _print_comparison(run_sweep(pattern, out=out, policies=policies, track=track, **overrides) / "comparison.md")
+        _print_comparison(run_sweep(pattern, out=out, policies=policies, track=track, engine=engine, address=address,
+                                    cpus_per_run=cpus_per_run, gpus_per_run=gpus_per_run, **overrides)
+                          / "comparison.md")
 
     def cv(self, name: str, folds: int | None = None, by: str = "patient", out: str | None = None,
-           fold_seed: int = 0, **overrides):
+           fold_seed: int = 0, engine: str = "local", address: str | None = None, cpus_per_run: float = 1,
+           gpus_per_run: float = 0, **overrides):
         """Cross-validate a recipe over train+valid (the test split is never read): `cv best --folds 5 --data DIR`,
         or leave one source out with `--by source`. Writes <out>/cv/<recipe>/<timestamp>/ with one run folder per
         fold and cv.md/.html/.json/.csv (mean ± sd over folds, within-source AUC); `resume CV_DIR` continues it.
@@ -224,10 +234,13 @@ class Commands:
           by: patient (k folds) or source (one fold per labels.csv source: train without it, score on it)
           out: root of the cv/ folder (default ./outputs)
           fold_seed: seed of the fold assignment (keep it to compare recipes on the same folds)
+          engine, address, cpus_per_run, gpus_per_run: run the folds as Ray tasks, as for `sweep`
           overrides: recipe fields, e.g. --data DIR --epochs 2 (as for `recipe`)
         """
         from .cv import run_cv
-        _print_comparison(run_cv(name, folds=folds, by=by, out=out, fold_seed=fold_seed, **overrides) / "cv.md")
+        _print_comparison(run_cv(name, folds=folds, by=by, out=out, fold_seed=fold_seed, engine=engine,
+                                 address=address, cpus_per_run=cpus_per_run, gpus_per_run=gpus_per_run, **overrides)
+                          / "cv.md")
 
     @bools_by_type
     def tune(self, recipe: str | None = None, trials: int = 20, engine: str = "local", out: str | None = None,

@@ -25,7 +25,7 @@ from .folds import cv_table, kfold_folds, source_folds, write_view
 from .learner import resolve_data
 from .recipes import Recipe, load_recipe, with_overrides
 from .rundir import OUTPUTS, new_run_dir
-from .sweep import discard, start_sweep
+from .sweep import discard, engine_record, start_sweep
 
 __all__ = ["BY", "plan_cv", "run_cv"]
 
@@ -56,13 +56,17 @@ def plan_cv(recipe, folds: int | None = None, by: str = "patient", fold_seed: in
 
 
 def run_cv(recipe, folds: int | None = None, by: str = "patient", out=None, fold_seed: int = 0, cbs=None,
+           engine: str = "local", address: str | None = None, cpus_per_run: float = 1, gpus_per_run: float = 0,
            **overrides) -> Path:
     """Cross-validate `recipe` (see the module docstring); returns the cv folder.
 
     folds: number of patient folds (default 5); by: 'patient' or 'source' (leave one source out)
     out: root of the cv folder (default ./outputs); fold_seed: seed of the fold assignment (the same folds for
     every recipe compared); cbs: extra fastai callbacks for every fold's run; overrides: recipe fields (data=DIR)
+    engine: 'local' (folds one after another) or 'ray' (each fold a Ray task); address, cpus_per_run,
+    gpus_per_run: as for a sweep (covid_fastai.sweep.engine_record)
     """
+    eng = engine_record(engine, address, cpus_per_run, gpus_per_run)
     rec, found, table, fold_list = plan_cv(recipe, folds, by, fold_seed, **overrides)
     root = (Path(out) if out is not None else OUTPUTS).expanduser().resolve()
     made = [d for d in (root, root / "cv", root / "cv" / rec.name) if not d.exists()]
@@ -82,5 +86,5 @@ def run_cv(recipe, folds: int | None = None, by: str = "patient", out=None, fold
                 "folds": len(fold_list), "fold_seed": fold_seed if by == "patient" else None,
                 "data": str(found.root), "overrides": {k: str(v) for k, v in overrides.items()},
                 "out": str(cv_dir / "runs"), "created": datetime.now(timezone.utc).isoformat(), "status": "running",
-                "command": sys.argv, "runs": items}
+                "command": sys.argv, "engine": eng, "runs": items}
     return start_sweep(cv_dir, manifest, cbs, made)

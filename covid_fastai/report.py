@@ -302,36 +302,44 @@ def _figure_grid(rows: list[dict], image: str, caption: str) -> str:
     return '<div class="grid">' + "".join(figs) + "</div>"
 
 
-def write_sweep(out_dir, rows: list[dict], title: str) -> tuple[Path, Path]:
+def write_sweep(out_dir, rows: list[dict], title: str, failed=()) -> tuple[Path, Path]:
     """comparison.md (one table per architecture, like the seed's Tables 1 and 2), comparison.csv and
     comparison.html (the tables plus every run's ROC/PR curves, training curves and confusion matrices side by
-    side, self-contained)."""
+    side, self-contained). failed: runs of a sweep that failed, as {'recipe', 'policy', 'arch', 'run', 'error'}:
+    listed under the tables, and in the CSV with an `error` column."""
     out_dir = Path(out_dir)
     df = pd.DataFrame(rows)
+    fails = pd.DataFrame(list(failed), columns=["recipe", "policy", "arch", "run", "error"])
     csv_path = out_dir / "comparison.csv"
-    df.to_csv(csv_path, index=False, quoting=csv.QUOTE_MINIMAL)
+    (pd.concat([df.assign(error=""), fails], ignore_index=True) if len(fails) else df).to_csv(
+        csv_path, index=False, quoting=csv.QUOTE_MINIMAL)
     L = [f"# {title}", ""]
-    if df["synthetic data"].any():
+    if rows and df["synthetic data"].any():
         L += [f"> **{SYNTHETIC_BANNER}** Some runs used the generated demo set; their numbers mean nothing "
               "about X-rays.", ""]
-    L += ["F1 is given for each class (the assignment reported F1 of `normal`). Confusion matrices: rows are "
-          "the true class. Train time and images/s cover the training phase only.", ""]
+    if rows:
+        L += ["F1 is given for each class (the assignment reported F1 of `normal`). Confusion matrices: rows are "
+              "the true class. Train time and images/s cover the training phase only.", ""]
     show = [c for c in df.columns if c not in ("arch", "synthetic data")]
-    for i, (arch, part) in enumerate(df.groupby("arch", sort=False), 1):
+    for i, (arch, part) in enumerate(df.groupby("arch", sort=False) if rows else (), 1):
         L += [f"## Table {i}: {arch}", "", _md_table(part[show]), ""]
-    if df["policy"].nunique() > 1 and not df.duplicated(["recipe", "policy"]).any():  # one run per cell, no means
+    if rows and df["policy"].nunique() > 1 and not df.duplicated(["recipe", "policy"]).any():  # one run per cell
         L += ["## Policies side by side", "", f"Each recipe under each training policy (`--policies`), on the "
               f"{'/'.join(df['split'].unique())} split.", ""]
         for value in ("accuracy", "ROC AUC"):
             if value not in df or df[value].isna().all(): continue
             L += [f"{value}:", "", _md_table(df.pivot(index="recipe", columns="policy", values=value)
                                              .reindex(index=df["recipe"].unique(), columns=df["policy"].unique()).reset_index().rename_axis(columns=None)), ""]
+    if len(fails):
+        L += ["## Failed runs", "", f"{len(fails)} run(s) failed; they are not in the tables above. `resume` of the "
+              "sweep folder runs them again (from their last finished epoch where they have one).", "",
+              _md_table(fails.drop(columns="arch")), ""]
     md_path = out_dir / "comparison.md"
     md_path.write_text("\n".join(L))
     extra = []
     for image, caption, head in (("roc_pr.png", "ROC and PR", "ROC and precision-recall curves"),
                                  ("curves.png", "loss and accuracy", "Training curves"),
                                  ("confusion_matrices.png", "confusion matrices", "Confusion matrices")):
-        extra += [f"## {head}", "", _figure_grid(rows, image, caption), ""]
+        if rows: extra += [f"## {head}", "", _figure_grid(rows, image, caption), ""]
     write_html(md_path, "\n".join(extra))
     return md_path, csv_path

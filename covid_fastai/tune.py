@@ -30,6 +30,7 @@ from .files import folder_lock, write_json
 from .learner import resolve_data
 from .recipes import OVERRIDABLE, Recipe, load_recipe, recipe_from_dict, with_overrides
 from .rundir import OUTPUTS, new_run_dir, open_unfinished
+from .ray_engine import check_engine
 from .tune_trials import (METRICS, TUNE_FILE, EpochRocAuc, finished, load_study, need_optuna, need_ray,  # noqa: F401
                           pruning_callback, run_ray, run_trials, storage, trial_recipe)
 
@@ -104,8 +105,7 @@ def tune(recipe, trials: int = 20, out=None, engine: str = "local", metric: str 
     if base.data != "demo": base = dataclasses.replace(base, data=str(resolve_data(base.data)))  # resumed elsewhere
     n = _whole("trials", trials)
     if metric not in METRICS: raise RecipeError(f"--metric must be one of {', '.join(METRICS)}, got {metric!r}")
-    if engine not in ("local", "ray"): raise RecipeError(f"--engine must be local or ray, got {engine!r}")
-    if engine == "ray": need_ray()
+    check_engine(engine, cpus_per_trial, per="trial")  # ray installed for 'ray', a CPU need that makes sense
     if final not in ("auto", "evaluate", "rerun", "none"):
         raise RecipeError(f"--final must be auto, evaluate, rerun or none, got {final!r}")
     proxies = {"size": proxy_size, "epochs": proxy_epochs,  # the fields the proxies fix for every trial

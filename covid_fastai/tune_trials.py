@@ -10,8 +10,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
-import sys
 import warnings
 from pathlib import Path
 
@@ -22,6 +20,7 @@ from fastai.metrics import AccumMetric, ActivationType
 
 from .errors import MissingExtra, RecipeError
 from .metrics import positive_view
+from .ray_engine import need_ray, ray_session, remote, use_threads
 from .recipes import Recipe, recipe_from_dict, with_overrides
 from .rundir import RunDir, one_line
 
@@ -175,41 +174,23 @@ def run_trials(tune_dir: Path, plan: dict, n: int, pruner=None, cbs=(), worker: 
                    gc_after_trial=True)
 
 
-def _worker(tune_dir: str, n: int, threads: int, worker: int):  # one Ray task: an Optuna worker on the shared storage
-    import torch
-    torch.set_num_threads(max(1, int(threads)))
+def _worker(tune_dir: str, n: int, threads: float, worker: int):  # one Ray task: an Optuna worker on the shared storage
+    use_threads(threads)
     tune_dir = Path(tune_dir)
     run_trials(tune_dir, json.loads((tune_dir / TUNE_FILE).read_text()), n, worker=worker)
     return n
 
 
-def need_ray():
-    "ray, or a one-line MissingExtra naming the extra to install."
-    try:
-        import ray
-    except ImportError:
-        raise MissingExtra("ray", "dist", "--engine ray") from None
-    return ray
-
-
 def run_ray(tune_dir: Path, plan: dict, n: int):
     "Trials as Ray tasks, `workers` at once, each declaring `cpus_per_trial` CPUs; joins `address` or starts Ray."
-    ray = need_ray()
     eng = plan["engine"]
-    started = not ray.is_initialized()
-    if started:
-        env = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}} if not eng["address"] else {}
-        ray.init(address=eng["address"], include_dashboard=False, log_to_driver=True, runtime_env=env or None,
-                 **({} if eng["address"] else {"num_cpus": eng["cpus"]}))
-    try:
+    with ray_session(eng["address"], eng["cpus"]) as ray:
         cpus = eng["cpus_per_trial"]
         workers = eng["workers"] or max(1, int(ray.cluster_resources().get("CPU", 1) // cpus))
         workers = max(1, min(workers, n))
-        task = ray.remote(num_cpus=cpus, max_retries=0)(_worker)
+        task = remote(_worker, cpus=cpus)
         per = math.ceil(n / workers)
-        ray.get([task.remote(str(tune_dir), per, math.ceil(cpus), w) for w in range(workers)])
-    finally:
-        if started: ray.shutdown()
+        ray.get([task.remote(str(tune_dir), per, cpus, w) for w in range(workers)])
 
 
 def counts(study) -> dict:
