@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .distributed import world_size
 from .features import head_learner, use_feature_cache
 from .recipes import Recipe, cache_mode
 
@@ -69,6 +70,8 @@ def find_lr(learn, recipe: Recipe, run_dir=None, quiet=()) -> dict:
 def fitting_learner(learn, recipe: Recipe, cbs):
     "The Learner that fits: a head-only Learner on cached body features when the body is frozen, else `learn`."
     use, why = use_feature_cache(learn, cache_mode(recipe.cache_features), recipe.aug)
+    if use and world_size() > 1:  # each process would compute (and write) its own cache of the same images
+        use, why = False, f"not cached: data-parallel over {world_size()} processes; {why}"
     learn.feature_cache_decision = why
     if use:
         t0 = time.perf_counter()
