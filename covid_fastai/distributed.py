@@ -16,6 +16,7 @@ Only rank 0 owns the run folder (train.run); the others fit and leave. The globa
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import os
@@ -54,22 +55,23 @@ def setup() -> str | None:
     cuda = torch.cuda.is_available()
     if cuda: torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group("nccl" if cuda else "gloo")
+    # kept for the process's life: runs one after another reuse it (joining the launcher's group twice fails)
+    atexit.register(teardown)
     return dist.get_backend()
 
 
 def teardown():
-    "Leave the process group (each process, at the end of its part of the run)."
+    "Leave the process group (at exit, see `setup`)."
     if dist.is_available() and dist.is_initialized(): dist.destroy_process_group()
 
 
 @contextlib.contextmanager
 def alone():
-    """Rank 0 after the fit, evaluating on its own: out of the process group, and WORLD_SIZE=1 meanwhile, since
-    fastai's `to_detach` gathers predictions from every process whenever WORLD_SIZE says there are several."""
+    """Rank 0 after the fit, evaluating on its own: WORLD_SIZE=1 meanwhile, since fastai's `to_detach` gathers
+    predictions from every process whenever WORLD_SIZE says there are several (the others have left)."""
     if world_size() <= 1:
         yield
         return
-    teardown()
     was = os.environ.get("WORLD_SIZE")
     os.environ["WORLD_SIZE"] = "1"
     try: yield

@@ -98,8 +98,7 @@ def run(recipe: Recipe, out=None, resume=None, export: bool = False, cbs=None, s
     r = _Run(recipe, learn, folders, rd, state, export, [*(cbs or []), *tracking.callbacks(rd)], t_start,
              evaluate_on=evaluate_on)
     with rd.lock(), deterministic(recipe.reproducible), tracking.around(rd):
-        try: _run_in(r)
-        finally: distributed.teardown()  # already left when the fit ended well (`distributed.alone`)
+        _run_in(r)
     return rd.path
 
 
@@ -107,14 +106,12 @@ def _follow(recipe: Recipe, resume=None) -> None:
     "Rank > 0 of a data-parallel run: the same Learner, checkpoint state and fit as rank 0, and no files written."
     learn, folders = recipe_learner(recipe)
     state = load_checkpoint(resume, learn, recipe.name, folders.root) if resume is not None else None
-    try:
-        with deterministic(recipe.reproducible):
-            trainer = fitting_learner(learn, recipe, [EpochCheckpoint.of(learn, None, state)] if state else [])
-            trainer.recorder.train_metrics = True  # as rank 0's: its metrics gather from every process
-            if state is not None: restore_fit_state(trainer, state)
-            lr = _fit_lr(recipe, None)
-            with distributed.data_parallel(trainer): fit_recipe(trainer, recipe, lr, state["epoch"] + 1 if state else 0)
-    finally: distributed.teardown()
+    with deterministic(recipe.reproducible):
+        trainer = fitting_learner(learn, recipe, [EpochCheckpoint.of(learn, None, state)] if state else [])
+        trainer.recorder.train_metrics = True  # as rank 0's: its metrics gather from every process
+        if state is not None: restore_fit_state(trainer, state)
+        lr = _fit_lr(recipe, None)
+        with distributed.data_parallel(trainer): fit_recipe(trainer, recipe, lr, state["epoch"] + 1 if state else 0)
 
 
 def _fit_lr(recipe: Recipe, lr: float | None) -> float:
