@@ -24,12 +24,17 @@ sys.path.insert(0, str(WORKER.parent))
 from ddp_worker import SETTINGS  # noqa: E402
 
 
-def torchrun(*args, timeout=240):
-    "`torchrun --standalone --nproc_per_node 2 ARGS` with one thread per process; fails the test on a hang."
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+# `accelerate launch --cpu --num_processes 2` starts one process; --multi_gpu starts 2 (torch's launcher), CPU or not
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
+def launch(launcher, *args, timeout=240):
+    "`launcher ARGS` (2 processes) with one thread per process; a hang fails the test."
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    env.pop("WORLD_SIZE", None), env.pop("RANK", None)
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           *map(str, args)], env=env, capture_output=True, text=True, timeout=timeout)
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"): env.pop(k, None)
+    return subprocess.run([*launcher, *map(str, args)], env=env, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +51,7 @@ def data(tmp_path_factory) -> Path:
 def worker(data, tmp_path_factory) -> Path:
     "The folder of `ddp_worker.py`'s outputs (shards.json, runs/, killed/)."
     out = tmp_path_factory.mktemp("ddp_out")
-    p = torchrun(WORKER, out, data)
+    p = launch(TORCHRUN, WORKER, out, data)
     assert p.returncode != 0, "rank 0 of the last run kills itself"
     assert "SIGKILL" in p.stderr and (out / "killed").is_dir(), p.stderr[-3000:]
     return out
@@ -106,10 +111,18 @@ def test_one_run_folder_and_every_test_image_once(ddp_run, data):
     assert sorted(Path(f).name for f in preds.iloc[:, 0]) == tests
 
 
+def test_resume_needs_the_same_number_of_processes(tmp_path):
+    from covid_fastai.distributed import check_resume_world
+    from covid_fastai.errors import RunFolderError
+    check_resume_world({"recipe": {"bs": 8}}, tmp_path)  # started alone, resumed alone
+    with pytest.raises(RunFolderError, match="torchrun --nproc_per_node 2 .* global batch stays 16"):
+        check_resume_world({"recipe": {"bs": 8}, "distributed": {"world_size": 2}}, tmp_path)
+
+
 def test_a_killed_run_resumes(worker):
     (run_dir,) = (worker / "killed" / "resnet18_head").iterdir()
     assert (run_dir / "checkpoint.pt").is_file() and len((run_dir / "history.csv").read_text().splitlines()) == 2
-    p = torchrun("-m", "covid_fastai", "resume", run_dir)
+    p = launch(ACCELERATE, "-m", "covid_fastai", "resume", run_dir)  # the other launcher
     assert p.returncode == 0, p.stderr[-3000:]
     assert "test accuracy" in p.stdout and p.stdout.count(str(run_dir)) == 1  # rank 0 alone prints the summary
     cfg = json.loads((run_dir / "config.json").read_text())
