@@ -85,16 +85,19 @@ class Interleave(Callback):
 
 def test_one_epoch_equals_one_process_with_the_global_batch(ddp_run, data, tmp_path):
     """Same seed, global batch 16 (2 x 8) against bs 16 in one process, and lr_scaling 'linear' (0.05 x 2) against
-    lr 0.1: after one epoch (2 SGD steps) every weight agrees to 1e-5 (float sums in another order)."""
+    lr 0.1: after one epoch (2 SGD steps) every weight agrees to 1e-5 (float sums in another order). The 2-process
+    run asked for cached features and was refused them (the one process fits uncached too)."""
     ddp_dir = ddp_run[1][0]
     rec = with_overrides(load_recipe("resnet18_head"), data=str(data),
-                         **{**SETTINGS, "bs": 16, "lr": SETTINGS["lr"] * 2, "lr_scaling": "none"})
+                         **{**SETTINGS, "bs": 16, "lr": SETTINGS["lr"] * 2, "lr_scaling": "none", "cache_features": "off"})
     one = run(rec, out=tmp_path, cbs=[Interleave()])
     w1, w2 = load_file(one / "model.safetensors"), load_file(ddp_dir / "model.safetensors")
     assert w1.keys() == w2.keys()
     for k in w1:  # measured here: 1.5e-8 at most; 4.8e-3 when the one process reads its batches in another order
         if w1[k].is_floating_point(): assert (w1[k] - w2[k]).abs().max() < 1e-5, k
-    d = json.loads((ddp_dir / "config.json").read_text())["distributed"]
+    cfg = json.loads((ddp_dir / "config.json").read_text())
+    assert cfg["speed"]["feature_cache_decision"].startswith("not cached: data-parallel over 2 processes")
+    d = cfg["distributed"]
     assert {k: d[k] for k in ("world_size", "bs_per_process", "global_bs", "lr_scaling", "lr", "backend")} == dict(
         world_size=2, bs_per_process=8, global_bs=16, lr_scaling="linear", lr=SETTINGS["lr"] * 2, backend="gloo")
 
@@ -109,6 +112,15 @@ def test_one_run_folder_and_every_test_image_once(ddp_run, data):
     import pandas as pd
     preds = pd.read_csv(run_dir / "predictions.csv")
     assert sorted(Path(f).name for f in preds.iloc[:, 0]) == tests
+
+
+def test_a_launch_without_ranks_is_refused(monkeypatch):
+    "accelerate's debug_launcher sets WORLD_SIZE but not RANK: every process would be rank 0."
+    from covid_fastai import distributed
+    from covid_fastai.errors import UserError
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(UserError, match="RANK is not.*torchrun"): distributed.setup()
 
 
 def test_resume_needs_the_same_number_of_processes(tmp_path):
