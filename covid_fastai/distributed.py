@@ -67,8 +67,8 @@ def teardown():
 
 @contextlib.contextmanager
 def alone():
-    """Rank 0 after the fit, evaluating on its own: WORLD_SIZE=1 meanwhile, since fastai's `to_detach` gathers
-    predictions from every process whenever WORLD_SIZE says there are several (the others have left)."""
+    """Rank 0 working by itself (lr_find before the fit, evaluation after it): WORLD_SIZE=1 meanwhile, since
+    fastai's `to_detach` gathers from every process whenever WORLD_SIZE says there are several."""
     if world_size() <= 1:
         yield
         return

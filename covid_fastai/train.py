@@ -136,7 +136,8 @@ def _run_in(r: _Run):
         config.update(run_facts(r.recipe, learn, r.folders, trainer))
         rd.save()
         if r.recipe.lr_find and "lr_find" not in config:  # a resumed run keeps the rate it started with
-            with phase("lr_find"): config["lr_find"] = find_lr(trainer, r.recipe, rd.path, quiet=_own_cbs(r))
+            with phase("lr_find"), distributed.alone():  # data-parallel: rank 0's, while the others wait for it
+                config["lr_find"] = find_lr(trainer, r.recipe, rd.path, quiet=_own_cbs(r))
             rd.save()
         lr = _fit_lr(r.recipe, config["lr_find"]["lr"] if r.recipe.lr_find else r.recipe.lr)
         if distributed.world_size() > 1:
