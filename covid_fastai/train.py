@@ -82,9 +82,9 @@ def run(recipe: Recipe, out=None, resume=None, export: bool = False, cbs=None, s
     if evaluate_on not in ("test", "valid"):
         raise ValueError(f"evaluate_on must be 'test' or 'valid', got {evaluate_on!r}")
     t_start = time.perf_counter()
-    if distributed.setup() is not None:  # one of several processes (torchrun, accelerate launch)
-        if resume is not None: distributed.check_resume_world(RunDir.open(resume).config, resume)
-        if not distributed.is_main(): return _follow(recipe, resume)
+    distributed.setup()  # one of several processes (torchrun, accelerate launch): join them
+    if resume is not None: distributed.check_resume_world(RunDir.open(resume).config, resume)  # as many as before
+    if not distributed.is_main(): return _follow(recipe, resume)
     record = RunDir.open(resume).config.get("tracking") if resume is not None else None
     tracking = Tracking.of(track, Path(resume).parent.parent if resume is not None else out or OUTPUTS, record)
     learn, folders = recipe_learner(recipe)
