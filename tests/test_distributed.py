@@ -1,11 +1,12 @@
 """Data-parallel runs on CPU: 2 processes under torchrun (gloo), a tiny frozen-body model, generated images.
 
-One torchrun (tests/ddp_worker.py) serves every test: it records the shards, makes a 1-epoch run, then a run
-whose rank 0 is killed after its first checkpoint; a second torchrun resumes that one (`-m covid_fastai resume`).
+One torchrun (tests/ddp_worker.py) records the shards, makes a 1-epoch run, then a run whose rank 0 is killed
+after its first checkpoint; `accelerate launch` resumes that one (`-m covid_fastai resume`). One test checks it
+all, so pytest-xdist cannot start those processes twice on two workers.
 """
 import json
 import os
-import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -30,41 +31,46 @@ ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def launch(launcher, *args, timeout=240):
-    "`launcher ARGS` (2 processes) with one thread per process; a hang fails the test."
+    "`launcher ARGS` (2 processes) with one thread per process, on a free port; a hang fails the test."
+    if launcher is ACCELERATE: launcher = [*launcher, "--main_process_port", str(free_port())]  # else 29500
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"): env.pop(k, None)
     return subprocess.run([*launcher, *map(str, args)], env=env, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
+@pytest.fixture
+def data(tmp_path) -> Path:
     """32 training images (two shards of 16: two batches of 8 each), and odd valid (11) and test (13) splits, which
     fastai's DistributedDL would pad with a duplicate: the run's metrics must count each image once."""
     from covid_fastai.demo import make_demo_data
-    root = make_demo_data(tmp_path_factory.mktemp("ddp") / "data", counts={"train": 16, "valid": 6, "test": 7}, size=32)
+    root = make_demo_data(tmp_path / "data", counts={"train": 16, "valid": 6, "test": 7}, size=32)
     for split in ("valid", "test"): sorted((root / split / "normal").iterdir())[0].unlink()
     return root
 
 
-@pytest.fixture(scope="module")
-def worker(data, tmp_path_factory) -> Path:
-    "The folder of `ddp_worker.py`'s outputs (shards.json, runs/, killed/)."
-    out = tmp_path_factory.mktemp("ddp_out")
+def test_two_processes(data, tmp_path):
+    "The worker's runs (see the module docstring), checked one concern at a time below."
+    out = tmp_path / "worker"
+    out.mkdir()
     p = launch(TORCHRUN, WORKER, out, data)
     assert p.returncode != 0, "rank 0 of the last run kills itself"
     assert "SIGKILL" in p.stderr and (out / "killed").is_dir(), p.stderr[-3000:]
-    return out
+    runs = list((out / "runs" / "resnet18_head").iterdir())
+    check_shards_are_disjoint_and_cover_the_epoch(out)
+    check_one_run_folder_and_every_test_image_once(runs, data)
+    check_one_epoch_equals_one_process_with_the_global_batch(runs[0], data, tmp_path / "one")
+    check_a_killed_run_resumes(out)
 
 
-@pytest.fixture(scope="module")
-def ddp_run(worker):
-    "(the worker's folder, the run folders of its 1-epoch 2-process run)."
-    return worker, list((worker / "runs" / "resnet18_head").iterdir())
-
-
-def test_shards_are_disjoint_and_cover_the_epoch(ddp_run):
-    s = json.loads((ddp_run[0] / "shards.json").read_text())
+def check_shards_are_disjoint_and_cover_the_epoch(out):
+    s = json.loads((out / "shards.json").read_text())
     a, b = s["shards"]
     assert len(a) == len(b) == s["n"] // 2
     assert not set(a) & set(b) and sorted(a + b) == list(range(s["n"]))
@@ -83,11 +89,10 @@ class Interleave(Callback):
         dl.get_idxs = interleaved
 
 
-def test_one_epoch_equals_one_process_with_the_global_batch(ddp_run, data, tmp_path):
+def check_one_epoch_equals_one_process_with_the_global_batch(ddp_dir, data, tmp_path):
     """Same seed, global batch 16 (2 x 8) against bs 16 in one process, and lr_scaling 'linear' (0.05 x 2) against
     lr 0.1: after one epoch (2 SGD steps) every weight agrees to 1e-5 (float sums in another order). The 2-process
     run asked for cached features and was refused them (the one process fits uncached too)."""
-    ddp_dir = ddp_run[1][0]
     rec = with_overrides(load_recipe("resnet18_head"), data=str(data),
                          **{**SETTINGS, "bs": 16, "lr": SETTINGS["lr"] * 2, "lr_scaling": "none", "cache_features": "off"})
     one = run(rec, out=tmp_path, cbs=[Interleave()])
@@ -102,8 +107,8 @@ def test_one_epoch_equals_one_process_with_the_global_batch(ddp_run, data, tmp_p
         world_size=2, bs_per_process=8, global_bs=16, lr_scaling="linear", lr=SETTINGS["lr"] * 2, backend="gloo")
 
 
-def test_one_run_folder_and_every_test_image_once(ddp_run, data):
-    (run_dir,) = ddp_run[1]  # rank 1 created no folder of its own
+def check_one_run_folder_and_every_test_image_once(runs, data):
+    (run_dir,) = runs  # rank 1 created no folder of its own
     cfg, m = (json.loads((run_dir / f).read_text()) for f in ("config.json", "metrics.json"))
     assert cfg["status"] == "complete"
     tests = sorted(p.name for p in (data / "test").rglob("*.png"))
@@ -131,7 +136,7 @@ def test_resume_needs_the_same_number_of_processes(tmp_path):
         check_resume_world({"recipe": {"bs": 8}, "distributed": {"world_size": 2}}, tmp_path)
 
 
-def test_a_killed_run_resumes(worker):
+def check_a_killed_run_resumes(worker):
     (run_dir,) = (worker / "killed" / "resnet18_head").iterdir()
     assert (run_dir / "checkpoint.pt").is_file() and len((run_dir / "history.csv").read_text().splitlines()) == 2
     p = launch(ACCELERATE, "-m", "covid_fastai", "resume", run_dir)  # the other launcher
