@@ -9,7 +9,8 @@ module fixes what fastai assumes about CUDA (docs/distributed.md):
 - `broadcast_dl()` broadcasts each epoch's shuffled indices as a CPU tensor under gloo (fastai's
   `DistributedDL._broadcast` calls `.cuda()`);
 - `sync_bn` only on CUDA (`nn.SyncBatchNorm` raises in CPU training), and `Accelerator(cpu=True)` on CPU
-  (without it Accelerate sees no GPU and quietly trains one unsynchronised model per process).
+  (without it Accelerate finds no GPU, sets up no distributed state and `prepare` wraps nothing: one
+  unsynchronised model per process; accelerate/state.py `_prepare_backend`).
 
 Only rank 0 owns the run folder (train.run); the others fit and leave. The global batch is `bs x world size`;
 `Recipe.lr_scaling='linear'` multiplies the rate by the world size (off by default).
