@@ -47,7 +47,7 @@ def rng_states(learn) -> dict:
     kind, keys, *rest = st["numpy_state"]
     st["numpy_state"] = [kind, torch.from_numpy(keys.astype(np.int64)), *rest]  # torch has no uint32 to save
     # fastai's DataLoader shuffles with its own random.Random, reseeded from itself every epoch
-    return {**st, "dl_train": learn.dls.train.rng.getstate(), "dl_valid": learn.dls.valid.rng.getstate()}
+    return {**st, "dl_train": _loader(learn.dls.train).rng.getstate(), "dl_valid": _loader(learn.dls.valid).rng.getstate()}
 
 
 def set_rng_states(learn, st: dict):
@@ -60,8 +60,18 @@ def set_rng_states(learn, st: dict):
         torch_cuda_state=st["torch_cuda_state"] if torch.cuda.is_available() else [],  # saved on a GPU, resumed on CPU
         torch_deterministic=st.get("torch_deterministic", torch.backends.cudnn.deterministic),
         torch_benchmark=st.get("torch_benchmark", torch.backends.cudnn.benchmark))
-    learn.dls.train.rng.setstate(_tuples(st["dl_train"]))
-    learn.dls.valid.rng.setstate(_tuples(st["dl_valid"]))
+    _loader(learn.dls.train).rng.setstate(_tuples(st["dl_train"]))
+    _loader(learn.dls.valid).rng.setstate(_tuples(st["dl_valid"]))
+
+
+def _loader(dl):
+    "The loader that shuffles: in a data-parallel fit fastai's DistributedDL wraps it (rank 0's order is shared)."
+    return dl.dl if any(c.__name__ == "DistributedDL" for c in type(dl).__mro__) else dl
+
+
+def _unwrapped(model):
+    "The model itself, not its DistributedDataParallel wrapper (whose state_dict keys start with 'module.')."
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
 def data_digest(learn) -> str:
@@ -85,7 +95,9 @@ class EpochCheckpoint(FitOnlyCallback):
     order = 90  # after Recorder (50) and HistoryCSV (61) have recorded the epoch
 
     def __init__(self, fname, data_digest: str, state: dict | None = None, targets_digest: str | None = None):
-        self.fname, self.digest, self.targets, self.state = Path(fname), data_digest, targets_digest, state
+        # fname None: restore only, write nothing (the other processes of a data-parallel run)
+        self.fname = Path(fname) if fname is not None else None
+        self.digest, self.targets, self.state = data_digest, targets_digest, state
         self.start_epoch = state["epoch"] + 1 if state else 0
 
     @classmethod
@@ -113,12 +125,12 @@ class EpochCheckpoint(FitOnlyCallback):
             tp.epoch_times, tp.epoch_images = list(self.state["throughput"][0]), list(self.state["throughput"][1])
 
     def after_epoch(self):
-        if self.epoch < self.start_epoch: return  # skipped by fastai's SkipToEpoch on resume
+        if self.epoch < self.start_epoch or self.fname is None: return  # skipped by fastai's SkipToEpoch on resume
         tp = getattr(self.learn, "train_throughput", None)
         sl = self.recorder.smooth_loss
         ckpt = {"epoch": self.epoch, "n_epoch": self.n_epoch, "data_digest": self.digest,
                 "targets_digest": self.targets,
-                "model": self.learn.model.state_dict(), "opt": self.learn.opt.state_dict(),
+                "model": _unwrapped(self.learn.model).state_dict(), "opt": self.learn.opt.state_dict(),
                 "rng": rng_states(self.learn), "smooth_loss": {"count": sl.count, "val": sl.val},
                 "throughput": [list(tp.epoch_times), list(tp.epoch_images)] if tp else [[], []]}
         ema = getattr(self.learn, "weights_ema", None)  # covid_fastai.ema: the average goes on with the run

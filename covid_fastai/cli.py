@@ -19,6 +19,11 @@ from .rundir import run_summary
 __all__ = ["main", "script_main", "Commands", "spell"]
 
 
+def _print_summary(run_dir: Path | None):
+    "A finished run's one line; None: another process of a data-parallel run (rank 0 prints it)."
+    if run_dir is not None: print(run_summary(run_dir))
+
+
 def _eval_summary(d: Path) -> str:
     m = json.loads((d / "metrics.json").read_text())
     t, pos = m["at_threshold"], m["positive_class"]
@@ -56,7 +61,7 @@ class Commands:
                               track=track)
         from .train import run_recipe
         run_dir = run_recipe(name, out=out, export=export, track=track, **overrides)
-        print(run_summary(run_dir))
+        _print_summary(run_dir)
 
     @bools_by_type
     def resume(self, run_dir: str, export: bool = False, track: str | None = None):
@@ -77,7 +82,7 @@ class Commands:
             raise RunFolderError(f"{d} is not a run folder (no config.json) nor a sweep folder (no {SWEEP_FILE})",
                                  "pass one a run or sweep created, e.g. outputs/<recipe>/<timestamp> or "
                                  "outputs/sweeps/<timestamp>", path=d)
-        print(run_summary(resume(run_dir, export=export, track=track)))
+        _print_summary(resume(run_dir, export=export, track=track))
 
     @bools_by_type
     def check(self, data: str, strict: bool = False, limit: int = 50):
@@ -364,6 +369,6 @@ def script_main(recipe, argv=None):
              **overrides):
         if resume is not None:  # the same options as `python -m covid_fastai recipe NAME`
             return _resume_as(recipe.name, run_dir=resume, export=export, out=out, overrides=overrides, track=track)
-        print(run_summary(run(with_overrides(recipe, **overrides), out=out, export=export, track=track)))
+        _print_summary(run(with_overrides(recipe, **overrides), out=out, export=export, track=track))
 
     fire_command(_run, list(sys.argv[1:] if argv is None else argv))

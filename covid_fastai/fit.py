@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .distributed import world_size
 from .ema import ema_callbacks
 from .features import head_learner, use_feature_cache
 from .recipes import Recipe, cache_mode
@@ -73,6 +74,8 @@ def fitting_learner(learn, recipe: Recipe, cbs):
     use, why = use_feature_cache(learn, cache_mode(recipe.cache_features), recipe.aug)
     if use and recipe.balance != "none":  # the cache's loaders draw every image once: they would ignore the weights
         use, why = False, f"balance {recipe.balance!r} weights the image draws: not cached"
+    if use and world_size() > 1:  # each process would compute (and write) its own cache of the same images
+        use, why = False, f"not cached: data-parallel over {world_size()} processes; {why}"
     cbs = [*cbs, *ema_callbacks(recipe.ema)]
     learn.feature_cache_decision = why
     if use:

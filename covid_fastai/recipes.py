@@ -96,6 +96,9 @@ class Recipe:
     # discriminative rates: lowest group's lr = lr / lr_mult (1 = one rate, the assignment's); below 1 the lowest
     # group's rate would exceed the head's
     lr_mult: Annotated[float, POSITIVE, at_least(1, "1 = one rate for every layer group")] = 1.0
+    # data-parallel runs (docs/distributed.md): the global batch is bs x processes; 'linear' multiplies lr by the
+    # number of processes (the linear scaling rule), 'none' keeps it
+    lr_scaling: Literal["none", "linear"] = "none"
     label_smoothing: Fraction = 0.0  # label smoothing of the cross-entropy (0 = plain, the assignment's)
     mom: Fraction | None = 0.9      # SGD momentum / Adam beta1, held constant. None (modern): 0.9, and under one_cycle
                                     # fastai's momentum cycle 0.95 -> 0.85 -> 0.95, which fit_one_cycle sets per batch

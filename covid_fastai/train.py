@@ -8,6 +8,10 @@ Interruptions: every finished epoch writes `checkpoint.pt` (checkpoint.py). conf
 then `complete`, `interrupted` (Ctrl-C / SIGTERM: `RunInterrupted` is raised, saying how to go on) or `failed`
 (with the error). `resume(RUN_DIR)` rebuilds the recipe from config.json and continues in the same folder from
 the next epoch, ending where an uninterrupted run with the same seed would.
+
+Data-parallel (torchrun / accelerate launch, covid_fastai.distributed): every process builds the same Learner and
+fits its shard; rank 0 alone creates, locks and writes the run folder, checkpoints and evaluates (on the full
+valid and test splits, each image once).
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from fastai.vision.all import ProgressCallback
 from safetensors.torch import save_file
 
 from .callbacks import HistoryCSV, OneClassWarning, TrainThroughput, plain_epoch_log
+from . import distributed
 from .checkpoint import EpochCheckpoint, load_checkpoint, restore_fit_state
 from .data import XrayFolders
 from .errors import Command, RunFolderError, RunInterrupted, UserError, note_fix, recipe_command
@@ -62,8 +67,8 @@ class _Run:
 
 @phase_lines()  # in logs and pipes, each step around training prints a line as it starts and ends
 def run(recipe: Recipe, out=None, resume=None, export: bool = False, cbs=None, started=None, track=None,
-        evaluate_on: str = "test") -> Path:
-    """Train and evaluate `recipe`; returns the run folder.
+        evaluate_on: str = "test") -> Path | None:
+    """Train and evaluate `recipe`; returns the run folder (None on the other processes of a data-parallel run).
 
     resume: a run folder of this recipe with a `checkpoint.pt`: continue it from the next epoch (see `resume`).
     export: also write fastai's pickled `export.pkl` (`learn.export`); load it only with `load_export(trust=True)`.
@@ -77,6 +82,9 @@ def run(recipe: Recipe, out=None, resume=None, export: bool = False, cbs=None, s
     if evaluate_on not in ("test", "valid"):
         raise ValueError(f"evaluate_on must be 'test' or 'valid', got {evaluate_on!r}")
     t_start = time.perf_counter()
+    distributed.setup()  # one of several processes (torchrun, accelerate launch): join them
+    if resume is not None: distributed.check_resume_world(RunDir.open(resume).config, resume)  # as many as before
+    if not distributed.is_main(): return _follow(recipe, resume)
     record = RunDir.open(resume).config.get("tracking") if resume is not None else None
     tracking = Tracking.of(track, Path(resume).parent.parent if resume is not None else out or OUTPUTS, record)
     learn, folders = recipe_learner(recipe)
@@ -92,6 +100,23 @@ def run(recipe: Recipe, out=None, resume=None, export: bool = False, cbs=None, s
     with rd.lock(), deterministic(recipe.reproducible), tracking.around(rd):
         _run_in(r)
     return rd.path
+
+
+def _follow(recipe: Recipe, resume=None) -> None:
+    "Rank > 0 of a data-parallel run: the same Learner, checkpoint state and fit as rank 0, and no files written."
+    learn, folders = recipe_learner(recipe)
+    state = load_checkpoint(resume, learn, recipe.name, folders.root) if resume is not None else None
+    with deterministic(recipe.reproducible):
+        trainer = fitting_learner(learn, recipe, [EpochCheckpoint.of(learn, None, state)] if state else [])
+        trainer.recorder.train_metrics = True  # as rank 0's: its metrics gather from every process
+        if state is not None: restore_fit_state(trainer, state)
+        lr = _fit_lr(recipe, None)
+        with distributed.data_parallel(trainer): fit_recipe(trainer, recipe, lr, state["epoch"] + 1 if state else 0)
+
+
+def _fit_lr(recipe: Recipe, lr: float | None) -> float:
+    "The rate every process fits with: rank 0's `lr` (its lr_find's, or the recipe's), scaled under lr_scaling."
+    return distributed.scaled_lr(distributed.agree(lr), recipe)
 
 
 def _run_in(r: _Run):
@@ -111,12 +136,17 @@ def _run_in(r: _Run):
         config.update(run_facts(r.recipe, learn, r.folders, trainer))
         rd.save()
         if r.recipe.lr_find and "lr_find" not in config:  # a resumed run keeps the rate it started with
-            with phase("lr_find"): config["lr_find"] = find_lr(trainer, r.recipe, rd.path, quiet=_own_cbs(r))
+            with phase("lr_find"), distributed.alone():  # data-parallel: rank 0's, while the others wait for it
+                config["lr_find"] = find_lr(trainer, r.recipe, rd.path, quiet=_own_cbs(r))
+            rd.save()
+        lr = _fit_lr(r.recipe, config["lr_find"]["lr"] if r.recipe.lr_find else r.recipe.lr)
+        if distributed.world_size() > 1:
+            config["distributed"] = distributed.facts(r.recipe, lr)
             rd.save()
         with phase(f"fit: {r.recipe.epochs} epoch(s)" + (f", from epoch {r.start_epoch}" if r.start_epoch else "")):
-            fit_recipe(trainer, r.recipe, config["lr_find"]["lr"] if r.recipe.lr_find else r.recipe.lr, r.start_epoch)
+            with distributed.data_parallel(trainer): fit_recipe(trainer, r.recipe, lr, r.start_epoch)
         trainer.remove_cbs(_own_cbs(r))  # fastai's tta fires before_fit/after_fit: the run's callbacks leave first
-        _finish(r)
+        with distributed.alone(): _finish(r)  # data-parallel: rank 0 evaluates the whole splits by itself
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (the CLI turns it into KeyboardInterrupt)
         fix, command = _how_to_continue(r)
         done = len(getattr(r.throughput, "epoch_times", None) or [])
@@ -167,6 +197,7 @@ def _finish(r: _Run):
     rec, learn, folders, d, tp = r.recipe, r.learn, r.folders, r.dir, r.throughput
     # Training time includes making (or loading) the feature cache, so cached and uncached runs compare fairly.
     train_s = tp.seconds + r.trainer.feature_seconds
+    world = d.config.get("distributed", {}).get("world_size", 1)  # rank 0 timed its shard, the others theirs alongside
     save_file({k: v.detach().contiguous() for k, v in learn.model.state_dict().items()}, d / "model.safetensors")
     if r.export: export_learner(learn, d.path)
 
@@ -184,7 +215,7 @@ def _finish(r: _Run):
                                 labels=folders.labels, root=folders.root)
     metrics = {**m, "valid": {t: binary_metrics(yv, pv, v) for t, v in (("at_0.5", 0.5),
                                                                       ("at_threshold", threshold["value"]))},
-               "train_seconds": train_s, "train_images_per_s": sum(tp.epoch_images) / max(train_s, 1e-9),
+               "train_seconds": train_s, "train_images_per_s": sum(tp.epoch_images) * world / max(train_s, 1e-9),
                "wall_seconds": None}
     history = pd.read_csv(d / "history.csv")
     files = {"curves": plot_curves(history, d / "curves.png", f"{rec.name}{note}"), **files}
