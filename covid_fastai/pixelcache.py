@@ -9,7 +9,7 @@ the caller's `decode` function, in `<cache>/decoded/<key>/`:
 - `index.npy`: one row per image, (offset, height, width, size, mtime_ns);
 - `files.json`: the images' real paths, in row order.
 
-The key hashes the working size, each image's real path, byte size and modification time (a `stat`, not a read:
+The key hashes the working size, each distinct image's real path (in sorted order), byte size and modification time (a `stat`, not a read:
 the key of 85k images costs well under a second), so a changed data set or size makes a new store. Processes
 read the store through `numpy.memmap`: ranks and DataLoader workers share the operating system's page cache,
 and nothing is copied per process. The build is atomic and happens once: builders take a lock per key (a second
@@ -37,13 +37,15 @@ STORE_VERSION = 1  # bump when the layout or what `decode` means changes
 
 
 def _identity(files) -> list[tuple[str, int, int]]:
-    "(real path, byte size, mtime_ns) per file: what decides whether cached pixels are still the file's."
-    out = []
+    """(real path, byte size, mtime_ns) per distinct file, sorted by path: what decides whether cached pixels are
+    still the file's. Sorted, so the folds of a cross-validation (the same images split differently) share one store."""
+    out = {}
     for f in files:
         p = os.path.realpath(f)  # the symlinks of a data view (a cross-validation fold) share the file's pixels
-        st = os.stat(p)
-        out.append((p, st.st_size, st.st_mtime_ns))
-    return out
+        if p not in out:
+            st = os.stat(p)
+            out[p] = (p, st.st_size, st.st_mtime_ns)
+    return sorted(out.values())
 
 
 def store_key(identity, size) -> str:

@@ -153,3 +153,16 @@ def test_parallel_build_equals_serial(tmp_path):
     a = P.PixelStore(P.build_store(tmp_path / "a", ident, partial(D.decode_resized, size=32), workers=0))
     b = P.PixelStore(P.build_store(tmp_path / "b", ident, partial(D.decode_resized, size=32), workers=2))
     assert np.array_equal(a.index, b.index) and np.array_equal(a.pixels, b.pixels)
+
+
+def test_same_images_in_another_order_share_the_store(tmp_path):
+    "Cross-validation folds list the same images split (and ordered) differently, and through symlinks: one store."
+    files = _images(tmp_path / "im", 4)
+    (tmp_path / "view").mkdir()
+    links = []
+    for f in files:
+        links.append(tmp_path / "view" / f.name)
+        links[-1].symlink_to(f)
+    a = P.open_or_build(files, 32, lambda f: D.decode_resized(f, 32), root=tmp_path / "c")
+    b = P.open_or_build(links[::-1] + links[:1], 32, lambda f: 1 / 0, root=tmp_path / "c")  # never decodes
+    assert a.folder == b.folder and len(b) == 4 and np.array_equal(b.get(links[2]), a.get(files[2]))
