@@ -142,7 +142,7 @@ def main():
             warm = run_child(args, tmp / "data", env)
             check_warm = timed_check(tmp / "data", env)
             store = sum(f.stat().st_size for f in (tmp / "cache" / "decoded").rglob("pixels.u8"))
-            row = {"n": n, "gen_s": gen, "check_cold_s": check_cold, "check_warm_s": check_warm, "cold": cold,
+            row = {"n": n, "load_avg_1min": os.getloadavg()[0], "gen_s": gen, "check_cold_s": check_cold, "check_warm_s": check_warm, "cold": cold,
                    "warm": warm, "store_mb": store / 2 ** 20}
             print(json.dumps(row), flush=True)
             rows.append(row)
@@ -153,14 +153,14 @@ def main():
 
 def write(args, rows, started):
     L = [f"| images | check cold / warm (s) | start-up cold / warm (s) | of which imports (s) | peak RSS cold / warm "
-         f"(MB) | RSS anon / file at end, warm (MB) | decode store (MB) | train img/s cold / warm |",
-         "|---|---|---|---|---|---|---|---|"]
+         f"(MB) | RSS anon / file at end, warm (MB) | decode store (MB) | train img/s cold / warm | load avg |",
+         "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         c, w = r["cold"], r["warm"]
         L.append(f"| {r['n']:,} | {r['check_cold_s']:.1f} / {r['check_warm_s']:.1f} | {c['startup_s']:.1f} / "
                  f"{w['startup_s']:.1f} | {c['import_s']:.1f} / {w['import_s']:.1f} | {c['VmHWM']:.0f} / "
                  f"{w['VmHWM']:.0f} | {w['RssAnon']:.0f} / {w['RssFile']:.0f} | {r['store_mb']:.0f} | "
-                 f"{c['img_s']:.0f} / {w['img_s']:.0f} |")
+                 f"{c['img_s']:.0f} / {w['img_s']:.0f} | {r['load_avg_1min']:.1f} |")
     text = "\n".join(L)
     cmd = (f"python bench/scale.py --counts {args.counts} --height {args.height} --width {args.width} "
            f"--size {args.size} --bs {args.bs} --batches {args.batches}")

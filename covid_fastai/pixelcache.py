@@ -77,7 +77,10 @@ class PixelStore:
 
     def __getstate__(self): return {"folder": self.folder}  # reopened by path: a pickle never carries the pixels
 
-    def __setstate__(self, d): self.__init__(d["folder"])
+    def __setstate__(self, d):
+        try: self.__init__(d["folder"])
+        except (OSError, ValueError):  # an exported learner on another machine, or a cache cleared since: empty
+            self.folder, self.index, self.pixels, self.rows = Path(d["folder"]), None, None, {}
 
 
 def _decoded(decode: Callable, files, workers: int):

@@ -113,6 +113,10 @@ def test_store_pickles_by_path(tmp_path):
     assert len(blob) < 1000 < store.pixels.nbytes
     again = pickle.loads(blob)
     assert np.array_equal(again.get(files[3]), store.get(files[3]))
+    import shutil
+    shutil.rmtree(store.folder)  # an exported learner loaded where the store is not (another machine, a cleared cache)
+    gone = pickle.loads(blob)
+    assert len(gone) == 0 and gone.get(files[3]) is None
 
 
 def test_batches_match_without_the_store(tiny_data, monkeypatch):
