@@ -9,8 +9,8 @@ a fresh cache folder, then times, each in a new process:
 
 - `check` (`python -m covid_fastai check --data DIR`): cold (nothing scanned yet) and warm;
 - a training process, cold (nothing scanned or decoded yet) and warm (pre-scan and decode store from the cold
-  one): start-up = process start to the first training batch (imports, pre-scan, loaders with the decode store,
-  model), then `--batches` training batches of ResNet-18 (random init) at `--size` px; peak RSS (VmHWM) and
+  one): start-up = process start to the first training batch loaded (imports, pre-scan, loaders with the decode
+  store, model, fit set-up), then `--batches` training batches of ResNet-18 (random init) at `--size` px; peak RSS (VmHWM) and
   its anonymous/file-backed parts at the end (/proc/self/status).
 """
 from __future__ import annotations
@@ -73,9 +73,12 @@ def child(args):
                          resize=args.size, bs=args.bs, epochs=1, workers=0)
     learn, folders = recipe_learner(rec)
     t_learner = time.time()
-    stamps = []
+    stamps, ready = [], []
 
     class Stop(Callback):
+        def before_batch(self):
+            if not ready: ready.append(time.time())  # the first batch is loaded: start-up ends here
+
         def after_batch(self):
             stamps.append(time.time())
             if len(stamps) == args.batches + 1: raise CancelFitException
@@ -84,12 +87,13 @@ def child(args):
     first = stamps[0]  # the first batch includes fastai's one-off set-up: timed from the end of it
     ips = args.batches * args.bs / (stamps[-1] - first)
     print(json.dumps({"import_s": t_import - t0, "learner_s": t_learner - t_import,
-                      "startup_s": first - t0, "img_s": ips, "n_train": len(learn.dls.train_ds),
+                      "startup_s": ready[0] - t0, "img_s": ips, "n_train": len(learn.dls.train_ds),
                       "n_valid": len(learn.dls.valid_ds), **proc_status()}), flush=True)
 
 
 def run_child(args, data: Path, env: dict) -> dict:
-    env = {**env, "SCALE_T0": repr(time.time())}
+    # torch threads: on a machine shared with other jobs, 2 OpenMP threads that spin for cores measured 10x slower
+    env = {**env, "OMP_NUM_THREADS": str(args.threads), "SCALE_T0": repr(time.time())}
     cmd = [sys.executable, __file__, "--child", "--data", str(data), "--size", str(args.size), "--bs", str(args.bs),
            "--batches", str(args.batches)]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -122,8 +126,9 @@ def main():
     ap.add_argument("--height", type=int, default=72, help="generated image height (px)")
     ap.add_argument("--width", type=int, default=64, help="generated image width (px)")
     ap.add_argument("--size", type=int, default=64, help="training size and resize (px)")
-    ap.add_argument("--bs", type=int, default=64, help="batch size")
+    ap.add_argument("--bs", type=int, default=32, help="batch size")
     ap.add_argument("--batches", type=int, default=5, help="timed training batches (after the first)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of the training process")
     ap.add_argument("--out", default=str(HERE / "results-scale.md"), help="the results file (markdown)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
@@ -163,7 +168,7 @@ def write(args, rows, started):
                  f"{c['img_s']:.0f} / {w['img_s']:.0f} | {r['load_avg_1min']:.1f} |")
     text = "\n".join(L)
     cmd = (f"python bench/scale.py --counts {args.counts} --height {args.height} --width {args.width} "
-           f"--size {args.size} --bs {args.bs} --batches {args.batches}")
+           f"--size {args.size} --bs {args.bs} --batches {args.batches} --threads {args.threads}")
     out = Path(args.out)
     head = (f"<!-- measured {started} by `{cmd}` on {cpu_kind()} -->\n")
     out.write_text(head + text + "\n\n<!-- raw -->\n```json\n" + json.dumps(rows, indent=1) + "\n```\n")

@@ -173,9 +173,9 @@ class DecodeOnce(Transform):
         return self.store
 
     def encodes(self, fn: Path):
-        st = os.stat(fn)
-        arr = self.store.get(fn, st) if self.store is not None else None
+        arr = self.store.get(fn) if self.store is not None else None
         if arr is None:
+            st = os.stat(fn)
             # keyed by the file itself: the symlinks of a data view (a cross-validation fold) share its pixels
             key = (os.path.realpath(fn), st.st_mtime_ns, st.st_size, self.resize.size)
             arr = _DECODED.get(key)
