@@ -91,6 +91,20 @@ def child(args):
                       "n_valid": len(learn.dls.valid_ds), **proc_status()}), flush=True)
 
 
+def aug_cost(n: int = 400) -> float:
+    "ms per image for the seed policy's item transforms at 224 px on a 307 x 256 uint8 image (what the store serves)."
+    from fastai.vision.all import Pipeline, PILImage, ToTensor
+    from PIL import Image
+
+    from covid_fastai.augment import make_aug
+    pipe = Pipeline(make_aug("seed", 224).item_tfms() + [ToTensor()], split_idx=0)
+    arrs = [np.random.default_rng(i).integers(0, 255, (307, 256), dtype=np.uint8) for i in range(8)]
+    for a in arrs: pipe(PILImage(Image.fromarray(a)))
+    t = time.perf_counter()
+    for i in range(n): pipe(PILImage(Image.fromarray(np.array(arrs[i % 8]))))
+    return (time.perf_counter() - t) / n * 1000
+
+
 def run_child(args, data: Path, env: dict) -> dict:
     # torch threads: on a machine shared with other jobs, 2 OpenMP threads that spin for cores measured 10x slower
     env = {**env, "OMP_NUM_THREADS": str(args.threads), "SCALE_T0": repr(time.time())}
@@ -130,10 +144,16 @@ def main():
     ap.add_argument("--batches", type=int, default=5, help="timed training batches (after the first)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the training process")
     ap.add_argument("--out", default=str(HERE / "results-scale.md"), help="the results file (markdown)")
+    ap.add_argument("--aug_cost", action="store_true", help="only print the per-image augmentation cost (1 thread)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child: return child(args)
+    if args.aug_cost:
+        import torch
+        torch.set_num_threads(1)
+        return print(f"seed augmentation at 224 px from a 307 x 256 stored image: {aug_cost():.2f} ms per image, "
+                     f"load avg {os.getloadavg()[0]:.1f}, on {cpu_kind()}")
     rows, started = [], time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     for n in (int(c) for c in args.counts.split(",")):
         tmp = Path(tempfile.mkdtemp(prefix=f"covid_scale_{n}_"))
