@@ -10,8 +10,8 @@ a fresh cache folder, then times, each in a new process:
 - `check` (`python -m covid_fastai check --data DIR`): cold (nothing scanned yet) and warm;
 - a training process, cold (nothing scanned or decoded yet) and warm (pre-scan and decode store from the cold
   one): start-up = process start to the first training batch loaded (imports, pre-scan, loaders with the decode
-  store, model, fit set-up), then `--batches` training batches of ResNet-18 (random init) at `--size` px; peak RSS (VmHWM) and
-  its anonymous/file-backed parts at the end (/proc/self/status).
+  store, model, fit set-up), then `--batches` training batches of ResNet-18 (random init) at `--size` px; peak RSS
+  (VmHWM) and its anonymous/file-backed parts at the end (/proc/self/status).
 """
 from __future__ import annotations
 
@@ -167,8 +167,8 @@ def main():
             warm = run_child(args, tmp / "data", env)
             check_warm = timed_check(tmp / "data", env)
             store = sum(f.stat().st_size for f in (tmp / "cache" / "decoded").rglob("pixels.u8"))
-            row = {"n": n, "load_avg_1min": os.getloadavg()[0], "gen_s": gen, "check_cold_s": check_cold, "check_warm_s": check_warm, "cold": cold,
-                   "warm": warm, "store_mb": store / 2 ** 20}
+            row = {"n": n, "load_avg_1min": os.getloadavg()[0], "gen_s": gen, "check_cold_s": check_cold,
+                   "check_warm_s": check_warm, "cold": cold, "warm": warm, "store_mb": store / 2 ** 20}
             print(json.dumps(row), flush=True)
             rows.append(row)
         finally:
@@ -177,8 +177,8 @@ def main():
 
 
 def write(args, rows, started):
-    L = [f"| images | check cold / warm (s) | start-up cold / warm (s) | of which imports (s) | peak RSS cold / warm "
-         f"(MB) | RSS anon / file at end, warm (MB) | decode store (MB) | train img/s cold / warm | load avg |",
+    L = ["| images | check cold / warm (s) | start-up cold / warm (s) | of which imports (s) | peak RSS cold / warm "
+         "(MB) | RSS anon / file at end, warm (MB) | decode store (MB) | train img/s cold / warm | load avg |",
          "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         c, w = r["cold"], r["warm"]

@@ -9,8 +9,9 @@ the caller's `decode` function, in `<cache>/decoded/<key>/`:
 - `index.npy`: one row per image, (offset, height, width, size, mtime_ns);
 - `files.json`: the images' real paths, in row order.
 
-The key hashes the working size, each distinct image's real path (in sorted order), byte size and modification time (a `stat`, not a read:
-the key of 85k images costs well under a second), so a changed data set or size makes a new store. Processes
+The key hashes the working size and each distinct image's real path (in sorted order), byte size and modification
+time (a `stat`, not a read: the key of 85k images costs well under a second), so a changed data set or size makes a
+new store. Processes
 read the store through `numpy.memmap`: ranks and DataLoader workers share the operating system's page cache,
 and nothing is copied per process. The build is atomic and happens once: builders take a lock per key (a second
 rank or worker waits, then reuses the winner's store), write into a temporary folder and rename it into place,
