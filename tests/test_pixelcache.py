@@ -170,3 +170,18 @@ def test_same_images_in_another_order_share_the_store(tmp_path):
     a = P.open_or_build(files, 32, lambda f: D.decode_resized(f, 32), root=tmp_path / "c")
     b = P.open_or_build(links[::-1] + links[:1], 32, lambda f: 1 / 0, root=tmp_path / "c")  # never decodes
     assert a.folder == b.folder and len(b) == 4 and np.array_equal(b.get(links[2]), a.get(files[2]))
+
+
+def test_file_broken_after_the_scan_is_a_one_line_error_and_leaves_no_store(tiny_data, tmp_path, monkeypatch):
+    import shutil
+    from covid_fastai.errors import DataError
+    monkeypatch.setenv("COVID_FASTAI_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "d"
+    shutil.copytree(tiny_data, root)
+    f = D.find_xray_folders(root)
+    bad = f.files("train")[3]
+    bad.write_bytes(b"not an image any more")
+    with pytest.raises(DataError, match="became unreadable during the run") as e:
+        D.xray_dls(f, make_aug("seed", 32), bs=8)
+    assert str(bad) in str(e.value)
+    assert not [p for p in (tmp_path / "cache" / "decoded").iterdir() if not p.name.endswith(".lock")]
