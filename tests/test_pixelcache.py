@@ -185,3 +185,13 @@ def test_file_broken_after_the_scan_is_a_one_line_error_and_leaves_no_store(tiny
         D.xray_dls(f, make_aug("seed", 32), bs=8)
     assert str(bad) in str(e.value)
     assert not [p for p in (tmp_path / "cache" / "decoded").iterdir() if not p.name.endswith(".lock")]
+
+
+@pytest.mark.realdata
+def test_real_xrays_stored_exactly(real_data, tmp_path):
+    "Real JPEGs of several sources and aspect ratios: the store holds what decoding each file gives, at 224 px."
+    files = sorted((real_data / "train").rglob("*.jpg"))[::40]
+    store = P.open_or_build(files, 224, lambda f: D.decode_resized(f, 224), root=tmp_path / "c")
+    assert len(store) == len(files) > 30
+    assert all(np.array_equal(store.get(f), D.decode_resized(f, 224)) for f in files)
+    assert len({store.get(f).shape for f in files}) > 1  # not all one shape: nothing was padded to a common one
