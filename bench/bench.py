@@ -284,7 +284,7 @@ def bench6(quick):
         dls = D.xray_dls(f, D.make_aug("seed", 224), bs=64, num_workers=nw, persistent_workers=nw > 0)
         for ep in range(1 if quick else 2):
             t = time.perf_counter(); n = sum(len(yb) for _, yb in dls.train)
-            rows.append(f"| {nw} workers | {'first (decodes)' if ep == 0 else 'second (cached pixels)'} | "
+            rows.append(f"| {nw} workers | {'first (pixels from the decode store, built when the loaders were made)' if ep == 0 else 'second'} | "
                         f"{n / (time.perf_counter() - t):.0f} |")
             print(rows[-1], flush=True)
     im = TV.Resize(256)(Image.open(f.files("train")[0]).convert("L"))

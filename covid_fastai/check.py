@@ -18,6 +18,7 @@ from .cache import sha256_file
 from .data import find_xray_folders
 from .images import scan_images
 from .labels import index_labels, read_labels_csv, relative_name
+from .progress import phase
 
 __all__ = ["DataCheck", "check_data", "sha256_file"]
 
@@ -81,8 +82,9 @@ def check_data(data) -> DataCheck:
             if n_bad == len(fs):
                 fatal.append(f"class folder {root / split_names.get(split, split) / c} has no readable image")
     by_hash = defaultdict(list)
-    for f in allfiles:
-        if f not in bad_set: by_hash[sha256_file(f)].append(f)
+    readable = [f for f in allfiles if f not in bad_set]
+    with phase(f"duplicates: hash each of {len(readable)} readable images", total=len(readable)) as ph:
+        for f in ph(readable): by_hash[sha256_file(f)].append(f)
     split_of = lambda f: Path(f).relative_to(root).parts[0]
     dups = [g for g in by_hash.values() if len({split_of(f) for f in g}) > 1]
     labels = None

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 
 import numpy as np
@@ -135,31 +135,55 @@ def find_xray_folders(path, scan: bool = True, test: bool = True) -> XrayFolders
     return XrayFolders(root, splits, valid_name, (root / SYNTHETIC_MARKER).exists(), classes, skipped)
 
 
+def decode_resized(fn, size: int) -> np.ndarray:
+    """`fn` as 8-bit grayscale (`open_xray`), short side resized to `size` as torchvision's `Resize(size)` does:
+    what `DecodeOnce` serves, from the shared store or decoded now."""
+    try:
+        im = open_xray(fn, min_side=size)
+    except UnreadableImage as e:  # readable at the pre-scan, so it changed during the run
+        raise DataError(f"{fn} became unreadable during the run ({e})",
+                        "restore it, or remove it, then resume the run", path=fn) from None
+    return np.asarray(T.Resize(size)(im))
+
+
 class DecodeOnce(Transform):
     """Open an image file (`open_xray`: any format, 8-bit grayscale), resize its short side to the working size,
     and keep the result as compact uint8.
 
-    Later epochs (and later runs in the same process, e.g. a sweep) reuse the decoded pixels instead of decoding
-    the JPEG/PNG again. Grayscale stays one channel. The cache is per process and bounded
-    (`$COVID_FASTAI_DECODE_CACHE_MB`, default 4096); entries are keyed by file, size, mtime and resize.
+    The run's train and valid images are decoded once into a store shared on disk (`covid_fastai.pixelcache`:
+    memory-mapped, read by every rank and loader worker without a copy, reused by later runs over the same files
+    and size); `xray_dls` opens or builds it (`use_store`). Other files (the test split, a file changed during the
+    run, a store that could not be written) are decoded when asked and kept in a small per-process cache
+    (`$COVID_FASTAI_DECODE_CACHE_MB`, default 1024), keyed by file, size, mtime and resize. Grayscale stays one
+    channel.
     """
     def __init__(self, resize_to: int):
         super().__init__()
         self.resize = T.Resize(resize_to)  # the assignment's first op, applied exactly once
+        self.store = None  # a `PixelStore`, once `use_store` has opened one
+
+    def use_store(self, files, workers: int = 0):
+        """Open (or build, once) the shared store of `files` at this working size. A cache folder that cannot be
+        written only costs memory: the images are then decoded per process, with a warning."""
+        from .pixelcache import open_or_build
+        try:
+            self.store = open_or_build(files, self.resize.size, partial(decode_resized, size=self.resize.size),
+                                       workers=workers)
+        except OSError as e:
+            warnings.warn(f"decode cache not written ({e}); images are decoded per process instead. Fix: free disk "
+                          "space or set COVID_FASTAI_CACHE to a writable folder", RuntimeWarning, stacklevel=2)
+        return self.store
 
     def encodes(self, fn: Path):
-        st = os.stat(fn)
-        # keyed by the file itself: the symlinks of a data view (a cross-validation fold) share its pixels
-        key = (os.path.realpath(fn), st.st_mtime_ns, st.st_size, self.resize.size)
-        arr = _DECODED.get(key)
+        arr = self.store.get(fn) if self.store is not None else None
         if arr is None:
-            try:
-                im = open_xray(fn, min_side=self.resize.size)  # 8-bit grayscale whatever the file holds
-            except UnreadableImage as e:  # readable at the pre-scan, so it changed during the run
-                raise DataError(f"{fn} became unreadable during the run ({e})",
-                                "restore it, or remove it, then resume the run", path=fn) from None
-            arr = np.asarray(self.resize(im))
-            _remember(key, arr)
+            st = os.stat(fn)
+            # keyed by the file itself: the symlinks of a data view (a cross-validation fold) share its pixels
+            key = (os.path.realpath(fn), st.st_mtime_ns, st.st_size, self.resize.size)
+            arr = _DECODED.get(key)
+            if arr is None:
+                arr = decode_resized(fn, self.resize.size)
+                _remember(key, arr)
         return PILImage(Image.fromarray(arr))
 
 
@@ -168,7 +192,7 @@ _DECODED_BYTES = [0]
 
 
 def _remember(key, arr):
-    budget = int(os.environ.get("COVID_FASTAI_DECODE_CACHE_MB", 4096)) * 2 ** 20
+    budget = int(os.environ.get("COVID_FASTAI_DECODE_CACHE_MB", 1024)) * 2 ** 20
     if _DECODED_BYTES[0] + arr.nbytes <= budget:
         _DECODED[key] = arr
         _DECODED_BYTES[0] += arr.nbytes
@@ -212,6 +236,16 @@ def xray_datablock(folders: XrayFolders, aug: XrayAugment, seed: int = 42, valid
                      splitter=splitter, get_y=get_y or parent_label, item_tfms=aug.item_tfms())
 
 
+def decode_once(dls) -> DecodeOnce:
+    "The `DecodeOnce` transform of `dls` (shared by its train, valid and test loaders)."
+    return next(t for t in dls.train.dataset.tls[0].tfms.fs if isinstance(t, DecodeOnce))
+
+
+def _build_workers() -> int:
+    "Processes that build the decode store: none on 2 cores (they would only compete), else as loader workers."
+    return default_workers()
+
+
 def default_workers() -> int:
     "Loader workers: on a 2-core machine, extra worker processes only fight torch's threads for the cores."
     n = os.cpu_count() or 1
@@ -238,6 +272,8 @@ def xray_dls(folders: XrayFolders, aug: XrayAugment, bs: int = 128, seed: int = 
         wgts = balance_weights(group_keys(items, [label_of(f) for f in items], balance, folders), balance)
         dls = dss.weighted_dataloaders(wgts, bs=bs, num_workers=nw, path=folders.root, after_item=dblock.item_tfms,
                                        after_batch=dblock.batch_tfms, **kwargs)
+    # Before any worker starts: workers inherit the open store (or reopen it by path), so none decodes again.
+    decode_once(dls).use_store(list(dls.train.items) + list(dls.valid.items), workers=_build_workers())
     # Keep the last partial batch, as the seed's torch DataLoader did (fastai drops it, and a data set smaller
     # than one batch would train on nothing); drop it only when it is a single image, which BatchNorm refuses.
     dls.train.drop_last = len(dls.train_ds) % dls.train.bs == 1

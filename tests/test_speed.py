@@ -174,7 +174,8 @@ def test_cached_head_is_the_models_head(tiny_data, tmp_path):
 
 
 def test_decode_once_cache(tiny_data, tmp_path, monkeypatch):
-    "Images are decoded once (per file, size and working size), then served from the uint8 cache."
+    """Train and valid images are decoded once, into the shared store, when the loaders are made; epochs then read
+    the store. A file changed during the run is decoded again (per process); a new loader sees a new store."""
     import numpy as np
     from PIL import Image
 
@@ -188,13 +189,22 @@ def test_decode_once_cache(tiny_data, tmp_path, monkeypatch):
     real_open = Image.open
     monkeypatch.setattr(D.Image, "open", lambda fp, *a, **k: (opened.append(str(fp)), real_open(fp, *a, **k))[1])
     dls = D.xray_dls(f, make_aug("seed", 32), bs=8)
+    fitted = f.files("train") + f.files("valid")
+    # once each for the store, plus fastai's one-item type check of each loader, which runs before the store opens
+    assert set(opened) == set(map(str, fitted)) and len(fitted) <= len(opened) <= len(fitted) + 2
+    n0 = len(opened)
     for _ in range(2): list(dls.train)
-    assert sorted(set(opened)) == sorted(map(str, f.files("train"))) and len(opened) == 24  # once each
-    assert all(v.dtype == np.uint8 and v.ndim == 2 and min(v.shape) == 37 for v in D._DECODED.values())
+    assert len(opened) == n0  # epochs read the store
+    store = D.decode_once(dls).store
+    assert len(store) == 36 and all(min(store.get(p).shape) == 37 for p in fitted)
+    assert store.get(fitted[0]).dtype == np.uint8 and store.get(fitted[0]).ndim == 2
     changed = f.files("train")[0]
     changed.write_bytes(f.files("train")[1].read_bytes())  # new content, size and mtime: decoded again
     list(dls.train)
-    assert len(opened) == 25 and opened[-1] == str(changed)
+    list(dls.train)
+    assert len(opened) == n0 + 1 and opened[-1] == str(changed) and store.get(changed) is None
+    D.xray_dls(D.find_xray_folders(root, scan=False), make_aug("seed", 32), bs=8)  # the changed set: a new store
+    assert len(opened) >= n0 + 1 + 36
 
 
 def test_decoded_eval_pipeline_equals_the_seeds(tiny_data):
