@@ -4,7 +4,8 @@ import re
 
 from covid_fastai.progress import phase, phase_lines
 
-PHASES = ["pre-scan: decode each of 48 images once", "feature cache: ", "fit: 1 epoch(s)", "predict the test split",
+PHASES = ["pre-scan: decode each of 48 images once", "decode cache: decode and resize each of 36 images once",
+          "feature cache: ", "fit: 1 epoch(s)", "predict the test split",
           "predict the valid split", "plots and Grad-CAM grids", "metrics with bootstrap 95% CIs"]
 
 
@@ -15,7 +16,7 @@ def test_a_piped_run_prints_each_phase_as_it_starts_and_ends(labelled_run):
     for i, name in enumerate(PHASES):  # each phase starts, then ends, before the next one starts
         (n1, e1), (n2, e2) = events[2 * i], events[2 * i + 1]
         assert n1.startswith(name) and n1 == n2 and e1 == "started" and e2.startswith("done in"), (name, events)
-    fit_start, fit_end = (lines.index(f"{PHASES[2]}: {e}") for e in ("started", events[5][1]))
+    fit_start, fit_end = (lines.index(f"{PHASES[3]}: {e}") for e in ("started", events[7][1]))
     assert any(ln.startswith("epoch 0 ") for ln in lines[fit_start:fit_end]), "the epoch line sits inside the fit"
     assert not any("%" in ln and "|" in ln for ln in lines), "no redrawn bar in a pipe"
 

@@ -46,10 +46,13 @@ class StopInFit(Callback):
 
 class DecodeSentinel:
     "Records every test image decoded for a model (DecodeOnce -> open_xray), and whether the final step was running."
-    def __init__(self, monkeypatch):
+    def __init__(self, monkeypatch, tmp_path):
         self.in_final, self.during_trials, self.during_final = False, [], []
         real_open, real_final = data_mod.open_xray, tune_mod.score_test_once
-        monkeypatch.setattr(data_mod, "_DECODED", {})  # nothing decoded earlier in the session hides a read
+        # nothing decoded earlier in the session hides a read: not the per-process cache, nor a shared decode store
+        # that an earlier test built on disk over the same files
+        monkeypatch.setattr(data_mod, "_DECODED", {})
+        monkeypatch.setenv("COVID_FASTAI_CACHE", str(tmp_path / "cache"))
 
         def spy_open(fn, *a, **kw):
             if Path(fn).parent.parent.name == "test":
@@ -72,7 +75,7 @@ def _states(tune_dir) -> dict:
 
 def test_tune_resumes_after_a_kill_records_pruned_trials_and_scores_test_once(tiny_data, tmp_path, monkeypatch,
                                                                             one_thread, capsys):
-    sentinel = DecodeSentinel(monkeypatch)
+    sentinel = DecodeSentinel(monkeypatch, tmp_path)
     # 1. trials 0 (complete) and 1 (pruned after epoch 0) finish; Ctrl-C stops trial 2 mid-fit
     with pytest.raises(RunInterrupted, match="the tune has 2 of 4 trials finished"):
         tune("effnet_lite0_head", trials=4, out=tmp_path, space=SPACE, pruner=PruneOdd(), cbs=[StopInFit(3)],
