@@ -48,7 +48,7 @@ def make_step(model, bs, size, bf16: bool, channels_last: bool):
     return step
 
 
-def rates(step, bs, reps: int, warmup: int = 2) -> list[float]:
+def rates(step, bs, reps: int, warmup: int = 1) -> list[float]:
     for _ in range(warmup): step()
     out = []
     for _ in range(reps):
@@ -75,7 +75,7 @@ def main(argv=None):
     p.add_argument("--arch", default="tf_efficientnet_lite0.in1k")
     p.add_argument("--bs", type=int, default=32)
     p.add_argument("--size", type=int, default=224)
-    p.add_argument("--reps", type=int, default=4)  # timed steps per combination (median reported)
+    p.add_argument("--reps", type=int, default=3)  # timed steps per combination (median reported)
     p.add_argument("--rows", type=int, default=15)  # profiler rows per table
     p.add_argument("--label", default="")  # e.g. "AVX2 emulated on the AMX machine"
     p.add_argument("--out", default=str(ROOT / "bench" / "results-profile.md"))
