@@ -9,7 +9,7 @@ records the CPU it ran on (ISA flags, bf16 yes/no) and that run's fp32 and bf16 
 reference. Appends to bench/results-ttacc.md (`--out`).
 
 Configurations: `NAME[:fastai][:key=value...]`, e.g. `best`, `best:fastai`, `effnet_lite0_full:policy=modern`.
-`--short`: a smoke run (2 epochs on a stratified subset of the training split, every validation image).
+`--short`: a smoke run (2 epochs on the first images of each class of train, and of valid with --short-valid).
 To see an AVX2-only fp32 CPU on an AVX-512/AMX machine, run it under
 `ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2` ("AVX2 emulated"; a proxy, not the same machine).
 """
@@ -91,12 +91,12 @@ def worker(name: str, kw: dict, out: Path, result: Path):
                                   "speed": cfg.get("speed"), "run_dir": str(d)}))
 
 
-def subset(data: Path, n_per_class: int, dest: Path) -> Path:
-    "A folder of symlinks: the first `n_per_class` training images of each class (sorted names), all of valid."
-    for split in ("train", "valid"):
+def subset(data: Path, n_per_class: int, dest: Path, n_valid: int | None = None) -> Path:
+    """A folder of symlinks: the first `n_per_class` training images of each class (sorted names) and the first
+    `n_valid` validation images of each class (None: all). No test split: nothing reads it."""
+    for split, n in (("train", n_per_class), ("valid", n_valid)):
         for cls in sorted(p.name for p in (data / split).iterdir() if p.is_dir()):
-            files = sorted((data / split / cls).iterdir())
-            if split == "train": files = files[:n_per_class]
+            files = sorted((data / split / cls).iterdir())[:n]
             (dest / split / cls).mkdir(parents=True, exist_ok=True)
             for f in files: (dest / split / cls / f.name).symlink_to(f.resolve())
     return dest
@@ -125,6 +125,7 @@ def main(argv=None):
     p.add_argument("--data", default=str(DATA))
     p.add_argument("--short", action="store_true")  # 2 epochs on a subset of train: a smoke run
     p.add_argument("--short-train", type=int, default=64)  # training images per class in --short
+    p.add_argument("--short-valid", type=int, default=None)  # validation images per class in --short (None: all)
     p.add_argument("--set", action="append", default=[])  # KEY=VALUE for every configuration (e.g. pretrained=false)
     p.add_argument("--out", default=str(OUT))
     p.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)  # internal: NAME KW_JSON OUT RESULT
@@ -134,13 +135,14 @@ def main(argv=None):
         return worker(name, json.loads(kw), Path(out), Path(res))
     tmp = Path(tempfile.mkdtemp(prefix="ttacc-"))
     data = Path(a.data)
-    if a.short: data = subset(data, a.short_train, tmp / "data")
+    if a.short: data = subset(data, a.short_train, tmp / "data", a.short_valid)
     common = dict(kv.split("=", 1) for kv in a.set)
     if a.short: common = {"epochs": "2", **common}
     lines = ["", f"## {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}" + (" (short: smoke run)" if a.short else ""),
              "", cpu_line(), "",
              f"Command: `python bench/ttacc.py {' '.join(argv if argv is not None else sys.argv[1:])}`"
-             + (f"; data: {a.short_train} training images per class and every validation image" if a.short else ""),
+             + (f"; data: {a.short_train} training and {a.short_valid or 'all'} validation images per class"
+                if a.short else ""),
              "", "| configuration | speed (config.json) | epoch: seconds since start → valid accuracy / AUC | "
                  "train s | wall s (whole run) |", "|---|---|---|---|---|"]
     for spec in a.configs.split(","):
