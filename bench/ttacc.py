@@ -1,14 +1,16 @@
-"""Time to accuracy (not a test): python bench/ttacc.py [--short] [--configs best,best:fastai,...] [--data DIR]
+"""Time to accuracy (not a test): python bench/ttacc.py [--short] [--config best --config best:fastai ...] [--data DIR]
 
 For each configuration, one full `recipe` run (a fresh process, as a user would start it) records after every epoch
 the seconds since the process started (imports, data and model included) and the VALIDATION accuracy and ROC AUC
-(p(infected), all validation images, no TTA); then the run's own wall time to its end (evaluation, TTA and plots
+(p(infected), all validation images, no TTA); then the run's end-of-run valid accuracy and AUC (with the
+recipe's TTA) and its wall time to its end (evaluation, TTA and plots
 included). The test split is never read for anything here. Beside each recipe, `NAME:fastai` is the same recipe
 with fastai's defaults for speed (fp32, NCHW: `--bf16 false --channels_last false`). Each run of this script also
 records the CPU it ran on (ISA flags, bf16 yes/no) and that run's fp32 and bf16 GEMM peaks as the physical
 reference. Appends to bench/results-ttacc.md (`--out`).
 
-Configurations: `NAME[:fastai][:key=value...]`, e.g. `best`, `best:fastai`, `effnet_lite0_full:policy=modern`.
+Configurations (`--config`, repeated): `NAME[:fastai][:key=value...]`, e.g. `best`, `best:fastai`,
+`effnet_lite0_full:policy=modern`, `best:progressive=128:2,160:2`.
 `--short`: a smoke run (2 epochs on the first images of each class of train, and of valid with --short-valid).
 To see an AVX2-only fp32 CPU on an AVX-512/AMX machine, run it under
 `ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2` ("AVX2 emulated"; a proxy, not the same machine).
@@ -36,7 +38,11 @@ FASTAI_DEFAULTS = {"bf16": "false", "channels_last": "false"}  # fastai's own sp
 
 def parse_config(spec: str) -> tuple[str, dict]:
     "'best:fastai:epochs=3' -> ('best', {'bf16': 'false', 'channels_last': 'false', 'epochs': '3'})"
-    name, *rest = spec.split(":")
+    name, *parts = spec.split(":")
+    rest = []
+    for r in parts:  # a value may hold ':' itself (progressive=128:2,160:2): a part without '=' continues it
+        if r == "fastai" or "=" in r or not rest: rest.append(r)
+        else: rest[-1] += ":" + r
     kw = {}
     for r in rest:
         if r == "fastai": kw.update(FASTAI_DEFAULTS)
@@ -74,6 +80,7 @@ def epoch_clock():
             auc = float(roc_auc_score(yp, pp)) if len(np.unique(yp)) == 2 else float("nan")
             self.rows.append({"epoch": len(self.rows), "seconds": time.perf_counter() - T0,
                               "valid_accuracy": float((p.argmax(1) == y).mean()), "valid_auc": auc})
+
     return EpochClock()
 
 
@@ -86,14 +93,15 @@ def worker(name: str, kw: dict, out: Path, result: Path):
     d = run(rec, out=out, cbs=[clock])
     cfg = json.loads((d / "config.json").read_text())
     met = json.loads((d / "metrics.json").read_text())
-    result.write_text(json.dumps({"rows": clock.rows, "wall": time.perf_counter() - T0,
+    assert met["split"] == "valid", f"{d} was evaluated on {met['split']}"  # ttacc's data has no test split
+    result.write_text(json.dumps({"rows": clock.rows, "wall": time.perf_counter() - T0, "final": met["valid"]["at_0.5"],
                                   "run_wall": met["wall_seconds"], "train_seconds": met["train_seconds"],
                                   "speed": cfg.get("speed"), "run_dir": str(d)}))
 
 
-def subset(data: Path, n_per_class: int, dest: Path, n_valid: int | None = None) -> Path:
+def subset(data: Path, n_per_class: int | None, dest: Path, n_valid: int | None = None) -> Path:
     """A folder of symlinks: the first `n_per_class` training images of each class (sorted names) and the first
-    `n_valid` validation images of each class (None: all). No test split: nothing reads it."""
+    `n_valid` validation images of each class (None: all). No test split: nothing here may read it."""
     for split, n in (("train", n_per_class), ("valid", n_valid)):
         for cls in sorted(p.name for p in (data / split).iterdir() if p.is_dir()):
             files = sorted((data / split / cls).iterdir())[:n]
@@ -121,7 +129,7 @@ def cpu_line() -> str:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--configs", default="best,best:fastai")
+    p.add_argument("--config", action="append", default=None)  # one configuration, repeatable; default best, best:fastai
     p.add_argument("--data", default=str(DATA))
     p.add_argument("--short", action="store_true")  # 2 epochs on a subset of train: a smoke run
     p.add_argument("--short-train", type=int, default=64)  # training images per class in --short
@@ -135,7 +143,8 @@ def main(argv=None):
         return worker(name, json.loads(kw), Path(out), Path(res))
     tmp = Path(tempfile.mkdtemp(prefix="ttacc-"))
     data = Path(a.data)
-    if a.short: data = subset(data, a.short_train, tmp / "data", a.short_valid)
+    # train and valid only: each run then evaluates on valid (with TTA where the recipe has it); test is never read
+    data = subset(data, a.short_train if a.short else None, tmp / "data", a.short_valid if a.short else None)
     common = dict(kv.split("=", 1) for kv in a.set)
     if a.short: common = {"epochs": "2", **common}
     lines = ["", f"## {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}" + (" (short: smoke run)" if a.short else ""),
@@ -144,15 +153,15 @@ def main(argv=None):
              + (f"; data: {a.short_train} training and {a.short_valid or 'all'} validation images per class"
                 if a.short else ""),
              "", "| configuration | speed (config.json) | epoch: seconds since start → valid accuracy / AUC | "
-                 "train s | wall s (whole run) |", "|---|---|---|---|---|"]
-    for spec in a.configs.split(","):
+                 "end of run: valid accuracy / AUC (recipe's TTA) | train s | wall s (whole run) |", "|---|---|---|---|---|---|"]
+    for spec in a.config or ["best", "best:fastai"]:
         name, kw = parse_config(spec)
         kw = {"data": str(data), **common, **kw}
         res = tmp / f"{len(lines)}.json"
         r = subprocess.run([sys.executable, __file__, "--worker", name, json.dumps(kw), str(tmp / "runs"), str(res)],
                            cwd=ROOT, capture_output=True, text=True)
         if r.returncode:
-            lines.append(f"| {spec} | failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode} | | | |")
+            lines.append(f"| {spec} | failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode} | | | | |")
             print(r.stderr[-3000:], file=sys.stderr)
             continue
         o = json.loads(res.read_text())
@@ -160,7 +169,8 @@ def main(argv=None):
         speed = f"bf16 {sp.get('bf16_autocast')}, channels-last {sp.get('channels_last')}"
         curve = "<br>".join(f"{x['epoch']}: {x['seconds']:.0f} s → {x['valid_accuracy']:.4f} / {x['valid_auc']:.4f}"
                             for x in o["rows"])
-        lines.append(f"| {spec} | {speed} | {curve} | {o['train_seconds']:.0f} | {o['wall']:.0f} |")
+        fin = f"{o['final']['accuracy']:.4f} / {o['final']['roc_auc']:.4f}"
+        lines.append(f"| {spec} | {speed} | {curve} | {fin} | {o['train_seconds']:.0f} | {o['wall']:.0f} |")
         print(lines[-1], flush=True)
     text = "\n".join(lines) + "\n"
     with open(a.out, "a") as f: f.write(text)

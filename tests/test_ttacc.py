@@ -21,12 +21,14 @@ def test_configuration_syntax():
     assert t.parse_config("best") == ("best", {})
     assert t.parse_config("best:fastai:epochs=3") == ("best", {"bf16": "false", "channels_last": "false",
                                                                "epochs": "3"})
+    assert t.parse_config("best:progressive=128:2,160:2:seed=1") == ("best", {"progressive": "128:2,160:2",
+                                                                            "seed": "1"})
 
 
 @pytest.mark.slow  # two fresh processes (imports, a 2-epoch fit each): about a minute on 2 cores
 def test_short_run_records_valid_curve(tiny_data, tmp_path):
     out = tmp_path / "r.md"
-    _ttacc().main(["--configs", "resnet18_full,resnet18_full:fastai", "--data", str(tiny_data), "--set",
+    _ttacc().main(["--config", "resnet18_full", "--config", "resnet18_full:fastai", "--data", str(tiny_data), "--set",
                    "pretrained=false", "--set", "size=32", "--set", "bs=8", "--set", "epochs=2", "--set", "tta=false",
                    "--out", str(out)])
     text = out.read_text()
