@@ -24,7 +24,6 @@ T0 = time.perf_counter()  # the worker's clock starts before its imports, as a u
 import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
-import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
