@@ -9,7 +9,8 @@ from fastai.callback.core import Callback, GatherPredsCallback
 from fastai.callback.progress import CSVLogger
 from fastai.torch_core import to_float
 
-__all__ = ["BF16Autocast", "ChannelsLast", "TrainThroughput", "bf16_supported", "FitOnlyCallback", "OneClassWarning",
+__all__ = ["BF16Autocast", "ChannelsLast", "ProgressiveResize", "parse_progressive", "cpu_kind", "TrainThroughput",
+           "bf16_supported", "FitOnlyCallback", "OneClassWarning",
            "one_class_message", "HistoryCSV", "plain_epoch_log"]
 
 
@@ -18,6 +19,15 @@ def bf16_supported(device_type: str = "cpu") -> bool:
     if device_type == "cuda": return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     try: return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError): return False
+
+
+def cpu_kind() -> str:
+    """The CPU as torch and oneDNN see it (environment limits such as ONEDNN_MAX_CPU_ISA included): 'amx-bf16',
+    'avx512-bf16', 'avx512', 'avx2' or torch's capability name in lower case. Speed defaults depend on it."""
+    cap = torch.backends.cpu.get_cpu_capability().lower()  # 'avx2', 'avx512', 'default', ...
+    if not bf16_supported("cpu"): return cap
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    return "amx-bf16" if amx else "avx512-bf16"
 
 
 class BF16Autocast(Callback):
@@ -50,6 +60,45 @@ class ChannelsLast(Callback):
         xb = self.learn.xb
         if xb and xb[0].ndim == 4:
             self.learn.xb = (xb[0].contiguous(memory_format=torch.channels_last),) + tuple(xb[1:])
+
+
+def parse_progressive(spec: str) -> list[tuple[int, int]]:
+    "'128:2,160:2' -> [(128, 2), (160, 2)]: the first 2 epochs at 128 px, the next 2 at 160, then the recipe's size."
+    from .errors import RecipeError
+    out = []
+    for part in filter(None, (p.strip() for p in str(spec or "").split(","))):
+        try: size, n = (int(v) for v in part.split(":"))
+        except ValueError: size = n = 0
+        if size < 8 or n < 1:
+            raise RecipeError(f"bad progressive resizing step {part!r} in {spec!r}",
+                              "give SIZE:EPOCHS pairs, e.g. --progressive 128:2,160:2 (or '' for none)")
+        out.append((size, n))
+    return out
+
+
+class ProgressiveResize(Callback):
+    """fastai's progressive resizing: training batches of the first epochs are downscaled (bilinear, antialiased)
+    to smaller sizes, e.g. [(128, 2), (160, 2)]; later epochs and every validation/prediction pass run at full size.
+    Resizing the batch (not the loader) keeps the data pipeline, its augmentation draws and its cache unchanged."""
+    order = 8  # before ChannelsLast, which then lays out the resized batch
+
+    def __init__(self, steps: list[tuple[int, int]]): self.steps = list(steps)
+
+    def size_at(self, epoch: int) -> int | None:
+        "The training size at `epoch`, None for full size."
+        for size, n in self.steps:
+            if epoch < n: return size
+            epoch -= n
+        return None
+
+    def before_batch(self):
+        if not self.training or not self.learn.xb or self.learn.xb[0].ndim != 4: return
+        size, x = self.size_at(self.epoch), self.learn.xb[0]
+        if size is None or size >= min(x.shape[-2:]): return
+        h, w = x.shape[-2:]
+        shape = (size, round(w * size / h)) if h <= w else (round(h * size / w), size)  # short side -> size
+        x = torch.nn.functional.interpolate(x, size=shape, mode="bilinear", antialias=True, align_corners=False)
+        self.learn.xb = (x,) + tuple(self.learn.xb[1:])
 
 
 class FitOnlyCallback(Callback):

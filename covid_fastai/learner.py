@@ -7,7 +7,7 @@ import torch
 from fastcore.meta import delegates
 from fastai.vision.all import set_seed
 
-from .callbacks import BF16Autocast, ChannelsLast, bf16_supported
+from .callbacks import BF16Autocast, ChannelsLast, ProgressiveResize, bf16_supported, parse_progressive
 from .augment import make_aug
 from .data import find_xray_folders, xray_dls
 from .demo import demo_data
@@ -38,6 +38,7 @@ def folders_learner(recipe: Recipe, folders,
                    **kwargs)
     use_bf16 = recipe.bf16 and bf16_supported("cuda" if torch.cuda.is_available() else "cpu")
     speed = ([ChannelsLast()] if recipe.channels_last else []) + ([BF16Autocast()] if use_bf16 else [])
+    if recipe.progressive: speed.append(ProgressiveResize(parse_progressive(recipe.progressive)))
     learn = xray_learner(dls, recipe.arch, pretrained=recipe.pretrained if pretrained is None else pretrained,
                          weights=recipe.weights, head=recipe.head, hidden=recipe.hidden, dropout=recipe.dropout,
                          opt=recipe.opt, mom=0.9 if recipe.mom is None else recipe.mom, wd=recipe.wd,

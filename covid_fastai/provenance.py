@@ -11,6 +11,7 @@ import torch
 
 from . import __version__
 from .augment import make_aug
+from .callbacks import cpu_kind
 from .data import patients_of
 from .fit import momentum_used
 from .recipes import Recipe
@@ -58,7 +59,8 @@ def run_facts(recipe: Recipe, learn, folders, trainer) -> dict:
         "layer_groups": learn.group_names,
         "momentum": momentum_used(recipe.schedule, recipe.mom),
         "trainable": {"parameters": n_train, "tensors": len(learn.trainable), "names": learn.trainable},
-        "speed": {"bf16_autocast": learn.bf16_used, "channels_last": recipe.channels_last,
+        "speed": {"cpu_kind": cpu_kind(), "bf16_autocast": learn.bf16_used, "channels_last": recipe.channels_last,
+                  "progressive": recipe.progressive or None,
                   "torch_threads": torch.get_num_threads(), "loader_workers": learn.dls.train.fake_l.num_workers,
                   "cached_features": ({"views": trainer.feature_views, "from_disk": trainer.features_from_disk,
                                        "seconds": round(trainer.feature_seconds, 3)} if cached else None),

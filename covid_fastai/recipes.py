@@ -53,6 +53,12 @@ def _threshold_rule(key, v, raw):
 def _cache_rule(key, v, raw): return cache_mode(raw)
 
 
+def _progressive_rule(key, v, raw):
+    from .callbacks import parse_progressive
+    parse_progressive(v)  # raises a RecipeError on a bad schedule
+    return v
+
+
 def _pinned_path(key, v, raw):  # pinned: a run or sweep may be resumed from another folder
     return str(Path(v).expanduser().resolve())
 
@@ -115,6 +121,9 @@ class Recipe:
     bf16: bool = True               # bf16 autocast where the CPU/GPU supports it
     channels_last: bool = True      # channels-last memory format
     workers: int | None = None      # DataLoader workers (None: 0 on <=2 cores)
+    # progressive resizing (fastai's technique): "SIZE:EPOCHS,..." trains the first epochs on batches downscaled to
+    # SIZE, e.g. "128:2,160:2"; later epochs and all evaluation at `size`. "" (default): off
+    progressive: Annotated[str, _progressive_rule] = ""
     # frozen body: run it once per view, train the head on cached features. 'auto': only where that matches the
     # uncached fit (no BatchNorm in training mode, see covid_fastai.features); 'on' also with training-mode
     # BatchNorm; 'off' never

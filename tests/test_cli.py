@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 from safetensors.torch import load_file
 
+from covid_fastai.demo import DEMO_COUNTS
 from covid_fastai.cli import main
 from covid_fastai.recipes import recipe_files
 from covid_fastai.train import run_recipe
@@ -197,7 +198,8 @@ def test_demo_data_run_without_test_split_reports_valid(tmp_path, tiny_data):
 def test_demo_flag(tmp_path):
     d = run_recipe("resnet18_head", out=tmp_path, data="demo", epochs=1, pretrained=False, size=32, bs=32)
     cfg, m = check_run(d, epochs=1, synthetic=True)
-    assert cfg["data"]["counts"]["test"] == {"infected": 24, "normal": 24}
+    n = DEMO_COUNTS["test"]
+    assert cfg["data"]["counts"]["test"] == {"infected": n, "normal": n}
 
 
 def test_weights_command_downloads_nothing(capsys, tmp_path, monkeypatch):

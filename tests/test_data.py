@@ -7,7 +7,7 @@ import torch
 
 from covid_fastai.augment import XrayAugment, make_aug
 from covid_fastai.data import find_xray_folders, xray_dls
-from covid_fastai.demo import demo_data, make_demo_data
+from covid_fastai.demo import DEMO_COUNTS, demo_data, make_demo_data
 from covid_fastai.errors import UserError
 
 
@@ -114,7 +114,8 @@ def test_demo_data_is_cached_and_marked(tmp_path):
     d = demo_data()
     assert (d / "SYNTHETIC.txt").exists() and demo_data() == d
     f = find_xray_folders(d)
-    assert f.synthetic and f.counts()["train"] == {"infected": 80, "normal": 80}
+    n = DEMO_COUNTS["train"]
+    assert f.synthetic and f.counts()["train"] == {"infected": n, "normal": n}
 
 
 def test_demo_generator_is_deterministic(tmp_path):

@@ -221,3 +221,48 @@ def test_decoded_eval_pipeline_equals_the_seeds(tiny_data):
         want = ref(Image.open(fn).convert("RGB")).float() / 255
         got = dls.valid.after_batch.decode((xb[i:i + 1],))[0][0].float() / 255
         assert torch.allclose(got, want, atol=1 / 255 + 1e-6)
+
+
+def test_frozen_vgg_prefix_builds_no_graph(tiny_data):
+    """vgg16_partial (the main job) trains features.10 onwards: the frozen prefix before it must run without
+    autograd recording (no grad_fn, no saved activations), so its cost is a plain forward pass."""
+    learn, _ = recipe_learner(with_overrides(load_recipe("vgg16_partial"), data=str(tiny_data), pretrained=False,
+                                             size=32, bs=4))
+    mods = dict(learn.model.named_modules())
+    prefix, first = (next(m for n, m in mods.items() if n.endswith(f"features.{i}")) for i in (9, 10))
+    seen = {}
+    hooks = [prefix.register_forward_hook(lambda m, i, o: seen.setdefault("prefix", o)),
+             first.register_forward_hook(lambda m, i, o: seen.setdefault("first", o))]
+    try:
+        learn.model.train()
+        learn.model(learn.dls.one_batch()[0])
+    finally:
+        for h in hooks: h.remove()
+    assert seen["prefix"].grad_fn is None and not seen["prefix"].requires_grad
+    assert seen["first"].requires_grad  # and the layer that trains does record
+
+
+def test_progressive_resize_schedule_and_errors():
+    from covid_fastai.callbacks import ProgressiveResize, parse_progressive
+    cb = ProgressiveResize(parse_progressive("128:2, 160:1"))
+    assert [cb.size_at(e) for e in range(5)] == [128, 128, 160, None, None]
+    assert parse_progressive("") == []
+    for bad in ("128", "128:0", "a:b", "4:1"):
+        with pytest.raises(UserError, match="progressive"): parse_progressive(bad)
+    with pytest.raises(UserError, match="progressive"): with_overrides(load_recipe("best"), progressive="160")
+
+
+def test_progressive_resize_trains_small_then_full_and_evaluates_full(tiny_data, tmp_path):
+    rec = with_overrides(load_recipe("resnet18_full"), data=str(tiny_data), epochs=2, progressive="16:1",
+                         bs=8, size=32, pretrained=False, tta=False)
+    sizes = []
+    from fastai.callback.core import Callback
+
+    class Spy(Callback):
+        order = 50  # after the resize
+        def before_batch(self): sizes.append((self.epoch, self.training, tuple(self.xb[0].shape[-2:])))
+    d = run_recipe(rec, out=tmp_path, cbs=[Spy()])
+    assert {s for e, t, s in sizes if t and e == 0} == {(16, 16)}
+    assert {s for e, t, s in sizes if t and e == 1} == {(32, 32)}
+    assert {s for e, t, s in sizes if not t} == {(32, 32)}  # validation at full size, resized or not
+    assert _config(d)["speed"]["progressive"] == "16:1" and _config(d)["speed"]["cpu_kind"]

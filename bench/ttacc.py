@@ -1,0 +1,180 @@
+"""Time to accuracy (not a test): python bench/ttacc.py [--short] [--config best --config best:fastai ...] [--data DIR]
+
+For each configuration, one full `recipe` run (a fresh process, as a user would start it) records after every epoch
+the seconds since the process started (imports, data and model included) and the VALIDATION accuracy and ROC AUC
+(p(infected), all validation images, no TTA); then the run's end-of-run valid accuracy and AUC (with the
+recipe's TTA) and its wall time to its end (evaluation, TTA and plots
+included). The test split is never read for anything here. Beside each recipe, `NAME:fastai` is the same recipe
+with fastai's defaults for speed (fp32, NCHW: `--bf16 false --channels_last false`). Each run of this script also
+records the CPU it ran on (ISA flags, bf16 yes/no) and that run's fp32 and bf16 GEMM peaks as the physical
+reference. Appends to bench/results-ttacc.md (`--out`).
+
+Configurations (`--config`, repeated): `NAME[:fastai][:key=value...]`, e.g. `best`, `best:fastai`,
+`effnet_lite0_full:policy=modern`, `best:progressive=128:2,160:2`.
+`--short`: a smoke run (2 epochs on the first images of each class of train, and of valid with --short-valid).
+To see an AVX2-only fp32 CPU on an AVX-512/AMX machine, run it under
+`ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2` ("AVX2 emulated"; a proxy, not the same machine).
+"""
+from __future__ import annotations
+
+import time
+
+T0 = time.perf_counter()  # the worker's clock starts before its imports, as a user's command does
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("COVID_FASTAI_REAL_DATA", ROOT.parent / "shared/data/cxr"))
+OUT = ROOT / "bench" / "results-ttacc.md"
+FASTAI_DEFAULTS = {"bf16": "false", "channels_last": "false"}  # fastai's own speed defaults: fp32, NCHW
+
+
+def parse_config(spec: str) -> tuple[str, dict]:
+    "'best:fastai:epochs=3' -> ('best', {'bf16': 'false', 'channels_last': 'false', 'epochs': '3'})"
+    name, *parts = spec.split(":")
+    rest = []
+    for r in parts:  # a value may hold ':' itself (progressive=128:2,160:2): a part without '=' continues it
+        if r == "fastai" or "=" in r or not rest: rest.append(r)
+        else: rest[-1] += ":" + r
+    kw = {}
+    for r in rest:
+        if r == "fastai": kw.update(FASTAI_DEFAULTS)
+        else:
+            k, v = r.split("=", 1)
+            kw[k] = v
+    return name, kw
+
+
+def epoch_clock():
+    "A fastai callback: after each fit epoch, (seconds since T0, valid accuracy, valid ROC AUC) from its own preds."
+    import numpy as np
+    import torch
+    from sklearn.metrics import roc_auc_score
+    from covid_fastai.callbacks import FitOnlyCallback
+    from covid_fastai.metrics import positive_view
+
+    class EpochClock(FitOnlyCallback):
+        order = 90
+
+        def before_fit(self): self.rows = []
+
+        def before_validate(self): self.probs, self.targs = [], []
+
+        def after_batch(self):
+            if self.training: return
+            self.probs.append(torch.softmax(self.pred.float(), 1).detach().cpu())
+            self.targs.append(self.yb[0].detach().cpu())
+
+        def after_validate(self):
+            if not self.probs: return
+            p, y = torch.cat(self.probs).numpy(), torch.cat(self.targs).numpy()
+            vocab = getattr(self.dls, "vocab", None) or [str(i) for i in range(p.shape[1])]  # cached head: no vocab
+            _, pp, yp = positive_view(list(vocab), p, y)
+            auc = float(roc_auc_score(yp, pp)) if len(np.unique(yp)) == 2 else float("nan")
+            self.rows.append({"epoch": len(self.rows), "seconds": time.perf_counter() - T0,
+                              "valid_accuracy": float((p.argmax(1) == y).mean()), "valid_auc": auc})
+
+    return EpochClock()
+
+
+def worker(name: str, kw: dict, out: Path, result: Path):
+    "One run in this process; writes its per-epoch rows, wall time and speed record to `result` (JSON)."
+    from covid_fastai.recipes import load_recipe, with_overrides
+    from covid_fastai.train import run
+    clock = epoch_clock()
+    rec = with_overrides(load_recipe(name), **kw)
+    d = run(rec, out=out, cbs=[clock])
+    cfg = json.loads((d / "config.json").read_text())
+    met = json.loads((d / "metrics.json").read_text())
+    assert met["split"] == "valid", f"{d} was evaluated on {met['split']}"  # ttacc's data has no test split
+    result.write_text(json.dumps({"rows": clock.rows, "wall": time.perf_counter() - T0, "final": met["valid"]["at_0.5"],
+                                  "run_wall": met["wall_seconds"], "train_seconds": met["train_seconds"],
+                                  "speed": cfg.get("speed"), "run_dir": str(d)}))
+
+
+def subset(data: Path, n_per_class: int | None, dest: Path, n_valid: int | None = None) -> Path:
+    """A folder of symlinks: the first `n_per_class` training images of each class (sorted names) and the first
+    `n_valid` validation images of each class (None: all). No test split: nothing here may read it."""
+    for split, n in (("train", n_per_class), ("valid", n_valid)):
+        for cls in sorted(p.name for p in (data / split).iterdir() if p.is_dir()):
+            files = sorted((data / split / cls).iterdir())[:n]
+            (dest / split / cls).mkdir(parents=True, exist_ok=True)
+            for f in files: (dest / split / cls / f.name).symlink_to(f.resolve())
+    return dest
+
+
+def cpu_line() -> str:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench import machine, matmul_peak, mm
+    import torch
+    from covid_fastai.callbacks import cpu_kind
+    p32 = matmul_peak(torch.float32, reps=3)
+    bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    p16 = matmul_peak(torch.bfloat16, reps=3) if bf16 else None
+    emulated = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("ATEN_CPU_CAPABILITY")
+    return (f"CPU kind `{cpu_kind()}`" + (" (AVX2 emulated on the AMX machine: "
+                                         f"ATEN_CPU_CAPABILITY={os.environ.get('ATEN_CPU_CAPABILITY')}, "
+                                         f"ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA')})"
+                                         if emulated else "")
+            + f". {machine()}. GEMM peaks of this run (2048², GFLOP/s, min / median): fp32 {mm(p32)}"
+            + (f", bf16 {mm(p16)}." if p16 else "; bf16: not supported, fp32 only."))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", action="append", default=None)  # one configuration, repeatable; default best, best:fastai
+    p.add_argument("--data", default=str(DATA))
+    p.add_argument("--short", action="store_true")  # 2 epochs on a subset of train: a smoke run
+    p.add_argument("--short-train", type=int, default=64)  # training images per class in --short
+    p.add_argument("--short-valid", type=int, default=None)  # validation images per class in --short (None: all)
+    p.add_argument("--set", action="append", default=[])  # KEY=VALUE for every configuration (e.g. pretrained=false)
+    p.add_argument("--out", default=str(OUT))
+    p.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)  # internal: NAME KW_JSON OUT RESULT
+    a = p.parse_args(argv)
+    if a.worker:
+        name, kw, out, res = a.worker
+        return worker(name, json.loads(kw), Path(out), Path(res))
+    tmp = Path(tempfile.mkdtemp(prefix="ttacc-"))
+    data = Path(a.data)
+    # train and valid only: each run then evaluates on valid (with TTA where the recipe has it); test is never read
+    data = subset(data, a.short_train if a.short else None, tmp / "data", a.short_valid if a.short else None)
+    common = dict(kv.split("=", 1) for kv in a.set)
+    if a.short: common = {"epochs": "2", **common}
+    lines = ["", f"## {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}" + (" (short: smoke run)" if a.short else ""),
+             "", cpu_line(), "",
+             f"Command: `python bench/ttacc.py {' '.join(argv if argv is not None else sys.argv[1:])}`"
+             + (f"; data: {a.short_train} training and {a.short_valid or 'all'} validation images per class"
+                if a.short else ""),
+             "", "| configuration | speed (config.json) | epoch: seconds since start → valid accuracy / AUC | "
+                 "end of run: valid accuracy / AUC (recipe's TTA) | train s | wall s (whole run) |", "|---|---|---|---|---|---|"]
+    for spec in a.config or ["best", "best:fastai"]:
+        name, kw = parse_config(spec)
+        kw = {"data": str(data), **common, **kw}
+        res = tmp / f"{len(lines)}.json"
+        r = subprocess.run([sys.executable, __file__, "--worker", name, json.dumps(kw), str(tmp / "runs"), str(res)],
+                           cwd=ROOT, capture_output=True, text=True)
+        if r.returncode:
+            lines.append(f"| {spec} | failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode} | | | | |")
+            print(r.stderr[-3000:], file=sys.stderr)
+            continue
+        o = json.loads(res.read_text())
+        sp = o["speed"] or {}
+        speed = f"bf16 {sp.get('bf16_autocast')}, channels-last {sp.get('channels_last')}"
+        curve = "<br>".join(f"{x['epoch']}: {x['seconds']:.0f} s → {x['valid_accuracy']:.4f} / {x['valid_auc']:.4f}"
+                            for x in o["rows"])
+        fin = f"{o['final']['accuracy']:.4f} / {o['final']['roc_auc']:.4f}"
+        lines.append(f"| {spec} | {speed} | {curve} | {fin} | {o['train_seconds']:.0f} | {o['wall']:.0f} |")
+        print(lines[-1], flush=True)
+    text = "\n".join(lines) + "\n"
+    with open(a.out, "a") as f: f.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""bench/ttacc.py (time to accuracy): its configuration syntax, and a short run that records one row per epoch with
+validation accuracy and ROC AUC against seconds since start, and the CPU kind with that run's GEMM peak."""
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _ttacc():
+    spec = importlib.util.spec_from_file_location("ttacc", ROOT / "bench" / "ttacc.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_configuration_syntax():
+    t = _ttacc()
+    assert t.parse_config("best") == ("best", {})
+    assert t.parse_config("best:fastai:epochs=3") == ("best", {"bf16": "false", "channels_last": "false",
+                                                               "epochs": "3"})
+    assert t.parse_config("best:progressive=128:2,160:2:seed=1") == ("best", {"progressive": "128:2,160:2",
+                                                                            "seed": "1"})
+
+
+@pytest.mark.slow  # two fresh processes (imports, a 2-epoch fit each): about a minute on 2 cores
+def test_short_run_records_valid_curve(tiny_data, tmp_path):
+    out = tmp_path / "r.md"
+    _ttacc().main(["--config", "resnet18_full", "--config", "resnet18_full:fastai", "--data", str(tiny_data), "--set",
+                   "pretrained=false", "--set", "size=32", "--set", "bs=8", "--set", "epochs=2", "--set", "tta=false",
+                   "--out", str(out)])
+    text = out.read_text()
+    assert "CPU kind `" in text and "fp32" in text and "failed" not in text
+    rows = [l for l in text.splitlines() if l.startswith("| resnet18_full")]
+    assert len(rows) == 2 and "channels-last False" in rows[1]
+    for row in rows:
+        curve = row.split("|")[3].split("<br>")
+        assert [c.split(":")[0].strip() for c in curve] == ["0", "1"]
+        secs = [float(c.split(":")[1].split("s")[0]) for c in curve]
+        assert 0 < secs[0] < secs[1]
+        acc, auc = (float(v) for v in curve[-1].split("→")[1].split("/"))
+        assert 0 <= acc <= 1 and (math.isnan(auc) or 0 <= auc <= 1)
