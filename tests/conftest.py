@@ -103,3 +103,13 @@ def labelled_run(tiny_data, tmp_path_factory):
     finally:
         torch.set_num_threads(n)
     return d, out.getvalue()
+
+
+# The few long tests start first: pytest-xdist hands tests out in collection order, and the real-data fit (about
+# 2 minutes on 2 busy cores) collected near the end left one worker running it alone at the end of the suite.
+LONG_FIRST = ("test_realdata.py", "test_distributed.py", "test_ray_sweep.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda it: next((i for i, name in enumerate(LONG_FIRST) if it.nodeid.startswith(f"tests/{name}")),
+                                   len(LONG_FIRST)))
