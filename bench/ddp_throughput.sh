@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # 1 process (2 torch threads) vs 2 data-parallel processes (torchrun, gloo, 1 thread each) on the real data:
 # effnet_lite0_full, 1 epoch at 128 px, batch 32 per process. Run from the repository root; prints each run's
-# summary line (training images/s) and wall time. A fresh cache folder, so both runs decode the same way.
+# summary line (training images/s) and wall time. One fresh cache folder: the first run builds the decode store
+# (a second or two here), the second reuses it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${1:-../shared/data/cxr}
