@@ -67,21 +67,28 @@ def make_model(arch):
                     head=seed_head(body.num_features, 2, pool=7 if family(arch) == "vgg" else 1))
 
 
-def step_rate(model, bs, size, fast: bool, steps=4, warmup=2, reps=3) -> list[float]:
-    "Images/s of full training steps (forward, fp32 loss, backward, SGD step) on a synthetic batch."
-    model = model.train()
-    fmt = torch.channels_last if fast else torch.contiguous_format
-    model = model.to(memory_format=fmt)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+def train_step(model, bs, size, bf16: bool, channels_last: bool, opt: str = "sgd"):
+    """A closure running one full training step (forward, fp32 loss, backward, optimiser step) on a synthetic batch;
+    the model is put in training mode and the memory format first."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.train().to(memory_format=fmt)
+    optim = (torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9) if opt == "sgd"
+             else torch.optim.AdamW(model.parameters(), lr=1e-4))
     x = torch.randn(bs, 3, size, size).contiguous(memory_format=fmt)
     y = torch.randint(0, 2, (bs,))
-    amp = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if fast else nullcontext
+    amp = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else nullcontext
 
     def step():
-        opt.zero_grad(set_to_none=True)
+        optim.zero_grad(set_to_none=True)
         with amp(): out = model(x)
         torch.nn.functional.cross_entropy(out.float(), y).backward()
-        opt.step()
+        optim.step()
+    return step
+
+
+def step_rate(model, bs, size, fast: bool, steps=4, warmup=2, reps=3) -> list[float]:
+    "Images/s of full training steps (SGD) on a synthetic batch; fast = bf16 + channels-last."
+    step = train_step(model, bs, size, bf16=fast, channels_last=fast)
     for _ in range(warmup): step()
     rates = []
     for _ in range(reps):

@@ -16,13 +16,12 @@ import os
 import statistics
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import machine, matmul_peak, mm  # noqa: E402
+from bench import machine, matmul_peak, mm, train_step  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,20 +32,8 @@ def make_model(arch: str):
 
 
 def make_step(model, bs, size, bf16: bool, channels_last: bool):
-    "A closure running one training step; the model is put in the memory format first."
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.train().to(memory_format=fmt)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x = torch.randn(bs, 3, size, size).contiguous(memory_format=fmt)
-    y = torch.randint(0, 2, (bs,))
-    amp = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else nullcontext
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        with amp(): out = model(x)
-        torch.nn.functional.cross_entropy(out.float(), y).backward()
-        opt.step()
-    return step
+    "One AdamW training step as a closure (bench.train_step)."
+    return train_step(model, bs, size, bf16, channels_last, opt="adamw")
 
 
 def rates(step, bs, reps: int, warmup: int = 1) -> list[float]:
