@@ -16,7 +16,7 @@ import torch
 
 from .data import XrayFolders, find_xray_folders
 from .errors import DataError, RecipeError
-from .evaluate import _fixed_threshold, _image_files, eval_folders, load_run, run_learner
+from .evaluate import _fixed_threshold, _image_files, eval_folders, given_threshold, load_run, run_learner
 from .files import write_json
 from .images import scan_images
 from .interpret import CachedInterpretation, Evaluation, predictions_frame, write_evaluation
@@ -92,8 +92,7 @@ def _threshold(runs, tta, threshold) -> dict:
     if threshold is None: return ensemble_threshold(runs, tta)
     try: float(threshold)
     except (TypeError, ValueError): return ensemble_threshold(runs, tta, str(threshold))  # a rule: youden, sens:x
-    t = _fixed_threshold(threshold)
-    return {"rule": str(t), "value": t, "note": "given on the command line", "chosen_on": "command line"}
+    return given_threshold(_fixed_threshold(threshold))
 
 
 def evaluate_ensemble(run_dirs, data, tta: bool | None = None, threshold=None, out=None) -> Path:
@@ -116,7 +115,7 @@ def evaluate_ensemble(run_dirs, data, tta: bool | None = None, threshold=None, o
         evs.append(Evaluation.of(learn, dl, split_dir.name, tta=rec.tta if tta is None else tta))
     ev = average(evs, split_dir.name, learn, dl)
     out_dir = new_run_dir(Path(out) if out else OUTPUTS, "ensembles")
-    synthetic = (folders.root / "SYNTHETIC.txt").exists()
+    synthetic = folders.synthetic
     note = f" {SYNTHETIC_BANNER}" if synthetic else ""
     names = ", ".join(f"`{r.name}`" for _, _, r in runs)
     m, _ = write_evaluation(out_dir, ev, thr, f"ensemble of {len(runs)} runs on {split_dir}", note, learn=None,

@@ -17,7 +17,7 @@ from fastai.vision.all import ProgressCallback
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .data import XrayFolders
+from .data import SYNTHETIC_MARKER, XrayFolders
 from .errors import DataError, ModelFileError, RecipeError, RunFolderError, first_line, recipe_command
 from .files import write_json
 from .images import get_xray_files, scan_images
@@ -91,7 +91,8 @@ def eval_folders(data, cfg: dict) -> tuple[XrayFolders, Path]:
     if extra:
         raise DataError(f"{split_dir} has class folders {extra} that the run does not know (its classes: {allowed})",
                         "evaluate on folders named after the run's classes", path=split_dir)
-    return XrayFolders(root, {"train": by_class}, classes=list(by_class)), split_dir
+    return XrayFolders(root, {"train": by_class}, synthetic=(root / SYNTHETIC_MARKER).exists(),
+                       classes=list(by_class)), split_dir
 
 
 def _fixed_threshold(threshold) -> float | None:
@@ -103,6 +104,11 @@ def _fixed_threshold(threshold) -> float | None:
         raise RecipeError(f"--threshold must be a number between 0 and 1, got {threshold!r} (the run's own "
                           f"threshold, chosen on its validation split, is the default)")
     return t
+
+
+def given_threshold(t: float) -> dict:
+    "The threshold record of a number given on the command line (`_fixed_threshold`'s)."
+    return {"rule": str(t), "value": t, "note": "given on the command line", "chosen_on": "command line"}
 
 
 def evaluate_run(run_dir, data, tta: bool | None = None, threshold: float | None = None, out=None) -> Path:
@@ -121,13 +127,13 @@ def evaluate_run(run_dir, data, tta: bool | None = None, threshold: float | None
     learn = run_learner(d, cfg, rec, folders, get_y)
     thr = dict(cfg.get("threshold") or {"rule": "0.5", "value": 0.5, "note": "the run recorded no threshold"})
     if threshold is not None:
-        thr = {"rule": str(t), "value": t, "note": "given on the command line", "chosen_on": "command line"}
+        thr = given_threshold(t)
     tta = rec.tta if tta is None else bool(tta)
     if tta != rec.tta and threshold is None:  # TTA shifts probabilities: the run's threshold may not transfer
         thr["note"] += f"; chosen with TTA {'on' if rec.tta else 'off'}, applied here with TTA {'on' if tta else 'off'}"
     ev = Evaluation.of(learn, learn.dls.test_dl(files, with_labels=True), split_dir.name, tta=tta)
     out_dir = new_run_dir(Path(out) if out else d, "evaluations")
-    synthetic = (folders.root / "SYNTHETIC.txt").exists()
+    synthetic = folders.synthetic
     note = f" {SYNTHETIC_BANNER}" if synthetic else ""
     m, _ = write_evaluation(out_dir, ev, thr, f"{rec.name} on {split_dir}", note, learn=learn,
                             labels=folders.labels, root=folders.root)
