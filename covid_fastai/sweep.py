@@ -206,18 +206,26 @@ def _tag(i: int, items) -> str:
     return tag + (f", {items[i]['tag']}" if items[i].get("tag") else "")  # e.g. a cv's fold
 
 
-def _local_runs(sweep_dir: Path, manifest: dict, cbs, tracking: Tracking, save):
-    "The local engine: every unfinished run in turn, in this process; the first failure stops the sweep."
-    items, root = manifest["runs"], Path(manifest["out"])
+def _unfinished(items):
+    """(index, item, tag, its stopped run folder to resume or None) of each run not finished yet, in plan order,
+    checked as it comes (a run finished meanwhile is skipped); the finished ones are printed as such."""
     for i, item in enumerate(items):
-        rec, d, tag = recipe_from_dict(item["recipe"]), item["run_dir"], _tag(i, items)
+        d, tag = item["run_dir"], _tag(i, items)
         if run_status(d) == "complete":
             print(f"== {tag}: finished already in {d}", flush=True)
             continue
-        if d and (Path(d) / CHECKPOINT).is_file():
-            print(f"== {tag}: resuming {d}", flush=True)
-            resume(d, cbs=cbs, track=tracking.child())
+        yield i, item, tag, (d if d and (Path(d) / CHECKPOINT).is_file() else None)
+
+
+def _local_runs(sweep_dir: Path, manifest: dict, cbs, tracking: Tracking, save):
+    "The local engine: every unfinished run in turn, in this process; the first failure stops the sweep."
+    items, root = manifest["runs"], Path(manifest["out"])
+    for i, item, tag, again in _unfinished(items):
+        if again:
+            print(f"== {tag}: resuming {again}", flush=True)
+            resume(again, cbs=cbs, track=tracking.child())
         else:
+            rec = recipe_from_dict(item["recipe"])
             print(f"== {tag}: {rec.describe()}", flush=True)
 
             def started(run_dir, item=item):
@@ -241,14 +249,9 @@ def _ray_runs(sweep_dir: Path, manifest: dict, cbs, tracking: Tracking, save) ->
     with ray_session(eng.get("address"), eng.get("cpus")) as ray:
         task = remote(_ray_run, eng["cpus_per_run"], eng["gpus_per_run"])
         pending = {}
-        for i, item in enumerate(items):
-            d, tag = item["run_dir"], _tag(i, items)
-            if run_status(d) == "complete":
-                print(f"== {tag}: finished already in {d}", flush=True)
-                continue
+        for i, item, tag, again in _unfinished(items):
             item.pop("error", None)
-            again = d if d and (Path(d) / CHECKPOINT).is_file() else None
-            print(f"== {tag}: " + (f"resuming {d}" if again else recipe_from_dict(item["recipe"]).describe()) +
+            print(f"== {tag}: " + (f"resuming {again}" if again else recipe_from_dict(item["recipe"]).describe()) +
                   " (a Ray task)", flush=True)
             pending[task.remote(item["recipe"], manifest["out"], again, str(notes / str(i)), cbs, track,
                                 eng["cpus_per_run"])] = i
