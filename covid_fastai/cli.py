@@ -292,12 +292,19 @@ class Commands:
         print(f"tune: {md} and {md.with_suffix('.html')}; trials in {md.parent / 'trials.md'}")
 
     def compare(self, *run_dirs, out: str | None = None):
-        """Put finished runs side by side: the table a sweep writes, in <out>/comparisons/<timestamp>/.
+        """Put finished runs side by side: the table a sweep writes, in <out>/comparisons/<timestamp>/. Given cv
+        folders instead (the baseline first), the cross-validations side by side with each one's fold-by-fold
+        difference from the baseline (cv_comparison.md).
 
         Args:
-          run_dirs: run folders, e.g. outputs/vgg16_head/*
+          run_dirs: run folders, e.g. outputs/vgg16_head/*; or cv folders, e.g. outputs/cv/best/*
           out: where the comparisons/ folder goes (default ./outputs)
         """
+        if run_dirs and all((Path(d).expanduser() / "folds.csv").is_file() for d in run_dirs):
+            from .cv_report import compare_cv
+            md = compare_cv(run_dirs, out=out)
+            print(f"{md.stem}: {md}, {md.with_suffix('.json')} and {md.with_suffix('.html')}")
+            return
         from .sweep import compare_runs
         _print_comparison(compare_runs(run_dirs, out=out))
 

@@ -19,10 +19,11 @@ import pandas as pd
 from .labels import relative_name
 from .metrics import binary_metrics
 from .report import SYNTHETIC_BANNER, _md_table, md_to_html
-from .rundir import run_status
+from .errors import Command, RunFolderError
+from .rundir import OUTPUTS, new_run_dir, run_status
 from .files import write_atomic, write_json
 
-__all__ = ["METRICS", "mean_sd", "fold_predictions", "write_cv_summary"]
+__all__ = ["METRICS", "mean_sd", "fold_predictions", "write_cv_summary", "compare_cv", "paired"]
 
 # metrics.json key (under at_0.5, or top level) -> column name
 METRICS = {"accuracy": "accuracy", "roc_auc": "ROC AUC", "sens_at_spec95": "sensitivity at specificity >= 0.95",
@@ -146,3 +147,107 @@ def _markdown(title, manifest, table, folds, summary, sources, synthetic, loso) 
               "calibrations); *per fold*: mean ± sd over the folds where the source had both classes. A source "
               "with one class has no AUC (n/a).", "", _md_table(src.drop(columns="folds")), ""]
     return L
+
+
+# --- comparing cross-validations of several recipes on the same folds -------------------------------------------
+
+def _read_cv(d: Path) -> tuple[dict, dict, pd.DataFrame]:
+    "(sweep.json, cv.json, folds.csv) of a cv folder, or a one-line error naming it."
+    if not (d / "sweep.json").is_file() or not (d / "folds.csv").is_file():
+        raise RunFolderError(f"{d} is not a cv folder (no sweep.json and folds.csv)",
+                             "pass folders that `cv` created, e.g. outputs/cv/best/<timestamp>", path=d)
+    manifest = json.loads((d / "sweep.json").read_text())
+    if not (d / "cv.json").is_file():
+        raise RunFolderError(f"{d} has no finished fold yet (no cv.json)", "continue it with {command}", path=d,
+                             command=Command("resume", (str(d),)))
+    return manifest, json.loads((d / "cv.json").read_text()), pd.read_csv(d / "folds.csv", dtype=str,
+                                                                           keep_default_na=False)
+
+
+def cv_label(manifest: dict) -> str:
+    "The recipe and the overrides that made a cv: `best --size 160 --balance label_in_source` (data left out)."
+    extra = " ".join(f"--{k} {v}" for k, v in manifest.get("overrides", {}).items() if k != "data")
+    return f"{manifest['recipe']}" + (f" {extra}" if extra else "")
+
+
+def paired(base: dict, other: dict, metric: str) -> dict:
+    """`other - base` of one metric over the folds both finished, paired by fold: mean, sd, n, folds ahead and
+    behind, and the paired t-test's two-sided p (scipy); the verdict is 'beyond the fold noise' at p < 0.05."""
+    from scipy.stats import ttest_rel
+    a = {r["fold"]: r[metric] for r in base["folds"] if r[metric] is not None}
+    b = {r["fold"]: r[metric] for r in other["folds"] if r[metric] is not None}
+    common = [f for f in a if f in b]
+    d = np.array([b[f] - a[f] for f in common], dtype=float)
+    s = mean_sd(d)
+    p = None
+    if len(d) > 1 and np.any(d != d[0]):
+        p = float(ttest_rel([b[f] for f in common], [a[f] for f in common]).pvalue)
+    elif len(d) > 1 and d[0] != 0:
+        p = 0.0  # the same nonzero difference on every fold
+    verdict = ("n/a" if s["mean"] is None else "one fold: no spread to judge by" if s["n"] < 2
+               else "within the fold noise" if p is None or p >= 0.05
+               else "ahead beyond the fold noise" if s["mean"] > 0 else "behind beyond the fold noise")
+    return {**s, "ahead": int((d > 0).sum()), "behind": int((d < 0).sum()), "p": p, "verdict": verdict}
+
+
+def compare_cv(cv_dirs, out=None) -> Path:
+    """cv_comparison.md/.json/.html: cross-validations of several recipes side by side, the first as the baseline.
+    Each metric's mean ± sd over folds, each later cv's per-fold difference from the first (paired, so it needs
+    the same folds: the same --folds or --by, and --fold_seed, on the same data), and the within-source ROC AUC
+    and accuracy (pooled) of every cv. Written in `<out>/comparisons/<timestamp>/`; returns the .md's path."""
+    dirs = [Path(d).expanduser() for d in cv_dirs]
+    if len(dirs) < 2: raise RunFolderError("compare needs two cv folders or more, the baseline first",
+                                           "e.g. compare outputs/cv/best/A outputs/cv/best/B")
+    cvs = [(d, *_read_cv(d)) for d in dirs]
+    base_d, base_m, _, base_t = cvs[0]
+    for d, m, _, t in cvs[1:]:
+        same = (m["by"] == base_m["by"] and len(t) == len(base_t)
+                and t.set_index("file")["fold"].sort_index().equals(base_t.set_index("file")["fold"].sort_index()))
+        if not same:
+            raise RunFolderError(f"{d} holds out other folds than {base_d}, so they cannot be compared fold by fold",
+                                 f"run both with the same --folds/--by and --fold_seed on the same data", path=d)
+    names = [f"{i}: {cv_label(m)}" for i, (_, m, _, _) in enumerate(cvs)]
+    means = [{"cv": n, "folder": str(d), "folds": f"{c['folds_finished']} of {c['folds_planned']}",
+              **{k: _pm(c["mean_sd"][k], c["folds_finished"]) for k in METRICS.values()}}
+             for n, (d, m, c, _) in zip(names, cvs)]
+    diffs = {n: {k: paired(cvs[0][2], c, k) for k in METRICS.values()} for n, (_, _, c, _) in zip(names[1:], cvs[1:])}
+    srcs = sorted({s["source"] for _, _, c, _ in cvs for s in c["sources"]})
+    def src_of(c, s): return next((r for r in c["sources"] if r["source"] == s), None)
+    src_rows = []
+    for s in srcs:
+        row = {"source": s, "n / positives": next(f"{r['n']} / {r['positives']}" for _, _, c, _ in cvs
+                                                   if (r := src_of(c, s)))}
+        for n, (_, _, c, _) in zip(names, cvs):
+            r = src_of(c, s) or {}
+            auc, acc = r.get("ROC AUC pooled"), r.get("accuracy (0.5)")
+            row[n.split(":")[0]] = ("n/a" if auc is None else f"{auc:.4f}") + " / " + (
+                "n/a" if acc is None else f"{acc:.4f}")
+        src_rows.append(row)
+    out_dir = new_run_dir((Path(out) if out is not None else OUTPUTS).expanduser(), "comparisons")
+    loso = base_m["by"] == "source"
+    title = f"Comparison of {len(cvs)} cross-validations ({'leave one source out' if loso else base_m['title']})"
+    folds_said = "one per source" if loso else f"{base_m['folds']} patient folds, fold seed {base_m['fold_seed']}"
+    L = [f"# {title}", "", f"Baseline: **{names[0]}**. The same folds in every cv ({folds_said}), so each difference "
+         "is paired by fold. Metrics as in each cv.md: on the held-out part, at p = 0.5 where a threshold is needed, "
+         "never chosen on it.", ""]
+    L += ["## Mean ± sd over folds", "", _md_table(pd.DataFrame(means).drop(columns="folder")), ""]
+    L += ["## Difference from the baseline, fold by fold", "",
+          "mean ± sd over folds of (this cv − baseline); ahead/behind: folds where it is higher/lower; p: paired "
+          "t-test, two-sided. *Beyond the fold noise* means p < 0.05; anything else is not a result.", ""]
+    rows = []
+    for n, per in diffs.items():
+        for k, s in per.items():
+            rows.append({"cv": n, "metric": k, "difference": _pm(s, s["n"]), "ahead / behind": f"{s['ahead']} / {s['behind']} of {s['n']}",
+                         "p": "n/a" if s["p"] is None else f"{s['p']:.3f}", "verdict": s["verdict"]})
+    L += [_md_table(pd.DataFrame(rows)), ""]
+    if src_rows:
+        L += ["## Within each source: ROC AUC pooled / accuracy (0.5)", "", "Columns are the cvs by number. "
+              "Pooled over folds (every held-out image scored once by the fold model that did not train on it).", "",
+              _md_table(pd.DataFrame(src_rows)), ""]
+    L += ["Folders:", ""] + [f"- {n}: `{d}`" for n, (d, _, _, _) in zip(names, cvs)] + [""]
+    md = "\n".join(L)
+    write_json(out_dir / "cv_comparison.json", {"title": title, "baseline": names[0], "means": means,
+                                                "differences": diffs, "sources": src_rows})
+    write_atomic(out_dir / "cv_comparison.md", md)
+    write_atomic(out_dir / "cv_comparison.html", md_to_html(md, out_dir, title))
+    return out_dir / "cv_comparison.md"

@@ -216,3 +216,45 @@ def test_leave_one_source_out_without_a_source_column_is_one_line(tmp_path, caps
     assert e.value.code == 2 and len(err.splitlines()) == 1
     assert err.startswith(f"error: --by source needs {root.resolve() / 'labels.csv'} with a source column")
     assert not (tmp_path / "o").exists()  # nothing planned, nothing written
+
+
+def _cv(folds_acc: dict) -> dict:
+    return {"folds": [{"fold": f, "accuracy": a} for f, a in folds_acc.items()]}
+
+
+def test_paired_difference_is_fold_by_fold_and_judged_by_a_paired_t_test():
+    from scipy.stats import ttest_rel
+    from covid_fastai.cv_report import paired
+    base = _cv({"fold-1": 0.90, "fold-2": 0.95, "fold-3": 0.80, "fold-4": 0.85, "fold-5": 0.92})
+    ahead = _cv({"fold-1": 0.92, "fold-2": 0.96, "fold-3": 0.83, "fold-4": 0.86, "fold-5": 0.94})
+    s = paired(base, ahead, "accuracy")
+    assert s["mean"] == pytest.approx(0.018) and (s["ahead"], s["behind"], s["n"]) == (5, 0, 5)
+    assert s["p"] == pytest.approx(ttest_rel([0.92, 0.96, 0.83, 0.86, 0.94], [0.90, 0.95, 0.80, 0.85, 0.92]).pvalue)
+    assert s["p"] < 0.05 and s["verdict"] == "ahead beyond the fold noise"
+    # the same mean gain, but one fold far behind: a spread over folds that is larger than the gain is noise
+    mixed = _cv({"fold-1": 0.99, "fold-2": 0.99, "fold-3": 0.89, "fold-4": 0.90, "fold-5": 0.76})
+    s = paired(base, mixed, "accuracy")
+    assert (s["ahead"], s["behind"]) == (4, 1) and s["p"] > 0.05 and s["verdict"] == "within the fold noise"
+    # only folds both finished are paired
+    s = paired(base, _cv({"fold-2": 0.90, "fold-4": 0.80}), "accuracy")
+    assert s["n"] == 2 and s["mean"] == pytest.approx(-0.05) and s["verdict"] == "behind beyond the fold noise"
+
+
+def test_compare_puts_cvs_side_by_side_paired_by_fold_and_refuses_other_folds(cv_data, tmp_path, capsys, one_thread):
+    a = run_cv(RECIPE, folds=2, out=tmp_path / "a", data=str(cv_data), **TINY)
+    b = run_cv(RECIPE, folds=2, out=tmp_path / "b", data=str(cv_data), **{**TINY, "lr": 3e-2})
+    main(["compare", str(a), str(b), "--out", str(tmp_path / "o")])
+    assert "cv_comparison:" in capsys.readouterr().out
+    (out,) = (tmp_path / "o" / "comparisons").iterdir()
+    got = json.loads((out / "cv_comparison.json").read_text())
+    fa, fb = (json.loads((d / "cv.json").read_text())["folds"] for d in (a, b))
+    want = np.mean([y["ROC AUC"] - x["ROC AUC"] for x, y in zip(fa, fb)])
+    label = f"1: {RECIPE} --pretrained False --size 32 --bs 8 --epochs 1 --lr 0.03"
+    assert got["differences"][label]["ROC AUC"]["mean"] == pytest.approx(want)
+    md = (out / "cv_comparison.md").read_text()
+    assert "## Difference from the baseline, fold by fold" in md and "| a | " in md and (out / "cv_comparison.html").is_file()
+    other = run_cv(RECIPE, folds=2, fold_seed=1, out=tmp_path / "c", data=str(cv_data), **TINY)
+    with pytest.raises(SystemExit):
+        main(["compare", str(a), str(other), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "holds out other folds" in err and str(other) in err
