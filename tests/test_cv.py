@@ -253,8 +253,25 @@ def test_compare_puts_cvs_side_by_side_paired_by_fold_and_refuses_other_folds(cv
     assert got["differences"][label]["ROC AUC"]["mean"] == pytest.approx(want)
     md = (out / "cv_comparison.md").read_text()
     assert "## Difference from the baseline, fold by fold" in md and "| a | " in md and (out / "cv_comparison.html").is_file()
+    assert "## Within each source: ROC AUC difference from the baseline" in md
+    assert set(got["source_auc_differences"][label]) == {"a", "b"}  # c is infected only
     other = run_cv(RECIPE, folds=2, fold_seed=1, out=tmp_path / "c", data=str(cv_data), **TINY)
     with pytest.raises(SystemExit):
         main(["compare", str(a), str(other), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "holds out other folds" in err and str(other) in err
+
+
+def test_paired_auc_difference_matches_sklearn_and_its_interval_is_paired():
+    from sklearn.metrics import roc_auc_score
+    from covid_fastai.cv_report import paired_auc_difference
+    rng = np.random.default_rng(0)
+    y = np.r_[np.ones(40), np.zeros(12)].astype(int)
+    a = np.clip(y * 0.3 + rng.uniform(0, 0.7, len(y)), 0, 1)
+    b = np.clip(y * 0.5 + rng.uniform(0, 0.5, len(y)), 0, 1)
+    r = paired_auc_difference(y, a, b, n_boot=500)
+    assert r["difference"] == pytest.approx(roc_auc_score(y, b) - roc_auc_score(y, a))
+    assert r["low"] <= r["difference"] <= r["high"] and r["low"] > 0  # b separates better on every resample
+    same = paired_auc_difference(y, a, a, n_boot=200)  # paired: the same scores differ by exactly 0 on every resample
+    assert same["difference"] == same["low"] == same["high"] == 0
+    assert paired_auc_difference(np.ones(5), a[:5], b[:5])["difference"] is None
