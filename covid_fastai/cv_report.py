@@ -222,11 +222,30 @@ def _source_differences(base: pd.DataFrame, other: pd.DataFrame) -> dict:
             for src, g in both[both["source"] != ""].groupby("source") if g["y"].nunique() == 2}
 
 
-def compare_cv(cv_dirs, out=None) -> Path:
+def ensemble_summary(pooled: list[pd.DataFrame], table: pd.DataFrame) -> tuple[dict, pd.DataFrame]:
+    """The cv summary (folds, mean_sd, sources) of the mean of several cvs' probabilities, film by film, on the
+    films every one of them scored: the cross-validation of their ensemble, without training anything."""
+    mean = pooled[0][["file", "label", "source", "y"]].copy()
+    for i, p in enumerate(pooled): mean = mean.merge(p[["file", "p"]].rename(columns={"p": f"p{i}"}), on="file")
+    mean["p"] = mean[[f"p{i}" for i in range(len(pooled))]].mean(axis=1)
+    mean = mean.merge(table[["file", "fold"]], on="file")
+    folds = []
+    for tag, g in mean.groupby("fold", sort=True):
+        m = binary_metrics(g["y"], g["p"], 0.5)
+        folds.append({"fold": tag, **{METRICS[k]: m[k] for k in METRICS}})
+    summary = {"folds": folds, "folds_finished": len(folds), "folds_planned": table["fold"].nunique(),
+               "mean_sd": {c: mean_sd([r[c] for r in folds]) for c in METRICS.values()},
+               "sources": _source_rows([g for _, g in mean.groupby("fold", sort=True)])}
+    return summary, mean[["file", "label", "source", "y", "p"]]
+
+
+def compare_cv(cv_dirs, out=None, ensemble: bool = False) -> Path:
     """cv_comparison.md/.json/.html: cross-validations of several recipes side by side, the first as the baseline.
     Each metric's mean ± sd over folds, each later cv's per-fold difference from the first (paired, so it needs
     the same folds: the same --folds or --by, and --fold_seed, on the same data), and the within-source ROC AUC
-    and accuracy (pooled) of every cv. Written in `<out>/comparisons/<timestamp>/`; returns the .md's path."""
+    and accuracy (pooled) of every cv. `ensemble`: one more row, the mean of all their probabilities film by film
+    (`ensemble_summary`), compared with the baseline the same way. Written in `<out>/comparisons/<timestamp>/`;
+    returns the .md's path."""
     dirs = [Path(d).expanduser() for d in cv_dirs]
     if len(dirs) < 2: raise RunFolderError("compare needs two cv folders or more, the baseline first",
                                            "e.g. compare outputs/cv/best/A outputs/cv/best/B")
@@ -239,6 +258,12 @@ def compare_cv(cv_dirs, out=None) -> Path:
             raise RunFolderError(f"{d} holds out other folds than {base_d}, so they cannot be compared fold by fold",
                                  f"run both with the same --folds/--by and --fold_seed on the same data", path=d)
     names = [f"{i}: {cv_label(m)}" for i, (_, m, _, _) in enumerate(cvs)]
+    pooled = [_pooled_predictions(d, m, t) for d, m, _, t in cvs]
+    if ensemble:
+        summary, mean = ensemble_summary(pooled, base_t)
+        names.append(f"E: mean of the probabilities of cvs 0-{len(cvs) - 1}")
+        cvs.append((Path("(computed from the cvs above)"), base_m, summary, base_t))
+        pooled.append(mean)
     means = [{"cv": n, "folder": str(d), "folds": f"{c['folds_finished']} of {c['folds_planned']}",
               **{k: _pm(c["mean_sd"][k], c["folds_finished"]) for k in METRICS.values()}}
              for n, (d, m, c, _) in zip(names, cvs)]
@@ -255,7 +280,6 @@ def compare_cv(cv_dirs, out=None) -> Path:
             row[n.split(":")[0]] = ("n/a" if auc is None else f"{auc:.4f}") + " / " + (
                 "n/a" if acc is None else f"{acc:.4f}")
         src_rows.append(row)
-    pooled = [_pooled_predictions(d, m, t) for d, m, _, t in cvs]
     src_diffs = {n: _source_differences(pooled[0], p) for n, p in zip(names[1:], pooled[1:])}
     out_dir = new_run_dir((Path(out) if out is not None else OUTPUTS).expanduser(), "comparisons")
     loso = base_m["by"] == "source"

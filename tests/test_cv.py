@@ -16,6 +16,8 @@ from fastai.vision.all import Callback
 
 from covid_fastai.cli import main
 from covid_fastai.cv import plan_cv, run_cv
+from covid_fastai.cv_report import fold_predictions
+from covid_fastai.metrics import binary_metrics
 from covid_fastai.demo import make_demo_data
 from covid_fastai.errors import DataError, RecipeError, RunInterrupted
 from covid_fastai.folds import OTHER_SOURCES, source_folds, strata
@@ -255,6 +257,18 @@ def test_compare_puts_cvs_side_by_side_paired_by_fold_and_refuses_other_folds(cv
     assert "## Difference from the baseline, fold by fold" in md and "| a | " in md and (out / "cv_comparison.html").is_file()
     assert "## Within each source: ROC AUC difference from the baseline" in md
     assert set(got["source_auc_differences"][label]) == {"a", "b"}  # c is infected only
+    # --ensemble: one more row, the mean of the two cvs' probabilities, film by film, scored per fold
+    main(["compare", str(a), str(b), "--ensemble", "--out", str(tmp_path / "e")])
+    (out,) = (tmp_path / "e" / "comparisons").iterdir()
+    got = json.loads((out / "cv_comparison.json").read_text())
+    table = pd.read_csv(a / "folds.csv", dtype=str, keep_default_na=False)
+    pa, pb = (pd.concat([fold_predictions(it, table) for it in json.loads((d / SWEEP_FILE).read_text())["runs"]])
+              for d in (a, b))
+    both = pa.merge(pb[["file", "p"]], on="file").merge(table[["file", "fold"]], on="file")
+    assert len(both) == len(pool(cv_data))
+    want = [binary_metrics(g["y"], (g["p_x"] + g["p_y"]) / 2)["roc_auc"] for _, g in both.groupby("fold")]
+    (ens,) = [k for k in got["differences"] if k.startswith("E: ")]
+    assert [m["ROC AUC"] for m in got["means"] if m["cv"] == ens] == [f"{np.mean(want):.4f} ± {np.std(want, ddof=1):.4f}"]
     other = run_cv(RECIPE, folds=2, fold_seed=1, out=tmp_path / "c", data=str(cv_data), **TINY)
     with pytest.raises(SystemExit):
         main(["compare", str(a), str(other), "--out", str(tmp_path / "o")])
