@@ -295,7 +295,8 @@ def compare_cv(cv_dirs, out=None, ensemble: bool = False) -> Path:
     rows = []
     for n, per in diffs.items():
         for k, s in per.items():
-            rows.append({"cv": n, "metric": k, "difference": _pm(s, s["n"]), "ahead / behind": f"{s['ahead']} / {s['behind']} of {s['n']}",
+            rows.append({"cv": n, "metric": k, "difference": _pm(s, s["n"]),
+                         "ahead / behind": f"{s['ahead']} / {s['behind']} of {s['n']}",
                          "p": "n/a" if s["p"] is None else f"{s['p']:.3f}", "verdict": s["verdict"]})
     L += [_md_table(pd.DataFrame(rows)), ""]
     if src_rows:
@@ -309,8 +310,8 @@ def compare_cv(cv_dirs, out=None, ensemble: bool = False) -> Path:
     if diff_rows:
         L += ["## Within each source: ROC AUC difference from the baseline", "", "On the films both cvs scored, "
               "pooled over folds; in brackets the 95% interval of a paired bootstrap (2,000 resamples of the films, "
-              "within each class). An interval that holds 0 is not a result. A source with few films of a class "
-              "(ieee8023 has 9 normals in train + valid) gives a wide interval: that is its real uncertainty.", "",
+              "within each class). An interval that holds 0 is not a result. A source with few films of one class "
+              "gives a wide interval: that is its real uncertainty.", "",
               _md_table(pd.DataFrame(diff_rows)), ""]
     L += ["Folders:", ""] + [f"- {n}: `{d}`" for n, (d, _, _, _) in zip(names, cvs)] + [""]
     md = "\n".join(L)
