@@ -239,6 +239,51 @@ def ensemble_summary(pooled: list[pd.DataFrame], table: pd.DataFrame) -> tuple[d
     return summary, mean[["file", "label", "source", "y", "p"]]
 
 
+def _sources_side_by_side(names: list[str], summaries: list[dict]) -> list[dict]:
+    "One row per source: its n / positives, then 'pooled AUC / accuracy (0.5)' under each cv's number."
+    def row_of(c, s): return next((r for r in c["sources"] if r["source"] == s), None)
+    rows = []
+    for s in sorted({r["source"] for c in summaries for r in c["sources"]}):
+        row = {"source": s, "n / positives": next(f"{r['n']} / {r['positives']}" for c in summaries
+                                                   if (r := row_of(c, s)))}
+        for n, c in zip(names, summaries):
+            r = row_of(c, s) or {}
+            auc, acc = r.get("ROC AUC pooled"), r.get("accuracy (0.5)")
+            row[n.split(":")[0]] = ("n/a" if auc is None else f"{auc:.4f}") + " / " + (
+                "n/a" if acc is None else f"{acc:.4f}")
+        rows.append(row)
+    return rows
+
+
+def _comparison_markdown(title, folds_said, names, dirs, means, diffs, src_rows, src_diffs) -> list[str]:
+    L = [f"# {title}", "", f"Baseline: **{names[0]}**. The same folds in every cv ({folds_said}), so each difference "
+         "is paired by fold. Metrics as in each cv.md: on the held-out part, at p = 0.5 where a threshold is needed, "
+         "never chosen on it.", ""]
+    L += ["## Mean ± sd over folds", "", _md_table(pd.DataFrame(means).drop(columns="folder")), ""]
+    L += ["## Difference from the baseline, fold by fold", "",
+          "mean ± sd over folds of (this cv − baseline); ahead/behind: folds where it is higher/lower; p: paired "
+          "t-test, two-sided. *Beyond the fold noise* means p < 0.05; anything else is not a result.", ""]
+    rows = [{"cv": n, "metric": k, "difference": _pm(s, s["n"]),
+             "ahead / behind": f"{s['ahead']} / {s['behind']} of {s['n']}",
+             "p": "n/a" if s["p"] is None else f"{s['p']:.3f}", "verdict": s["verdict"]}
+            for n, per in diffs.items() for k, s in per.items()]
+    L += [_md_table(pd.DataFrame(rows)), ""]
+    if src_rows:
+        L += ["## Within each source: ROC AUC pooled / accuracy (0.5)", "", "Columns are the cvs by number. "
+              "Pooled over folds (every held-out image scored once by the fold model that did not train on it).", "",
+              _md_table(pd.DataFrame(src_rows)), ""]
+    diff_rows = [{"source": src, **{n.split(":")[0]: ("n/a" if (r := per.get(src)) is None else
+                                                      f"{r['difference']:+.4f} [{r['low']:+.4f}, {r['high']:+.4f}]")
+                                    for n, per in src_diffs.items()}}
+                 for src in sorted({s for per in src_diffs.values() for s in per})]
+    if diff_rows:
+        L += ["## Within each source: ROC AUC difference from the baseline", "", "On the films both cvs scored, "
+              "pooled over folds; in brackets the 95% interval of a paired bootstrap (2,000 resamples of the films, "
+              "within each class). An interval that holds 0 is not a result. A source with few films of one class "
+              "gives a wide interval: that is its real uncertainty.", "", _md_table(pd.DataFrame(diff_rows)), ""]
+    return L + ["Folders:", ""] + [f"- {n}: `{d}`" for n, d in zip(names, dirs)] + [""]
+
+
 def compare_cv(cv_dirs, out=None, ensemble: bool = False) -> Path:
     """cv_comparison.md/.json/.html: cross-validations of several recipes side by side, the first as the baseline.
     Each metric's mean ± sd over folds, each later cv's per-fold difference from the first (paired, so it needs
@@ -268,52 +313,13 @@ def compare_cv(cv_dirs, out=None, ensemble: bool = False) -> Path:
               **{k: _pm(c["mean_sd"][k], c["folds_finished"]) for k in METRICS.values()}}
              for n, (d, m, c, _) in zip(names, cvs)]
     diffs = {n: {k: paired(cvs[0][2], c, k) for k in METRICS.values()} for n, (_, _, c, _) in zip(names[1:], cvs[1:])}
-    srcs = sorted({s["source"] for _, _, c, _ in cvs for s in c["sources"]})
-    def src_of(c, s): return next((r for r in c["sources"] if r["source"] == s), None)
-    src_rows = []
-    for s in srcs:
-        row = {"source": s, "n / positives": next(f"{r['n']} / {r['positives']}" for _, _, c, _ in cvs
-                                                   if (r := src_of(c, s)))}
-        for n, (_, _, c, _) in zip(names, cvs):
-            r = src_of(c, s) or {}
-            auc, acc = r.get("ROC AUC pooled"), r.get("accuracy (0.5)")
-            row[n.split(":")[0]] = ("n/a" if auc is None else f"{auc:.4f}") + " / " + (
-                "n/a" if acc is None else f"{acc:.4f}")
-        src_rows.append(row)
+    src_rows = _sources_side_by_side(names, [c for _, _, c, _ in cvs])
     src_diffs = {n: _source_differences(pooled[0], p) for n, p in zip(names[1:], pooled[1:])}
     out_dir = new_run_dir((Path(out) if out is not None else OUTPUTS).expanduser(), "comparisons")
     loso = base_m["by"] == "source"
     title = f"Comparison of {len(cvs)} cross-validations ({'leave one source out' if loso else base_m['title']})"
     folds_said = "one per source" if loso else f"{base_m['folds']} patient folds, fold seed {base_m['fold_seed']}"
-    L = [f"# {title}", "", f"Baseline: **{names[0]}**. The same folds in every cv ({folds_said}), so each difference "
-         "is paired by fold. Metrics as in each cv.md: on the held-out part, at p = 0.5 where a threshold is needed, "
-         "never chosen on it.", ""]
-    L += ["## Mean ± sd over folds", "", _md_table(pd.DataFrame(means).drop(columns="folder")), ""]
-    L += ["## Difference from the baseline, fold by fold", "",
-          "mean ± sd over folds of (this cv − baseline); ahead/behind: folds where it is higher/lower; p: paired "
-          "t-test, two-sided. *Beyond the fold noise* means p < 0.05; anything else is not a result.", ""]
-    rows = []
-    for n, per in diffs.items():
-        for k, s in per.items():
-            rows.append({"cv": n, "metric": k, "difference": _pm(s, s["n"]),
-                         "ahead / behind": f"{s['ahead']} / {s['behind']} of {s['n']}",
-                         "p": "n/a" if s["p"] is None else f"{s['p']:.3f}", "verdict": s["verdict"]})
-    L += [_md_table(pd.DataFrame(rows)), ""]
-    if src_rows:
-        L += ["## Within each source: ROC AUC pooled / accuracy (0.5)", "", "Columns are the cvs by number. "
-              "Pooled over folds (every held-out image scored once by the fold model that did not train on it).", "",
-              _md_table(pd.DataFrame(src_rows)), ""]
-    diff_rows = [{"source": src, **{n.split(":")[0]: ("n/a" if (r := per.get(src)) is None else
-                                                      f"{r['difference']:+.4f} [{r['low']:+.4f}, {r['high']:+.4f}]")
-                                    for n, per in src_diffs.items()}}
-                 for src in sorted({s for per in src_diffs.values() for s in per})]
-    if diff_rows:
-        L += ["## Within each source: ROC AUC difference from the baseline", "", "On the films both cvs scored, "
-              "pooled over folds; in brackets the 95% interval of a paired bootstrap (2,000 resamples of the films, "
-              "within each class). An interval that holds 0 is not a result. A source with few films of one class "
-              "gives a wide interval: that is its real uncertainty.", "",
-              _md_table(pd.DataFrame(diff_rows)), ""]
-    L += ["Folders:", ""] + [f"- {n}: `{d}`" for n, (d, _, _, _) in zip(names, cvs)] + [""]
+    L = _comparison_markdown(title, folds_said, names, [d for d, _, _, _ in cvs], means, diffs, src_rows, src_diffs)
     md = "\n".join(L)
     write_json(out_dir / "cv_comparison.json", {"title": title, "baseline": names[0], "means": means,
                                                 "differences": diffs, "sources": src_rows,
