@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from .labels import relative_name
-from .metrics import binary_metrics
+from .metrics import _boot_auc, binary_metrics
 from .report import SYNTHETIC_BANNER, _md_table, md_to_html
 from .errors import Command, RunFolderError
 from .rundir import OUTPUTS, new_run_dir, run_status
@@ -42,6 +42,11 @@ def _pm(s: dict, of: int) -> str:
     if s["mean"] is None: return "n/a"
     txt = f"{s['mean']:.4f} ± {s['sd']:.4f}" if s["sd"] is not None else f"{s['mean']:.4f}"
     return txt + (f" ({s['n']} of {of})" if s["n"] < of else "")
+
+
+def _over_folds(folds: list[dict]) -> dict:
+    "Each metric's mean ± sd over the fold rows."
+    return {c: mean_sd([r[c] for r in folds]) for c in METRICS.values()}
 
 
 def _positive(pred: pd.DataFrame, pos: str, classes: list) -> np.ndarray:
@@ -99,7 +104,7 @@ def write_cv_summary(cv_dir, manifest: dict) -> Path:
     table = pd.read_csv(cv_dir / "folds.csv", dtype=str, keep_default_na=False)
     folds = [_fold_row(it, cv_dir) for it in done]
     preds = [fold_predictions(it, table) for it in done]
-    summary = {c: mean_sd([r[c] for r in folds]) for c in METRICS.values()}
+    summary = _over_folds(folds)
     sources = _source_rows(preds)
     synthetic = json.loads((Path(done[0]["run_dir"]) / "config.json").read_text())["data"]["synthetic"]
     n, loso = len(manifest["runs"]), manifest["by"] == "source"
@@ -194,19 +199,16 @@ def paired_auc_difference(y, p_base, p_other, n_boot: int = 2000, seed: int = 0,
     """ROC AUC(p_other) - AUC(p_base) on the same films, with its percentile interval over bootstrap resamples of the
     films drawn within each class (the same resample for both, so the difference is paired). None without both
     classes."""
-    y, a, b = np.asarray(y), np.asarray(p_base, float), np.asarray(p_other, float)
+    y, a, b = np.asarray(y).astype(int), np.asarray(p_base, float), np.asarray(p_other, float)
     pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
     if not len(pos) or not len(neg): return {"difference": None, "low": None, "high": None, "n_boot": 0}
-    # AUC = mean over (positive, negative) pairs of [p_pos > p_neg] + 0.5 [tie]; a resample weights each pair by
-    # how often its two films were drawn, so every resample is one matrix product
-    pairs = [(s[pos][:, None] > s[neg][None, :]) + 0.5 * (s[pos][:, None] == s[neg][None, :]) for s in (a, b)]
     rng = np.random.default_rng(seed)
-    wp = np.stack([np.bincount(rng.integers(0, len(pos), len(pos)), minlength=len(pos)) for _ in range(n_boot)])
-    wn = np.stack([np.bincount(rng.integers(0, len(neg), len(neg)), minlength=len(neg)) for _ in range(n_boot)])
-    auc = [((wp @ c) * wn).sum(1) / (len(pos) * len(neg)) for c in pairs]
-    lo, hi = np.percentile(auc[1] - auc[0], [50 * (1 - level), 50 * (1 + level)])
-    return {"difference": float(pairs[1].mean() - pairs[0].mean()), "low": float(lo), "high": float(hi),
-            "n_boot": n_boot}
+    idx = np.concatenate([np.stack([pos[rng.integers(0, len(pos), len(pos))] for _ in range(n_boot)]),
+                          np.stack([neg[rng.integers(0, len(neg), len(neg))] for _ in range(n_boot)])], axis=1)
+    diffs = _boot_auc(y[idx], b[idx]) - _boot_auc(y[idx], a[idx])  # one resample of films for both: paired
+    lo, hi = np.percentile(diffs, [50 * (1 - level), 50 * (1 + level)])
+    point = _boot_auc(y[None], b[None]) - _boot_auc(y[None], a[None])
+    return {"difference": float(point[0]), "low": float(lo), "high": float(hi), "n_boot": n_boot}
 
 
 def _pooled_predictions(d: Path, manifest: dict, table: pd.DataFrame) -> pd.DataFrame:
@@ -229,13 +231,11 @@ def ensemble_summary(pooled: list[pd.DataFrame], table: pd.DataFrame) -> tuple[d
     for i, p in enumerate(pooled): mean = mean.merge(p[["file", "p"]].rename(columns={"p": f"p{i}"}), on="file")
     mean["p"] = mean[[f"p{i}" for i in range(len(pooled))]].mean(axis=1)
     mean = mean.merge(table[["file", "fold"]], on="file")
-    folds = []
-    for tag, g in mean.groupby("fold", sort=True):
-        m = binary_metrics(g["y"], g["p"], 0.5)
-        folds.append({"fold": tag, **{METRICS[k]: m[k] for k in METRICS}})
+    by_fold = list(mean.groupby("fold", sort=True))
+    folds = [{"fold": tag, **{METRICS[k]: m[k] for k in METRICS}}
+             for tag, g in by_fold for m in [binary_metrics(g["y"], g["p"], 0.5)]]
     summary = {"folds": folds, "folds_finished": len(folds), "folds_planned": table["fold"].nunique(),
-               "mean_sd": {c: mean_sd([r[c] for r in folds]) for c in METRICS.values()},
-               "sources": _source_rows([g for _, g in mean.groupby("fold", sort=True)])}
+               "mean_sd": _over_folds(folds), "sources": _source_rows([g for _, g in by_fold])}
     return summary, mean[["file", "label", "source", "y", "p"]]
 
 
