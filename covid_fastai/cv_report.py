@@ -23,7 +23,8 @@ from .errors import Command, RunFolderError
 from .rundir import OUTPUTS, new_run_dir, run_status
 from .files import write_atomic, write_json
 
-__all__ = ["METRICS", "mean_sd", "fold_predictions", "write_cv_summary", "compare_cv", "paired"]
+__all__ = ["METRICS", "mean_sd", "fold_predictions", "write_cv_summary", "compare_cv", "paired", "paired_auc_difference",
+           "ensemble_summary"]
 
 # metrics.json key (under at_0.5, or top level) -> column name
 METRICS = {"accuracy": "accuracy", "roc_auc": "ROC AUC", "sens_at_spec95": "sensitivity at specificity >= 0.95",
