@@ -291,7 +291,7 @@ class Commands:
                       cpus_per_trial=cpus_per_trial, address=address, seed=seed, **overrides) / "tune.md"
         print(f"tune: {md} and {md.with_suffix('.html')}; trials in {md.parent / 'trials.md'}")
 
-    def compare(self, *run_dirs, out: str | None = None, ensemble: bool = False):
+    def compare(self, *run_dirs, out: str | None = None, ensemble: bool | tuple = False):
         """Put finished runs side by side: the table a sweep writes, in <out>/comparisons/<timestamp>/. Given cv
         folders instead (the baseline first), the cross-validations side by side with each one's fold-by-fold
         difference from the baseline (cv_comparison.md).
@@ -299,7 +299,8 @@ class Commands:
         Args:
           run_dirs: run folders, e.g. outputs/vgg16_head/*; or cv folders, e.g. outputs/cv/best/*
           out: where the comparisons/ folder goes (default ./outputs)
-          ensemble: cv folders only: add the mean of their probabilities, film by film, as one more row
+          ensemble: cv folders only: add the mean of their probabilities, film by film, as one more row; alone
+            for all of them, or the positions of the members (--ensemble 1,2,3: other recipes against the baseline 0)
         """
         if run_dirs and all((Path(d).expanduser() / "folds.csv").is_file() for d in run_dirs):
             from .cv_report import compare_cv

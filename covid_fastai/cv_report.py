@@ -19,12 +19,12 @@ import pandas as pd
 from .labels import relative_name
 from .metrics import _boot_auc, binary_metrics
 from .report import SYNTHETIC_BANNER, _md_table, md_to_html
-from .errors import Command, RunFolderError
+from .errors import Command, RecipeError, RunFolderError
 from .rundir import OUTPUTS, new_run_dir, run_status
 from .files import write_atomic, write_json
 
 __all__ = ["METRICS", "mean_sd", "fold_predictions", "write_cv_summary", "compare_cv", "paired", "paired_auc_difference",
-           "ensemble_summary"]
+           "ensemble_summary", "ensemble_members"]
 
 # metrics.json key (under at_0.5, or top level) -> column name
 METRICS = {"accuracy": "accuracy", "roc_auc": "ROC AUC", "sens_at_spec95": "sensitivity at specificity >= 0.95",
@@ -285,13 +285,29 @@ def _comparison_markdown(title, folds_said, names, dirs, means, diffs, src_rows,
     return L + ["Folders:", ""] + [f"- {n}: `{d}`" for n, d in zip(names, dirs)] + [""]
 
 
-def compare_cv(cv_dirs, out=None, ensemble: bool = False) -> Path:
+def ensemble_members(ensemble, n: int) -> list[int]:
+    """Which of `n` cvs (0 = the baseline) an `ensemble` choice averages: False/None none, True all, or their
+    positions ((1, 2, 3) or '1,2,3': an ensemble of other recipes set against the baseline)."""
+    if ensemble is None or ensemble is False: return []
+    if ensemble is True: return list(range(n))
+    try:
+        idx = [int(i) for i in (str(ensemble).split(",") if isinstance(ensemble, str) else
+                                (ensemble if isinstance(ensemble, (tuple, list)) else [ensemble]))]
+    except ValueError:
+        idx = []
+    if len(set(idx)) < 2 or not all(0 <= i < n for i in idx):
+        raise RecipeError(f"--ensemble {ensemble!r}: give two or more positions of the cvs, from 0 (the baseline) to "
+                          f"{n - 1}", "e.g. --ensemble 1,2,3, or --ensemble alone for all of them")
+    return sorted(set(idx))
+
+
+def compare_cv(cv_dirs, out=None, ensemble: bool | tuple | str = False) -> Path:
     """cv_comparison.md/.json/.html: cross-validations of several recipes side by side, the first as the baseline.
     Each metric's mean ± sd over folds, each later cv's per-fold difference from the first (paired, so it needs
     the same folds: the same --folds or --by, and --fold_seed, on the same data), and the within-source ROC AUC
-    and accuracy (pooled) of every cv. `ensemble`: one more row, the mean of all their probabilities film by film
-    (`ensemble_summary`), compared with the baseline the same way. Written in `<out>/comparisons/<timestamp>/`;
-    returns the .md's path."""
+    and accuracy (pooled) of every cv. `ensemble`: one more row, the mean of their probabilities film by film
+    (`ensemble_summary`), compared with the baseline the same way: True for all of them, or the positions of the
+    members (`ensemble_members`). Written in `<out>/comparisons/<timestamp>/`; returns the .md's path."""
     dirs = [Path(d).expanduser() for d in cv_dirs]
     if len(dirs) < 2: raise RunFolderError("compare needs two cv folders or more, the baseline first",
                                            "e.g. compare outputs/cv/best/A outputs/cv/best/B")
@@ -305,9 +321,11 @@ def compare_cv(cv_dirs, out=None, ensemble: bool = False) -> Path:
                                  f"run both with the same --folds/--by and --fold_seed on the same data", path=d)
     names = [f"{i}: {cv_label(m)}" for i, (_, m, _, _) in enumerate(cvs)]
     pooled = [_pooled_predictions(d, m, t) for d, m, _, t in cvs]
-    if ensemble:
-        summary, mean = ensemble_summary(pooled, base_t)
-        names.append(f"E: mean of the probabilities of cvs 0-{len(cvs) - 1}")
+    members = ensemble_members(ensemble, len(cvs))
+    if members:
+        summary, mean = ensemble_summary([pooled[i] for i in members], base_t)
+        said = f"0-{len(cvs) - 1}" if members == list(range(len(cvs))) else ", ".join(map(str, members))
+        names.append(f"E: mean of the probabilities of cvs {said}")
         cvs.append((Path("(computed from the cvs above)"), base_m, summary, base_t))
         pooled.append(mean)
     means = [{"cv": n, "folder": str(d), "folds": f"{c['folds_finished']} of {c['folds_planned']}",

@@ -269,6 +269,17 @@ def test_compare_puts_cvs_side_by_side_paired_by_fold_and_refuses_other_folds(cv
     want = [binary_metrics(g["y"], (g["p_x"] + g["p_y"]) / 2)["roc_auc"] for _, g in both.groupby("fold")]
     (ens,) = [k for k in got["differences"] if k.startswith("E: ")]
     assert [m["ROC AUC"] for m in got["means"] if m["cv"] == ens] == [f"{np.mean(want):.4f} ± {np.std(want, ddof=1):.4f}"]
+    # --ensemble 1,2: members chosen by position, set against the baseline; b averaged with itself is b
+    main(["compare", str(a), str(b), str(b), "--ensemble", "1,2", "--out", str(tmp_path / "s")])
+    (out,) = (tmp_path / "s" / "comparisons").iterdir()
+    got = json.loads((out / "cv_comparison.json").read_text())
+    assert [m["cv"][:3] for m in got["means"]] == ["0: ", "1: ", "2: ", "E: "] and got["means"][3]["cv"].endswith("cvs 1, 2")
+    assert {k: v for k, v in got["means"][3].items() if k not in ("cv", "folder")} == \
+        {k: v for k, v in got["means"][1].items() if k not in ("cv", "folder")}
+    with pytest.raises(SystemExit):
+        main(["compare", str(a), str(b), "--ensemble", "1", "--out", str(tmp_path / "s")])
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "two or more positions" in err
     other = run_cv(RECIPE, folds=2, fold_seed=1, out=tmp_path / "c", data=str(cv_data), **TINY)
     with pytest.raises(SystemExit):
         main(["compare", str(a), str(other), "--out", str(tmp_path / "o")])
