@@ -50,6 +50,13 @@ def machine() -> str:
             f"bf16 via oneDNN: {torch.ops.mkldnn._is_mkldnn_bf16_supported()}")
 
 
+def append_results(path, lines: list[str]) -> None:
+    "Append a markdown section to a results file and print it."
+    text = "\n".join(lines) + "\n"
+    with open(path, "a") as f: f.write(text)
+    print(text)
+
+
 def matmul_peak(dtype, n=2048, reps=5) -> list[float]:
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b

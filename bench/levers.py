@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import machine, mm  # noqa: E402
+from bench import append_results, machine, mm  # noqa: E402
 from profile_step import make_model, make_step, rates  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,9 +77,7 @@ def main(argv=None):
         payback = "never (slower)" if comp is not None and gain <= 0 else f"{comp / gain:,.0f}" if comp else ""
         lines.append(f"| {name} | {mm(r)} | {med / base:.2f}x | {f'{comp:.0f}' if comp else ''} | {payback} |")
         print(lines[-1], flush=True)
-    text = "\n".join(lines) + "\n"
-    with open(a.out, "a") as f: f.write(text)
-    print(text)
+    append_results(a.out, lines)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import machine, matmul_peak, mm, train_step  # noqa: E402
+from bench import append_results, machine, matmul_peak, mm, train_step  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,19 +60,30 @@ def train_gflop_per_image(arch, size) -> float:
     return 3 * fc.get_total_flops() / 2 / 1e9
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def step_parser(doc: str, results: str) -> argparse.ArgumentParser:
+    "The arguments every one-step benchmark takes; `results`: its default file in bench/."
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument("--arch", default="tf_efficientnet_lite0.in1k")
     p.add_argument("--bs", type=int, default=32)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--reps", type=int, default=3)  # timed steps per combination (median reported)
-    p.add_argument("--rows", type=int, default=15)  # profiler rows per table
     p.add_argument("--label", default="")  # e.g. "AVX2 emulated on the AMX machine"
-    p.add_argument("--out", default=str(ROOT / "bench" / "results-profile.md"))
+    p.add_argument("--out", default=str(ROOT / "bench" / results))
+    return p
+
+
+def combinations() -> tuple[bool, list[tuple[bool, bool]]]:
+    "(bf16 supported, the (bf16, channels-last) pairs this CPU can run)."
+    bf16_ok = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return bf16_ok, [(b, c) for b in ([False, True] if bf16_ok else [False]) for c in (False, True)]
+
+
+def main(argv=None):
+    p = step_parser(__doc__, "results-profile.md")
+    p.add_argument("--rows", type=int, default=15)  # profiler rows per table
     a = p.parse_args(argv)
     torch.manual_seed(0)
-    bf16_ok = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    combos = [(b, c) for b in ([False, True] if bf16_ok else [False]) for c in (False, True)]
+    bf16_ok, combos = combinations()
     gflop = train_gflop_per_image(a.arch, a.size)
     p32 = matmul_peak(torch.float32, reps=3)
     p16 = matmul_peak(torch.bfloat16, reps=3) if bf16_ok else None
@@ -97,9 +108,7 @@ def main(argv=None):
         print(lines[-1], flush=True)
         tables.append(f"\n### {name[0]}, {name[1]}: profiler, one step, by op (self CPU time)\n\n```\n"
                       f"{table(step, a.rows)}```")
-    text = "\n".join(lines + tables) + "\n"
-    with open(a.out, "a") as f: f.write(text)
-    print(text)
+    append_results(a.out, lines + tables)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ mode. Appends a markdown section to `--out` (default bench/results-roofline.md).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -30,10 +29,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import machine, matmul_peak, mm  # noqa: E402
-from profile_step import make_model, make_step, rates, train_gflop_per_image  # noqa: E402
+from bench import append_results, machine, matmul_peak, mm  # noqa: E402
+from profile_step import combinations, make_model, make_step, rates, step_parser, train_gflop_per_image  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 aten = torch.ops.aten
 # Ops that allocate or inspect without moving tensor data.
 NO_TRAFFIC = {aten.empty.memory_format, aten.empty_like.default, aten.empty_strided.default,
@@ -83,18 +81,11 @@ def copy_bandwidth(mb: int = 512, reps: int = 5) -> list[float]:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--arch", default="tf_efficientnet_lite0.in1k")
-    p.add_argument("--bs", type=int, default=32)
-    p.add_argument("--size", type=int, default=224)
-    p.add_argument("--reps", type=int, default=3)  # timed steps per combination (median reported)
+    p = step_parser(__doc__, "results-roofline.md")
     p.add_argument("--top", type=int, default=8)  # ops listed by bytes
-    p.add_argument("--label", default="")  # e.g. "AVX2 emulated on the AMX machine"
-    p.add_argument("--out", default=str(ROOT / "bench" / "results-roofline.md"))
     a = p.parse_args(argv)
     torch.manual_seed(0)
-    bf16_ok = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    combos = [(b, c) for b in ([False, True] if bf16_ok else [False]) for c in (False, True)]
+    bf16_ok, combos = combinations()
     load0 = os.getloadavg()[0]
     gflop = train_gflop_per_image(a.arch, a.size) * a.bs
     bw = copy_bandwidth()
@@ -125,9 +116,7 @@ def main(argv=None):
         tops.append(f"- {name[0]}, {name[1]}: " + ", ".join(
             f"{op} {b / 1e9:.2f}" for op, b in bc.by_op.most_common(a.top)) + " (GB)")
     lines = [l.replace("LOAD_END", f"{os.getloadavg()[0]:.1f}") for l in lines]
-    text = "\n".join(lines + ["", "Bytes by op (the largest):", ""] + tops) + "\n"
-    with open(a.out, "a") as f: f.write(text)
-    print(text)
+    append_results(a.out, lines + ["", "Bytes by op (the largest):", ""] + tops)
 
 
 if __name__ == "__main__":

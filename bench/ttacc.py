@@ -171,9 +171,8 @@ def main(argv=None):
         fin = f"{o['final']['accuracy']:.4f} / {o['final']['roc_auc']:.4f}"
         lines.append(f"| {spec} | {speed} | {curve} | {fin} | {o['train_seconds']:.0f} | {o['wall']:.0f} |")
         print(lines[-1], flush=True)
-    text = "\n".join(lines) + "\n"
-    with open(a.out, "a") as f: f.write(text)
-    print(text)
+    from bench import append_results  # on the path since cpu_line
+    append_results(a.out, lines)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,18 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 REAL_DATA = Path(os.environ.get("COVID_FASTAI_REAL_DATA", Path(__file__).resolve().parents[1].parent / "shared/data/cxr"))
 
 
+def bench_module(name: str):
+    "A script of bench/ imported as a module (bench/ put on the path: the scripts import each other)."
+    import importlib.util
+    import sys
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    if str(bench) not in sys.path: sys.path.insert(0, str(bench))
+    spec = importlib.util.spec_from_file_location(name, bench / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
     "Tests never depend on (or fill) the user's cache: demo data and weights go to a fresh folder."

@@ -1,20 +1,11 @@
 """bench/roofline.py: the op-by-op byte count behind the memory floor (known ops, by hand) and a short run on a tiny
 model that writes its table."""
-import importlib.util
-import sys
-from pathlib import Path
-
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import bench_module
 
 
-def _roofline():
-    sys.path.insert(0, str(ROOT / "bench"))
-    spec = importlib.util.spec_from_file_location("roofline", ROOT / "bench" / "roofline.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def _roofline(): return bench_module("roofline")
 
 
 def test_bytes_counted_by_hand():

@@ -1,19 +1,13 @@
 """bench/ttacc.py (time to accuracy): its configuration syntax, and a short run that records one row per epoch with
 validation accuracy and ROC AUC against seconds since start, and the CPU kind with that run's GEMM peak."""
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import bench_module
 
 
-def _ttacc():
-    spec = importlib.util.spec_from_file_location("ttacc", ROOT / "bench" / "ttacc.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def _ttacc(): return bench_module("ttacc")
 
 
 def test_configuration_syntax():
