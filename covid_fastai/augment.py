@@ -143,8 +143,8 @@ AUGMENTATIONS = {
     # trims only the long side). The seed's Resize 256 + CenterCrop 224 cuts the borders and magnifies 14%: scored
     # that way, three modern models lost 6.9, 0.0 and 0.3 points of validation accuracy (docs/experiments.md).
     "xray": dict(rotate=10.0, scale=(0.7, 1.0), flip=False, resize_ratio=1.0),
-    # 'xray' plus erased borders/corners and contrast changes, against source shortcuts (issue 21; not yet measured
-    # on CV): evaluation is the same as 'xray''s
+    # 'xray' plus erased borders/corners and contrast changes, against source shortcuts (issue 21; `best`'s since
+    # its cv, docs/experiments.md): evaluation is the same as 'xray''s
     "xray_shortcut": dict(rotate=10.0, scale=(0.7, 1.0), flip=False, resize_ratio=1.0, erase=0.5, contrast=0.5),
     "none": dict(random=False),
 }

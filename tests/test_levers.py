@@ -1,0 +1,46 @@
+"""bench/levers.py: freezing the first layer groups really removes them from the step, and a tiny run writes its
+table with every lever's row."""
+import torch
+
+from conftest import bench_module
+
+
+def _levers(): return bench_module("levers")
+
+
+def test_freeze_groups_skips_their_gradients():
+    lv = _levers()
+    model = lv.make_model("resnet18")
+    labels = lv.freeze_groups(model, "resnet18", 2)
+    assert len(labels) == 2 and labels[0].startswith("conv1")  # stem first, in forward order
+    lv.make_step(model, 2, 32, bf16=False, channels_last=True)()
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert frozen and all(n.startswith(("conv1", "bn1", "layer1")) for n in frozen)
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    assert all(grads[n] is None for n in frozen)
+    assert grads["fc.weight"] is not None and grads["layer4.1.conv2.weight"] is not None
+
+
+def test_tiny_run_writes_every_row(tmp_path):
+    lv = _levers()
+    out = tmp_path / "l.md"
+    lv.main(["--arch", "resnet18", "--size", "32", "--reps", "1", "--freeze", "2", "--out", str(out)])
+    text = out.read_text()
+    for row in ("default: batch 32", "batch 16", "batch 64", "1 thread", "first 2 layer groups frozen (conv1"):
+        assert row in text
+    bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    assert ("depthwise convolutions in fp32" in text) == bf16  # a row only where autocast runs in bf16
+
+
+def test_depthwise_convolutions_leave_autocast():
+    lv = _levers()
+    model = lv.make_model("mobilenetv3_small_050")
+    depthwise = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.groups == m.in_channels > 1]
+    assert lv.depthwise_in_fp32(model) == len(depthwise) > 0
+    seen = []
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            m.register_forward_hook(lambda mod, i, o: seen.append((mod.groups > 1, o.dtype)))
+    with torch.autocast("cpu", dtype=torch.bfloat16): model(torch.randn(2, 3, 64, 64))
+    assert {d for dw, d in seen if dw} == {torch.float32}
+    assert {d for dw, d in seen if not dw} == {torch.bfloat16}  # the others stay under autocast
