@@ -40,7 +40,9 @@ EXPECTED = {
     "effnet_lite0_head": lambda l: HEAD,
     "effnet_lite0_partial": lambda l: _resnet(l, "blocks.5", "blocks.6", "conv_head", "bn2") | HEAD,
     "effnet_lite0_full": lambda l: _all_body(l) | HEAD,
-    "best": lambda l: _all_body(l) | {"head.3.weight", "head.3.bias"},  # timm's classifier shape: one Linear
+    # freeze_to(4): the stem (conv_stem, bn1) and blocks 0-2 frozen; timm's classifier shape: one Linear
+    "best": lambda l: _resnet(l, "blocks.3", "blocks.4", "blocks.5", "blocks.6", "conv_head", "bn2")
+    | {"head.3.weight", "head.3.bias"},
 }
 
 
