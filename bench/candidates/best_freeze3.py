@@ -1,5 +1,8 @@
-"""Issue 19 candidate (not a shipped recipe): `best` with one change, its first 3 layer groups frozen (for Lite0 the
-stem and blocks 0-1, at 112 and 56 px the costliest part of the backward pass; `python bench/levers.py --freeze 3`).
+"""Issue 19 candidate (not a shipped recipe): `best` as it was (bench/candidates/best_full.py) with one change, its
+first 3 layer groups frozen (for Lite0 the stem and blocks 0-1, at 112 and 56 px the costliest part of the backward
+pass;
+`python bench/levers.py --freeze 3`).
+`best` took freeze_to(4) in session 14, so best_freeze4 now equals `best` under another name.
 Run: python bench/ttacc.py --config bench/candidates/best_freeze3.py[:seed=1]
 """
 import dataclasses

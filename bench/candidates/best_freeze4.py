@@ -1,5 +1,7 @@
-"""Issue 19 candidate (not a shipped recipe): `best` with one change, its first 4 layer groups frozen (for Lite0 the
-stem and blocks 0-2, at 112 to 28 px the costliest part of the backward pass; `python bench/levers.py --freeze 4`).
+"""Issue 19 candidate (not a shipped recipe): `best` as it was (bench/candidates/best_full.py) with one change, its
+first 4 layer groups frozen (for Lite0 the stem and blocks 0-2, at 112 to 28 px the costliest part of the backward pass;
+`python bench/levers.py --freeze 4`).
+`best` took freeze_to(4) in session 14, so best_freeze4 now equals `best` under another name.
 Run: python bench/ttacc.py --config bench/candidates/best_freeze4.py[:seed=1]
 """
 import dataclasses
