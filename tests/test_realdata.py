@@ -48,7 +48,8 @@ def test_vgg16_head_seed_size_beats_majority(real_data, tmp_path):
 @pytest.mark.network
 @pytest.mark.slow
 def test_best_recipe_on_real_data(real_data, tmp_path):
-    "The `best` recipe as shipped (13 min under the suite's one torch thread here): a floor well under what it measured (docs/experiments.md)."
+    """The `best` recipe as shipped (13 min under the suite's one torch thread here): a floor well under what it
+    measured (docs/experiments.md)."""
     d = run_recipe("best", out=tmp_path, data=str(real_data))
     m = json.loads((d / "metrics.json").read_text())
     assert m["split"] == "test" and m["tta"] and m["accuracy"] >= 0.92, m["accuracy"]
