@@ -30,6 +30,7 @@ import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))  # bench.py's helpers, imported where used (after T0's imports are counted)
 DATA = Path(os.environ.get("COVID_FASTAI_REAL_DATA", ROOT.parent / "shared/data/cxr"))
 OUT = ROOT / "bench" / "results-ttacc.md"
 FASTAI_DEFAULTS = {"bf16": "false", "channels_last": "false"}  # fastai's own speed defaults: fp32, NCHW
@@ -110,7 +111,6 @@ def subset(data: Path, n_per_class: int | None, dest: Path, n_valid: int | None 
 
 
 def cpu_line() -> str:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench import machine, matmul_peak, mm
     import torch
     from covid_fastai.callbacks import cpu_kind
@@ -171,7 +171,7 @@ def main(argv=None):
         fin = f"{o['final']['accuracy']:.4f} / {o['final']['roc_auc']:.4f}"
         lines.append(f"| {spec} | {speed} | {curve} | {fin} | {o['train_seconds']:.0f} | {o['wall']:.0f} |")
         print(lines[-1], flush=True)
-    from bench import append_results  # on the path since cpu_line
+    from bench import append_results
     append_results(a.out, lines)
 
 

@@ -23,7 +23,7 @@ def _all_body(learn):
     return {f"body.{n}" for n, _ in learn.model[0].model.named_parameters()}
 
 
-def _resnet(learn, *prefixes):
+def _under(learn, *prefixes):
     return {n for n in _all_body(learn) if any(n.startswith(f"body.{p}.") for p in prefixes)}
 
 
@@ -35,13 +35,13 @@ EXPECTED = {
     "vgg16_full": lambda l: VGG_ALL | HEAD,
     "resnet18_head": lambda l: HEAD,
     "resnet18_one": lambda l: {"body.layer3.0.conv1.weight"} | HEAD,
-    "resnet18_few": lambda l: {"body.conv1.weight"} | _resnet(l, "layer1", "layer3") | HEAD,
+    "resnet18_few": lambda l: {"body.conv1.weight"} | _under(l, "layer1", "layer3") | HEAD,
     "resnet18_full": lambda l: _all_body(l) | HEAD,
     "effnet_lite0_head": lambda l: HEAD,
-    "effnet_lite0_partial": lambda l: _resnet(l, "blocks.5", "blocks.6", "conv_head", "bn2") | HEAD,
+    "effnet_lite0_partial": lambda l: _under(l, "blocks.5", "blocks.6", "conv_head", "bn2") | HEAD,
     "effnet_lite0_full": lambda l: _all_body(l) | HEAD,
     # freeze_to(4): the stem (conv_stem, bn1) and blocks 0-2 frozen; timm's classifier shape: one Linear
-    "best": lambda l: _resnet(l, "blocks.3", "blocks.4", "blocks.5", "blocks.6", "conv_head", "bn2")
+    "best": lambda l: _under(l, "blocks.3", "blocks.4", "blocks.5", "blocks.6", "conv_head", "bn2")
     | {"head.3.weight", "head.3.bias"},
 }
 
@@ -73,7 +73,7 @@ def test_freeze_to_over_layer_groups(tiny_data):
     assert learn.group_names == ["conv1, bn1", "layer1.0, layer1.1", "layer2.0, layer2.1", "layer3.0, layer3.1",
                                  "layer4.0, layer4.1", "head"]
     names = set(plans.apply_plan(learn, plans.freeze_to(4)))
-    assert names == _resnet(learn, "layer4") | HEAD
+    assert names == _under(learn, "layer4") | HEAD
     names = set(plans.apply_plan(learn, plans.freeze_to(0)))
     assert names == _all_body(learn) | HEAD
     with pytest.raises(UserError, match="out of range.*6 layer groups"):
