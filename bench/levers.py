@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -106,7 +107,7 @@ def main(argv=None):
     base = statistics.median(rows[0][1][0])
     lines = [f"\n## {a.arch}, training step levers, {a.size} px, {kind} {a.label and '— ' + a.label}", "",
              f"Machine: {machine()}; torch CPU capability {torch.backends.cpu.get_cpu_capability()}.",
-             f"Command: `{' '.join(['python', 'bench/levers.py', *(argv or sys.argv[1:])])}`"
+             f"Command: `{shlex.join(['python', 'bench/levers.py', *(argv or sys.argv[1:])])}`"
              + (" (under `ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2`)" if "AVX2" in a.label else ""), "",
              f"Load average at the start {load0:.1f}, at the end {os.getloadavg()[0]:.1f}.", "",
              "| lever | img/s (min / median) | over the default | compile s | paid back after (training images) |",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -89,7 +90,7 @@ def main(argv=None):
     p16 = matmul_peak(torch.bfloat16, reps=3) if bf16_ok else None
     lines = [f"\n## {a.arch}, one training step, batch {a.bs}, {a.size} px, AdamW {a.label and '— ' + a.label}",
              "", f"Machine: {machine()}; torch CPU capability {torch.backends.cpu.get_cpu_capability()}.",
-             f"Command: `{' '.join(['python', 'bench/profile_step.py', *(argv or sys.argv[1:])])}`"
+             f"Command: `{shlex.join(['python', 'bench/profile_step.py', *(argv or sys.argv[1:])])}`"
              + (" (under `ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2`)" if "AVX2" in a.label else ""),
              "", f"Load average at the start: {os.getloadavg()[0]:.1f} (a shared machine depresses every figure). "
              f"GEMM peaks (2048², GFLOP/s, min / median): fp32 {mm(p32)}"

@@ -18,6 +18,7 @@ mode. Appends a markdown section to `--out` (default bench/results-roofline.md).
 from __future__ import annotations
 
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -92,7 +93,7 @@ def main(argv=None):
     peaks = {False: matmul_peak(torch.float32, reps=3), True: matmul_peak(torch.bfloat16, reps=3) if bf16_ok else None}
     lines = [f"\n## {a.arch}, one training step, batch {a.bs}, {a.size} px, AdamW {a.label and '— ' + a.label}", "",
              f"Machine: {machine()}; torch CPU capability {torch.backends.cpu.get_cpu_capability()}.",
-             f"Command: `{' '.join(['python', 'bench/roofline.py', *(argv or sys.argv[1:])])}`"
+             f"Command: `{shlex.join(['python', 'bench/roofline.py', *(argv or sys.argv[1:])])}`"
              + (" (under `ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2`)" if "AVX2" in a.label else ""), "",
              f"Load average at the start {load0:.1f}, at the end LOAD_END (a shared machine depresses every figure). "
              f"Copy bandwidth (512 MiB, GB/s, min / median): {mm(bw)}. GEMM peaks (2048², GFLOP/s, min / median): "

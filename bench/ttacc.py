@@ -24,6 +24,7 @@ T0 = time.perf_counter()  # the worker's clock starts before its imports, as a u
 import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
+import shlex  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -118,7 +119,9 @@ def cpu_line() -> str:
     bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     p16 = matmul_peak(torch.bfloat16, reps=3) if bf16 else None
     emulated = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("ATEN_CPU_CAPABILITY")
-    return (f"CPU kind `{cpu_kind()}`" + (" (AVX2 emulated on the AMX machine: "
+    flags = next((l for l in open("/proc/cpuinfo") if l.startswith("flags")), "")
+    host = "AMX" if " amx_tile" in flags else "AVX512-BF16" if " avx512_bf16" in flags else "AVX-512"
+    return (f"CPU kind `{cpu_kind()}`" + (f" (AVX2 emulated on the {host} machine: "
                                          f"ATEN_CPU_CAPABILITY={os.environ.get('ATEN_CPU_CAPABILITY')}, "
                                          f"ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA')})"
                                          if emulated else "")
@@ -148,7 +151,7 @@ def main(argv=None):
     if a.short: common = {"epochs": "2", **common}
     lines = ["", f"## {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}" + (" (short: smoke run)" if a.short else ""),
              "", cpu_line(), "",
-             f"Command: `python bench/ttacc.py {' '.join(argv if argv is not None else sys.argv[1:])}`"
+             f"Command: `{shlex.join(['python', 'bench/ttacc.py', *(argv if argv is not None else sys.argv[1:])])}`"
              + (f"; data: {a.short_train} training and {a.short_valid or 'all'} validation images per class"
                 if a.short else ""),
              "", "| configuration | speed (config.json) | epoch: seconds since start → valid accuracy / AUC | "
