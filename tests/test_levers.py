@@ -1,5 +1,5 @@
 """bench/levers.py: freezing the first layer groups really removes them from the step, and a tiny run writes its
-table with every lever's row."""
+table with every lever's row; bench/loader.py's passes see every image."""
 import torch
 
 from conftest import bench_module
@@ -44,3 +44,11 @@ def test_depthwise_convolutions_leave_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16): model(torch.randn(2, 3, 64, 64))
     assert {d for dw, d in seen if dw} == {torch.float32}
     assert {d for dw, d in seen if not dw} == {torch.bfloat16}  # the others stay under autocast
+
+
+def test_loader_passes_count_every_image(tiny_data):
+    rows = bench_module("loader").main(["resnet18_head", "--data", str(tiny_data), "--passes", "1",
+                                        "--set", "size=32", "--set", "bs=5", "--set", "pretrained=false"])
+    train, valid = rows
+    assert train[0] == "train" and train[1] == 2 * 12  # 24 % 5 = 4: the library drops a last batch of one image only
+    assert valid == ("valid", 2 * 6, valid[2]) and valid[2] > 0

@@ -33,6 +33,6 @@ def test_short_run_records_valid_curve(tiny_data, tmp_path):
         curve = row.split("|")[3].split("<br>")
         assert [c.split(":")[0].strip() for c in curve] == ["0", "1"]
         secs = [float(c.split(":")[1].split("s")[0]) for c in curve]
-        assert 0 < secs[0] < secs[1]
+        assert 0 < secs[0] <= secs[1]  # whole seconds in the table: two tiny epochs can round to the same value
         acc, auc = (float(v) for v in curve[-1].split("→")[1].split("/"))
         assert 0 <= acc <= 1 and (math.isnan(auc) or 0 <= auc <= 1)
