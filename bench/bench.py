@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -41,13 +42,25 @@ OUT = ROOT / "bench" / "results.md"
 def mm(xs): return f"{min(xs):.1f} / {statistics.median(xs):.1f}"
 
 
+def cpu_flags() -> set[str]:
+    "The ISA flags the kernel reports for this CPU (/proc/cpuinfo), whatever torch or oneDNN are limited to."
+    line = next((l for l in open("/proc/cpuinfo") if l.startswith("flags")), "flags:")
+    return set(line.split(":", 1)[1].split())
+
+
 def machine() -> str:
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
-    flags = next((l for l in open("/proc/cpuinfo") if l.startswith("flags")), "")
-    isa = [f for f in ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f" {f}" in flags]
+    flags = cpu_flags()
+    isa = [f for f in ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
     return (f"{platform.platform()}; CPU {cpu}; {os.cpu_count()} cores visible; ISA {', '.join(isa) or 'no avx512'}; "
             f"torch {torch.__version__} ({torch.get_num_threads()} threads); "
             f"bf16 via oneDNN: {torch.ops.mkldnn._is_mkldnn_bf16_supported()}")
+
+
+def command_line(script: str, argv=None, label: str = "") -> str:
+    "How a bench script was started, quoted so it reproduces as written (an AVX2 label names the emulation's variables)."
+    return (f"Command: `{shlex.join(['python', script, *(argv if argv is not None else sys.argv[1:])])}`"
+            + (" (under `ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2`)" if "AVX2" in label else ""))
 
 
 def append_results(path, lines: list[str]) -> None:

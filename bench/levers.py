@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import statistics
 import sys
 import time
@@ -29,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import append_results, machine, mm  # noqa: E402
+from bench import append_results, command_line, machine, mm  # noqa: E402
 from profile_step import make_model, make_step, rates  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,8 +106,7 @@ def main(argv=None):
     base = statistics.median(rows[0][1][0])
     lines = [f"\n## {a.arch}, training step levers, {a.size} px, {kind} {a.label and '— ' + a.label}", "",
              f"Machine: {machine()}; torch CPU capability {torch.backends.cpu.get_cpu_capability()}.",
-             f"Command: `{shlex.join(['python', 'bench/levers.py', *(argv or sys.argv[1:])])}`"
-             + (" (under `ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2`)" if "AVX2" in a.label else ""), "",
+             command_line("bench/levers.py", argv, a.label), "",
              f"Load average at the start {load0:.1f}, at the end {os.getloadavg()[0]:.1f}.", "",
              "| lever | img/s (min / median) | over the default | compile s | paid back after (training images) |",
              "|---|---|---|---|---|"]

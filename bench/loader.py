@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench import DATA  # the real data's folder ($COVID_FASTAI_REAL_DATA), as the other bench scripts default to
 
 
 def passes(dl, n: int) -> list[tuple[int, float]]:
@@ -27,7 +26,7 @@ def passes(dl, n: int) -> list[tuple[int, float]]:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("recipe", nargs="?", default="best")
-    p.add_argument("--data", default=str(ROOT.parent / "shared/data/cxr"))
+    p.add_argument("--data", default=str(DATA))
     p.add_argument("--passes", type=int, default=2)  # over train; valid gets one
     p.add_argument("--set", action="append", default=[])  # KEY=VALUE recipe overrides (e.g. bs=32)
     a = p.parse_args(argv)

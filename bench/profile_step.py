@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import statistics
 import sys
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import append_results, machine, matmul_peak, mm, train_step  # noqa: E402
+from bench import append_results, command_line, machine, matmul_peak, mm, train_step  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,8 +89,7 @@ def main(argv=None):
     p16 = matmul_peak(torch.bfloat16, reps=3) if bf16_ok else None
     lines = [f"\n## {a.arch}, one training step, batch {a.bs}, {a.size} px, AdamW {a.label and '— ' + a.label}",
              "", f"Machine: {machine()}; torch CPU capability {torch.backends.cpu.get_cpu_capability()}.",
-             f"Command: `{shlex.join(['python', 'bench/profile_step.py', *(argv or sys.argv[1:])])}`"
-             + (" (under `ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2`)" if "AVX2" in a.label else ""),
+             command_line("bench/profile_step.py", argv, a.label),
              "", f"Load average at the start: {os.getloadavg()[0]:.1f} (a shared machine depresses every figure). "
              f"GEMM peaks (2048², GFLOP/s, min / median): fp32 {mm(p32)}"
              + (f", bf16 {mm(p16)}" if p16 else ", bf16 not supported (fp32 only)")

@@ -18,7 +18,6 @@ mode. Appends a markdown section to `--out` (default bench/results-roofline.md).
 from __future__ import annotations
 
 import os
-import shlex
 import statistics
 import sys
 import time
@@ -30,7 +29,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import append_results, machine, matmul_peak, mm  # noqa: E402
+from bench import append_results, command_line, machine, matmul_peak, mm  # noqa: E402
 from profile_step import combinations, make_model, make_step, rates, step_parser, train_gflop_per_image  # noqa: E402
 
 aten = torch.ops.aten
@@ -93,8 +92,7 @@ def main(argv=None):
     peaks = {False: matmul_peak(torch.float32, reps=3), True: matmul_peak(torch.bfloat16, reps=3) if bf16_ok else None}
     lines = [f"\n## {a.arch}, one training step, batch {a.bs}, {a.size} px, AdamW {a.label and '— ' + a.label}", "",
              f"Machine: {machine()}; torch CPU capability {torch.backends.cpu.get_cpu_capability()}.",
-             f"Command: `{shlex.join(['python', 'bench/roofline.py', *(argv or sys.argv[1:])])}`"
-             + (" (under `ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2`)" if "AVX2" in a.label else ""), "",
+             command_line("bench/roofline.py", argv, a.label), "",
              f"Load average at the start {load0:.1f}, at the end LOAD_END (a shared machine depresses every figure). "
              f"Copy bandwidth (512 MiB, GB/s, min / median): {mm(bw)}. GEMM peaks (2048², GFLOP/s, min / median): "
              f"fp32 {mm(peaks[False])}" + (f", bf16 {mm(peaks[True])}" if bf16_ok else ", bf16 not supported")

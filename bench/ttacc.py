@@ -24,7 +24,6 @@ T0 = time.perf_counter()  # the worker's clock starts before its imports, as a u
 import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
-import shlex  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -112,15 +111,15 @@ def subset(data: Path, n_per_class: int | None, dest: Path, n_valid: int | None 
 
 
 def cpu_line() -> str:
-    from bench import machine, matmul_peak, mm
+    from bench import cpu_flags, machine, matmul_peak, mm
     import torch
     from covid_fastai.callbacks import cpu_kind
     p32 = matmul_peak(torch.float32, reps=3)
     bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     p16 = matmul_peak(torch.bfloat16, reps=3) if bf16 else None
     emulated = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("ATEN_CPU_CAPABILITY")
-    flags = next((l for l in open("/proc/cpuinfo") if l.startswith("flags")), "")
-    host = "AMX" if " amx_tile" in flags else "AVX512-BF16" if " avx512_bf16" in flags else "AVX-512"
+    flags = cpu_flags()
+    host = "AMX" if "amx_tile" in flags else "AVX512-BF16" if "avx512_bf16" in flags else "AVX-512"
     return (f"CPU kind `{cpu_kind()}`" + (f" (AVX2 emulated on the {host} machine: "
                                          f"ATEN_CPU_CAPABILITY={os.environ.get('ATEN_CPU_CAPABILITY')}, "
                                          f"ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA')})"
@@ -149,9 +148,10 @@ def main(argv=None):
     data = subset(data, a.short_train if a.short else None, tmp / "data", a.short_valid if a.short else None)
     common = dict(kv.split("=", 1) for kv in a.set)
     if a.short: common = {"epochs": "2", **common}
+    from bench import command_line
     lines = ["", f"## {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}" + (" (short: smoke run)" if a.short else ""),
              "", cpu_line(), "",
-             f"Command: `{shlex.join(['python', 'bench/ttacc.py', *(argv if argv is not None else sys.argv[1:])])}`"
+             command_line("bench/ttacc.py", argv)
              + (f"; data: {a.short_train} training and {a.short_valid or 'all'} validation images per class"
                 if a.short else ""),
              "", "| configuration | speed (config.json) | epoch: seconds since start → valid accuracy / AUC | "
