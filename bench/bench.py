@@ -304,11 +304,12 @@ def bench6(quick):
     from PIL import Image
 
     from covid_fastai import data as D
+    from covid_fastai.augment import make_aug
     f = D.find_xray_folders(DATA)
     rows = ["| loader | pass | images/s (one full training epoch of loading, seed augmentation, 224 px) |", "|---|---|---|"]
     for nw in (0, 1, 2):
         D._DECODED.clear(); D._DECODED_BYTES[0] = 0
-        dls = D.xray_dls(f, D.make_aug("seed", 224), bs=64, num_workers=nw, persistent_workers=nw > 0)
+        dls = D.xray_dls(f, make_aug("seed", 224), bs=64, num_workers=nw, persistent_workers=nw > 0)
         for ep in range(1 if quick else 2):
             t = time.perf_counter(); n = sum(len(yb) for _, yb in dls.train)
             rows.append(f"| {nw} workers | {'first (pixels from the decode store, built when the loaders were made)' if ep == 0 else 'second'} | "

@@ -1,0 +1,145 @@
+"""Test-time augmentation passes against accuracy, on cross-validation folds (not a test):
+python bench/tta_passes.py CV_DIR [CV_DIR ...] [--n 0,1,2,4] -> bench/results-tta.md
+
+Each finished fold run of each cv folder is rebuilt from its config.json and model.safetensors (as `evaluate`
+rebuilds a run) and re-scores its own held-out fold: with no TTA (n = 0: one plain pass) and with fastai's
+`Learner.tta` at n augmented passes (n + 1 passes: the mean of n augmented predictions mixed 0.75 / 0.25 with the
+plain one; recipes run n = 4). The same trained models, so every difference is the TTA's alone, paired by fold;
+seconds are the prediction passes only. One row per n: mean over folds of accuracy (0.5), ROC AUC and sensitivity at
+specificity 0.95, the paired difference to the recipes' n = 4, and the ROC AUC within each source, pooled.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from bench import ROOT, append_results, command_line, machine
+
+OUT = ROOT / "bench" / "results-tta.md"
+
+
+def fold_runs(cv_dir: Path) -> list[tuple[str, Path]]:
+    "(fold tag, run folder) of a cv's finished folds, from its cv.csv."
+    table = pd.read_csv(cv_dir / "cv.csv")
+    return [(r["fold"], cv_dir / r["run"]) for _, r in table.iterrows()
+            if isinstance(r["run"], str) and (cv_dir / r["run"] / "model.safetensors").is_file()]
+
+
+def score_fold(run_dir: Path, ns: list[int], seed: int = 42) -> list[dict]:
+    "One row per n: the fold model's predictions on its held-out fold, with their metrics, seconds and sources."
+    from fastai.torch_core import set_seed
+
+    from covid_fastai.data import find_xray_folders
+    from covid_fastai.evaluate import load_run, run_learner
+    from covid_fastai.learner import resolve_data
+    from covid_fastai.metrics import binary_metrics, positive_view
+    d, cfg, rec = load_run(run_dir)
+    fold_dir = Path(resolve_data(rec.data))
+    learn = run_learner(d, cfg, rec, find_xray_folders(fold_dir, test=False))
+    dl = learn.dls.valid
+    labels = pd.read_csv(fold_dir / "labels.csv", keep_default_na=False)
+    source = dict(zip(labels["file"], labels["source"]))
+    films = [source.get(str(Path(f).relative_to(fold_dir)), "") for f in dl.items]
+    rows = []
+    for n in ns:
+        set_seed(seed)  # the augmented passes draw their crops and erasing from the global generators
+        t = time.perf_counter()
+        probs, targs = learn.tta(dl=dl, n=n) if n else learn.get_preds(dl=dl)
+        seconds = time.perf_counter() - t
+        _, p, y = positive_view(list(dl.vocab), probs.float().numpy(), targs.numpy())
+        m = binary_metrics(y, p)
+        rows.append({"n": n, "seconds": seconds, "films": len(y), "accuracy": m["accuracy"], "auc": m["roc_auc"],
+                     "sens95": m["sens_at_spec95"], "y": y, "p": p, "source": films})
+    return rows
+
+
+def summarise(rows: pd.DataFrame, ns: list[int], ref: int) -> list[str]:
+    "Markdown rows: per n, means over folds, paired differences to n = `ref`, seconds, pooled within-source AUC."
+    from covid_fastai.cv_report import paired, paired_auc_difference
+    from covid_fastai.metrics import binary_metrics
+    sources = sorted({s for ss in rows["source"] for s in ss if s})
+    out = ["| TTA | passes | accuracy (0.5) | ROC AUC | sens at spec 0.95 | accuracy − n=4 (ahead/behind, p) | "
+           "ROC AUC − n=4 (ahead/behind, p) | prediction s (all folds) | within-source ROC AUC, pooled: "
+           + " / ".join(sources) + " |", "|---|---|---|---|---|---|---|---|---|"]
+
+    def folds(n): return {"folds": [{"fold": f"{r.cv}/{r.fold}", "accuracy": r.accuracy, "auc": r.auc}
+                                    for r in rows[rows["n"] == n].itertuples()]}
+
+    def pooled(n):
+        part = rows[rows["n"] == n].sort_values(["cv", "fold"])
+        return (np.concatenate(part["y"].tolist()), np.concatenate(part["p"].tolist()),
+                np.concatenate([np.asarray(s, dtype=object) for s in part["source"]]))
+
+    for n in ns:
+        part = rows[rows["n"] == n]
+        y, p, src = pooled(n)
+        within = []
+        for s in sources:
+            k = src == s
+            auc = binary_metrics(y[k], p[k])["roc_auc"] if len(np.unique(y[k])) == 2 else None
+            within.append("n/a" if auc is None else f"{auc:.3f}")
+        diffs = []
+        for metric in ("accuracy", "auc"):
+            if n == ref: diffs.append("—"); continue
+            d = paired(folds(ref), folds(n), metric)
+            diffs.append(f"{d['mean']:+.4f} ({d['ahead']}/{d['behind']}, p {d['p']:.2f})" if d["p"] is not None
+                         else f"{d['mean']:+.4f} ({d['ahead']}/{d['behind']})")
+        out.append(f"| {'none' if n == 0 else f'n={n}'} | {n + 1 if n else 1} | {part['accuracy'].mean():.4f} | "
+                   f"{part['auc'].mean():.4f} | {part['sens95'].mean():.4f} | {diffs[0]} | {diffs[1]} | "
+                   f"{part['seconds'].sum():.0f} | {' / '.join(within)} |")
+    # the same films under two TTA settings: a bootstrap of films within each source, paired (cv_report's)
+    out += ["", f"Within-source ROC AUC minus n={ref}'s, pooled over folds, with its paired 95% bootstrap interval:", "",
+            "| TTA | " + " | ".join(sources) + " |", "|---|" + "---|" * len(sources)]
+    y0, p0, s0 = pooled(ref)
+    for n in ns:
+        if n == ref: continue
+        y, p, src = pooled(n)
+        assert (y == y0).all() and (src == s0).all()  # the same films in the same order
+        cells = []
+        for s in sources:
+            k = src == s
+            d = paired_auc_difference(y[k], p0[k], p[k])
+            cells.append("n/a" if d["difference"] is None else
+                         f"{d['difference']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]")
+        out.append(f"| {'none' if n == 0 else f'n={n}'} | " + " | ".join(cells) + " |")
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("cv_dirs", nargs="+")
+    ap.add_argument("--n", default="0,1,2,4", help="augmented passes to try (0: no TTA)")
+    ap.add_argument("--label", default="", help="how the CPU ran, e.g. 'AVX2 emulated' (the section heading)")
+    ap.add_argument("--out", default=str(OUT), help="the markdown file the section is appended to")
+    a = ap.parse_args(argv)
+    ns = [int(x) for x in a.n.split(",")]
+    ref = 4 if 4 in ns else ns[-1]
+    from covid_fastai.callbacks import cpu_kind
+    records, listed = [], []
+    for cv in map(Path, a.cv_dirs):
+        runs = fold_runs(cv)
+        title = json.loads((cv / "cv.json").read_text()).get("title", cv.name)
+        listed.append(f"`{cv}` ({title}; {len(runs)} folds)")
+        for fold, run in runs:
+            for r in score_fold(run, ns):
+                records.append({"cv": cv.name, "fold": fold, **r})
+                print(f"{cv.name} {fold} n={r['n']}: accuracy {r['accuracy']:.4f}, AUC {r['auc']:.4f}, "
+                      f"{r['seconds']:.1f} s", flush=True)
+    rows = pd.DataFrame(records)
+    append_results(a.out, [f"## {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "",
+                         f"CPU kind `{cpu_kind()}`{f' ({a.label})' if a.label else ''}. {machine()}.", "",
+                         command_line("bench/tta_passes.py", argv, a.label), "",
+                         f"Fold models of {', '.join(listed)}; {len(rows) // len(ns)} folds, "
+                         f"{rows[rows['n'] == ns[0]]['films'].sum()} held-out films. Differences are paired by "
+                         f"fold against the recipes' n = {ref} (paired t-test p).", "",
+                         *summarise(rows, ns, ref), ""])
+    return rows
+
+
+if __name__ == "__main__":
+    main()

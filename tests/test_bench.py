@@ -1,0 +1,13 @@
+"""bench/bench.py: its data-path measurement (6) runs against the library as it is now, on generated data: the bench
+imports library internals (the decode store, the loaders, the augmentation), which move as the library changes."""
+from conftest import bench_module
+
+
+def test_data_path_measurement_runs_on_a_tiny_set(tiny_data, monkeypatch):
+    b = bench_module("bench")
+    monkeypatch.setattr(b, "DATA", tiny_data)
+    table = b.bench6(quick=True)
+    rows = [r for r in table.splitlines() if r.startswith("| ") and "images/s" not in r]
+    assert [r.split(" | ")[0] for r in rows[:3]] == ["| 0 workers", "| 1 workers", "| 2 workers"]
+    assert all(float(r.split(" | ")[-1].rstrip(" |").split(" / ")[-1]) > 0 for r in rows)
+    assert any("augmentation only: PIL" in r for r in rows)
