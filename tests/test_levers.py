@@ -1,5 +1,6 @@
 """bench/levers.py: freezing the first layer groups really removes them from the step, and a tiny run writes its
-table with every lever's row; bench/loader.py's passes see every image."""
+table with every lever's row; bench/loader.py's passes see every image; bench/fit_phases.py times every training
+batch of a real run."""
 import torch
 
 from conftest import bench_module
@@ -52,3 +53,14 @@ def test_loader_passes_count_every_image(tiny_data):
     train, valid = rows
     assert train[0] == "train" and train[1] == 2 * 12  # 24 % 5 = 4: the library drops a last batch of one image only
     assert valid == ("valid", 2 * 6, valid[2]) and valid[2] > 0
+
+
+def test_fit_phases_times_every_training_batch(tiny_data, tmp_path):
+    out = tmp_path / "phases.md"
+    timer = bench_module("fit_phases").main(["resnet18_full", "--data", str(tiny_data), "--out", str(out),
+                                             "--set", "size=32", "--set", "bs=5", "--set", "pretrained=false"])
+    assert timer.images == 2 * 12 and timer.batches == 5  # 24 images at batch 5: the last batch keeps its 4
+    assert set(timer.seconds) == {"load", "forward", "loss", "backward", "step", "after"}
+    assert all(s > 0 for s in timer.seconds.values())
+    text = out.read_text()
+    assert "| backward |" in text and "epochs=1, tta=false, size=32, bs=5, pretrained=false" in text
