@@ -54,7 +54,8 @@ def score_fold(run_dir: Path, ns: list[int], seed: int = 42) -> list[dict]:
         _, p, y = positive_view(list(dl.vocab), probs.float().numpy(), targs.numpy())
         m = binary_metrics(y, p)
         rows.append({"n": n, "seconds": seconds, "films": len(y), "accuracy": m["accuracy"], "auc": m["roc_auc"],
-                     "sens95": m["sens_at_spec95"], "y": y, "p": p, "source": films})
+                     "sens95": m["sens_at_spec95"], "y": y, "p": p, "source": films,
+                     "files": [str(f) for f in dl.items]})
     return rows
 
 

@@ -1,6 +1,7 @@
 """bench/tta_passes.py: fold models rebuilt from a cv re-score their own held-out films (no TTA reproduces the
 run's predictions.csv exactly), TTA passes really augment, and the table has one row per n."""
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +26,9 @@ def test_fold_models_rescore_their_held_out_films(tmp_path, one_thread):
         m = json.loads((run / "metrics.json").read_text())
         plain, aug = part[part["n"] == 0].iloc[0], part[part["n"] == 1].iloc[0]
         # the recipe runs without TTA, so n = 0 is the run's own prediction, film by film
-        assert len(plain["p"]) == len(pred) and np.allclose(sorted(plain["p"]), sorted(pred[f"p_{m['positive_class']}"]),
-                                                            atol=1e-5)
+        own = dict(zip(map(os.path.realpath, pred["file"]), pred[f"p_{m['positive_class']}"]))
+        assert len(plain["p"]) == len(own)
+        assert np.allclose(plain["p"], [own[os.path.realpath(f)] for f in plain["files"]], atol=1e-5)
         assert not np.allclose(plain["p"], aug["p"])  # the augmented pass sees other pixels
         labels = pd.read_csv(Path(json.loads((run / "config.json").read_text())["data"]["path"]) / "labels.csv",
                              keep_default_na=False)
