@@ -15,7 +15,6 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from bench import ROOT, append_results, command_line, machine
@@ -34,13 +33,13 @@ def score_fold(run_dir: Path, ns: list[int], seed: int = 42) -> list[dict]:
     "One row per n: the fold model's predictions on its held-out fold, with their metrics, seconds and sources."
     from fastai.torch_core import set_seed
 
-    from covid_fastai.data import find_xray_folders
-    from covid_fastai.evaluate import load_run, run_learner
+    from covid_fastai.ensemble import valid_learner
+    from covid_fastai.evaluate import load_run
     from covid_fastai.learner import resolve_data
     from covid_fastai.metrics import binary_metrics, positive_view
     d, cfg, rec = load_run(run_dir)
     fold_dir = Path(resolve_data(rec.data))
-    learn = run_learner(d, cfg, rec, find_xray_folders(fold_dir, test=False))
+    learn = valid_learner(d, cfg, rec)
     dl = learn.dls.valid
     labels = pd.read_csv(fold_dir / "labels.csv", keep_default_na=False)
     source = dict(zip(labels["file"], labels["source"]))
@@ -61,8 +60,7 @@ def score_fold(run_dir: Path, ns: list[int], seed: int = 42) -> list[dict]:
 
 def summarise(rows: pd.DataFrame, ns: list[int], ref: int) -> list[str]:
     "Markdown rows: per n, means over folds, paired differences to n = `ref`, seconds, pooled within-source AUC."
-    from covid_fastai.cv_report import paired, paired_auc_difference
-    from covid_fastai.metrics import binary_metrics
+    from covid_fastai.cv_report import _source_differences, _source_rows, paired
     sources = sorted({s for ss in rows["source"] for s in ss if s})
     out = ["| TTA | passes | accuracy (0.5) | ROC AUC | sens at spec 0.95 | accuracy − n=4 (ahead/behind, p) | "
            "ROC AUC − n=4 (ahead/behind, p) | prediction s (all folds) | within-source ROC AUC, pooled: "
@@ -71,19 +69,14 @@ def summarise(rows: pd.DataFrame, ns: list[int], ref: int) -> list[str]:
     def folds(n): return {"folds": [{"fold": f"{r.cv}/{r.fold}", "accuracy": r.accuracy, "auc": r.auc}
                                     for r in rows[rows["n"] == n].itertuples()]}
 
-    def pooled(n):
-        part = rows[rows["n"] == n].sort_values(["cv", "fold"])
-        return (np.concatenate(part["y"].tolist()), np.concatenate(part["p"].tolist()),
-                np.concatenate([np.asarray(s, dtype=object) for s in part["source"]]))
+    def frames(n):  # one (file, source, y, p) frame per fold, as cv_report pools a cv's folds
+        return [pd.DataFrame({"file": r.files, "source": r.source, "y": r.y, "p": r.p})
+                for r in rows[rows["n"] == n].itertuples()]
 
     for n in ns:
         part = rows[rows["n"] == n]
-        y, p, src = pooled(n)
-        within = []
-        for s in sources:
-            k = src == s
-            auc = binary_metrics(y[k], p[k])["roc_auc"] if len(np.unique(y[k])) == 2 else None
-            within.append("n/a" if auc is None else f"{auc:.3f}")
+        pooled = {r["source"]: r["ROC AUC pooled"] for r in _source_rows(frames(n))}
+        within = ["n/a" if pooled.get(s) is None else f"{pooled[s]:.3f}" for s in sources]
         diffs = []
         for metric in ("accuracy", "auc"):
             if n == ref: diffs.append("—"); continue
@@ -96,17 +89,12 @@ def summarise(rows: pd.DataFrame, ns: list[int], ref: int) -> list[str]:
     # the same films under two TTA settings: a bootstrap of films within each source, paired (cv_report's)
     out += ["", f"Within-source ROC AUC minus n={ref}'s, pooled over folds, with its paired 95% bootstrap interval:", "",
             "| TTA | " + " | ".join(sources) + " |", "|---|" + "---|" * len(sources)]
-    y0, p0, s0 = pooled(ref)
+    base = pd.concat(frames(ref), ignore_index=True)
     for n in ns:
         if n == ref: continue
-        y, p, src = pooled(n)
-        assert (y == y0).all() and (src == s0).all()  # the same films in the same order
-        cells = []
-        for s in sources:
-            k = src == s
-            d = paired_auc_difference(y[k], p0[k], p[k])
-            cells.append("n/a" if d["difference"] is None else
-                         f"{d['difference']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]")
+        d = _source_differences(base, pd.concat(frames(n), ignore_index=True))
+        cells = ["n/a" if d.get(s, {}).get("difference") is None else
+                 f"{d[s]['difference']:+.3f} [{d[s]['low']:+.3f}, {d[s]['high']:+.3f}]" for s in sources]
         out.append(f"| {'none' if n == 0 else f'n={n}'} | " + " | ".join(cells) + " |")
     return out
 

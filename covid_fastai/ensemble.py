@@ -65,10 +65,15 @@ def average(evs: list[Evaluation], split: str, learn=None, dl=None) -> Evaluatio
                       any(e.tta for e in evs))
 
 
+def valid_learner(d, cfg, rec):
+    "A run's Learner over its data, split as training split it (test/ never read): `learn.dls.valid` is its valid."
+    folders = find_xray_folders(resolve_data(rec.data), test=False)
+    return run_learner(d, cfg, rec, folders, _getter(rec, folders, folders.files("train") + folders.files("valid")))
+
+
 def _valid_evaluation(d, cfg, rec, tta) -> Evaluation:
     "A run's predictions on its validation split, rebuilt as training split the data (test/ never read)."
-    folders = find_xray_folders(resolve_data(rec.data), test=False)
-    learn = run_learner(d, cfg, rec, folders, _getter(rec, folders, folders.files("train") + folders.files("valid")))
+    learn = valid_learner(d, cfg, rec)
     return Evaluation.of(learn, learn.dls.valid, "valid", tta=rec.tta if tta is None else tta)
 
 
