@@ -2,12 +2,12 @@
 first 3 layer groups frozen (for Lite0 the stem and blocks 0-1, at 112 and 56 px the costliest part of the backward
 pass;
 `python bench/levers.py --freeze 3`).
-`best` took freeze_to(4) in session 14, so best_freeze4 now equals `best` under another name.
+Batch 64 and 6 epochs as `best` had then (V37, V38); best_freeze4 is `bench/candidates/best_b64_e6.py` under another name.
 Run: python bench/ttacc.py --config bench/candidates/best_freeze3.py[:seed=1]
 """
 import dataclasses
 
 from covid_fastai import freeze_to, load_recipe
 
-recipe = dataclasses.replace(load_recipe("best"), name="best_freeze3", plan=freeze_to(3),
+recipe = dataclasses.replace(load_recipe("best"), name="best_freeze3", plan=freeze_to(3), bs=64, epochs=6,
                              description="best with the stem and blocks 0-1 frozen (issue 19 candidate)")
