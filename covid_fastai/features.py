@@ -35,6 +35,7 @@ from torch import nn
 from .cache import cache_dir
 from .cache import sha256_file
 from .files import atomic_path
+from .plans import Thaw
 from .progress import phase
 
 __all__ = ["body_is_frozen", "bn_in_training_mode", "use_feature_cache", "CACHE_SAFE_AUGS", "feature_cache_key", "split_head", "body_features", "head_learner", "FeatureViews"]
@@ -63,6 +64,8 @@ def use_feature_cache(learn, mode: str, aug: str = "none") -> tuple[bool, str]:
     augmentation 2 views are too few a sample; 'on' caches there anyway (faster, measurably less accurate).
     """
     if not body_is_frozen(learn): return False, "part of the body trains"
+    thaw = next((c for c in learn.cbs if isinstance(c, Thaw)), None)  # the body trains in later epochs
+    if thaw is not None: return False, f"the plan unfreezes the body after {thaw.thaw_epoch} epoch(s)"
     if mode == "off": return False, "cache_features off"
     if mode == "on": return True, "cache_features on"
     if bn_in_training_mode(learn):

@@ -14,6 +14,7 @@ from .demo import demo_data
 from .labels import fine_label_getter
 from .models import xray_learner
 from .plans import apply_plan
+from .errors import RecipeError
 from .recipes import Recipe
 
 __all__ = ["resolve_data", "folders_learner", "recipe_learner"]
@@ -50,6 +51,7 @@ def folders_learner(recipe: Recipe, folders,
 
 def recipe_learner(recipe: Recipe, path=None, cbs=None):
     "(Learner with the recipe's plan applied, XrayFolders) — for REPL use; `run` adds the run folder."
+    check_plan_epochs(recipe)
     folders = find_xray_folders(resolve_data(recipe.data))
     set_seed(recipe.seed)
     # Three-class mode: classes from labels.csv's fine_label (covid / pneumonia / normal) instead of folders.
@@ -58,3 +60,11 @@ def recipe_learner(recipe: Recipe, path=None, cbs=None):
     learn = folders_learner(recipe, folders, get_y=get_y, vocab=vocab, cbs=cbs, path=path, balance=recipe.balance)
     learn.trainable = apply_plan(learn, recipe.plan)
     return learn, folders
+
+
+def check_plan_epochs(recipe: Recipe):
+    "A plan that unfreezes after k epochs needs a fit of more than k (else it would silently never unfreeze)."
+    k = recipe.plan.freeze_epochs
+    if k is not None and recipe.epochs <= k:
+        raise RecipeError(f"recipe {recipe.name!r} unfreezes its model after {k} epoch(s), but trains {recipe.epochs}",
+                          f"give --epochs {k + 1} or more")

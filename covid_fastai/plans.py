@@ -8,6 +8,11 @@ A plan is a small value a recipe names:
 - `full()`            everything trains;
 - `freeze_to(n)`      fastai's `freeze_to` over the layer groups (one per body stage, then the head).
 
+`freeze_epochs=k` (any plan but `full()`) holds the plan for the first k epochs of the fit only; from epoch k on
+everything trains (fastai's `unfreeze`, through the `Thaw` callback), inside the same one-cycle schedule. fastai's
+`fine_tune` does the same for `head()` in two fits; here it serves the frozen stem: the early epochs skip the
+backward of the high-resolution layers, the last ones fit them too (docs/experiments.md, issue 19).
+
 BatchNorm is explicit: with `train_bn=True` (fastai's default) the affine parameters of normalisation layers
 in frozen parts still train; the seed froze them (`train_bn=False`). Running statistics update in
 training mode either way, as in the seed.
@@ -17,9 +22,11 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass
 
+from .callbacks import FitOnlyCallback
 from .errors import RecipeError
 
-__all__ = ["Plan", "head", "layers", "full", "freeze_to", "apply_plan", "trainable_names", "body_module_names"]
+__all__ = ["Plan", "head", "layers", "full", "freeze_to", "apply_plan", "trainable_names", "body_module_names",
+           "Thaw"]
 
 
 @dataclass(frozen=True)
@@ -27,18 +34,42 @@ class Plan:
     kind: str                  # 'head' | 'layers' | 'full' | 'freeze_to'
     patterns: tuple = ()       # for 'layers': body module-name patterns
     n: int | None = None       # for 'freeze_to': number of frozen layer groups
+    freeze_epochs: int | None = None  # the plan holds for these first epochs, then everything trains; None: always
+
+    def __post_init__(self):
+        if self.freeze_epochs is None: return
+        if self.kind == "full": raise RecipeError("full() has nothing to freeze, so no freeze_epochs",
+                                                  "drop freeze_epochs, or freeze part of the model first")
+        if int(self.freeze_epochs) < 1: raise RecipeError(f"freeze_epochs={self.freeze_epochs} is below 1",
+                                                         "give 1 or more epochs, or None to keep the plan")
 
     def describe(self) -> str:
-        if self.kind == "head": return "head only"
-        if self.kind == "full": return "entire network"
-        if self.kind == "layers": return " + ".join(self.patterns) + " + head"
-        return f"layer groups {self.n}.. + head"
+        if self.kind == "head": what = "head only"
+        elif self.kind == "full": what = "entire network"
+        elif self.kind == "layers": what = " + ".join(self.patterns) + " + head"
+        else: what = f"layer groups {self.n}.. + head"
+        return what if self.freeze_epochs is None else f"{what} for {self.freeze_epochs} epoch(s), then entire network"
 
 
-def head() -> Plan: return Plan("head")
+def head(freeze_epochs: int | None = None) -> Plan: return Plan("head", freeze_epochs=freeze_epochs)
 def full() -> Plan: return Plan("full")
-def layers(*patterns: str) -> Plan: return Plan("layers", tuple(patterns))
-def freeze_to(n: int) -> Plan: return Plan("freeze_to", n=int(n))
+def layers(*patterns: str, freeze_epochs: int | None = None) -> Plan:
+    return Plan("layers", tuple(patterns), freeze_epochs=freeze_epochs)
+def freeze_to(n: int, freeze_epochs: int | None = None) -> Plan:
+    return Plan("freeze_to", n=int(n), freeze_epochs=freeze_epochs)
+
+
+class Thaw(FitOnlyCallback):
+    """fastai's `unfreeze` before epoch `epoch` of a fit: every parameter trains from then on, at the rate the
+    fit's schedule has reached. A fit resumed at a later epoch unfreezes at its first. BatchNorm layers leave
+    `BnFreeze`'s eval mode with their parameters (its before_train follows this before_epoch). A fit of no more
+    than `epoch` epochs never unfreezes (a recipe's run refuses that: learner.check_plan_epochs)."""
+    order = 5
+
+    def __init__(self, epoch: int): self.thaw_epoch = int(epoch)
+
+    def before_epoch(self):
+        if self.epoch >= self.thaw_epoch: self.learn.unfreeze()
 
 
 def body_module_names(body) -> list[str]:
@@ -64,8 +95,11 @@ def _match(pattern: str, param_name: str) -> bool:
 
 
 def apply_plan(learn, plan: Plan) -> list[str]:
-    "Set `requires_grad` for `plan` (through fastai's optimizer freeze logic); returns the trainable names."
+    """Set `requires_grad` for `plan` (through fastai's optimizer freeze logic), and add its `Thaw` callback when it
+    has `freeze_epochs`; returns the names trainable now."""
     if learn.opt is None: learn.create_opt()
+    learn.remove_cbs([c for c in learn.cbs if isinstance(c, Thaw)])  # a plan applied again replaces the last
+    if plan.freeze_epochs is not None: learn.add_cb(Thaw(plan.freeze_epochs))
     if plan.kind == "full": learn.unfreeze()
     elif plan.kind == "head": learn.freeze()
     elif plan.kind == "freeze_to":

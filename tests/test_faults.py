@@ -2,6 +2,7 @@
 
 Runs are tiny (random init, 32 px, batch 8) so the whole file stays within a few tens of seconds.
 """
+import dataclasses
 import errno
 import io
 import json
@@ -24,6 +25,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from covid_fastai.cli import main
+from covid_fastai.plans import freeze_to
+from covid_fastai.recipes import load_recipe
 from covid_fastai.errors import Command, RunFolderError, RunInterrupted, UserError, recipe_command
 from covid_fastai.rundir import RunDir
 from covid_fastai.export import load_export
@@ -261,13 +264,16 @@ def _same_run(a: Path, b: Path):
     ("resnet18_head", "constant", {"cache_features": "on"}, 0),   # head on cached features
     # stopped after the last epoch's checkpoint (as by Ctrl-C during evaluation): no epoch left to run, yet the
     # TTA that follows must draw the same augmentations and the timings must survive
-    ("resnet18_one", "one_cycle", {"tta": "true"}, 2)])
+    ("resnet18_one", "one_cycle", {"tta": "true"}, 2),
+    # a plan that unfreezes after epoch 0: the resumed fit starts frozen, as the plan says, and thaws at once
+    (dataclasses.replace(load_recipe("resnet18_full"), plan=freeze_to(3, freeze_epochs=1)), "one_cycle", {}, 0)],
+    ids=["one_cycle", "cached", "tta_after_last", "thaw_at_resume"])
 def test_interrupted_run_resumes_to_the_same_result(tiny_data, tmp_path, recipe, schedule, extra, stop):
     kw = dict(data=str(tiny_data), epochs=3, schedule=schedule, **TINY, **extra)
     full = run_recipe(recipe, out=tmp_path / "full", **kw)
     with pytest.raises(RunInterrupted) as e:
         run_recipe(recipe, out=tmp_path / "cut", cbs=[StopAfter(stop)], **kw)
-    (d,) = (tmp_path / "cut" / recipe).iterdir()
+    (d,) = (tmp_path / "cut" / getattr(recipe, "name", recipe)).iterdir()
     assert (e.value.run_dir, e.value.epochs_done, e.value.command) == (d, stop + 1, Command("resume", (str(d),)))
     assert e.value.fix == "continue it with {command}" and isinstance(e.value.__cause__, KeyboardInterrupt)
     cfg = json.loads((d / "config.json").read_text())

@@ -1,11 +1,14 @@
 "For every recipe's plan, exactly which parameters train; plus freeze_to, train_bn, errors, discriminative lr."
+import dataclasses
 import re
 
 import pytest
+from fastai.vision.all import Callback
 
 from covid_fastai import plans
 from covid_fastai.errors import UserError
-from covid_fastai.recipes import load_recipe, recipe_files, with_overrides
+from covid_fastai.features import use_feature_cache
+from covid_fastai.recipes import load_recipe, recipe_files, recipe_from_dict, with_overrides
 from covid_fastai.learner import recipe_learner
 
 HEAD = {"head.2.weight", "head.2.bias", "head.5.weight", "head.5.bias"}
@@ -118,3 +121,67 @@ def test_frozen_parameters_do_not_change(tiny_data):
     changed = {n for n, p in learn.model.named_parameters() if not (p.detach() == before[n]).all()}
     assert changed == {"0.model.features.10.weight", "0.model.features.10.bias", "1.2.weight", "1.2.bias",
                        "1.5.weight", "1.5.bias"}
+
+
+# ---------------------------------------------------------------- freeze_epochs: frozen early, everything later
+
+def _thawing(tiny_data, plan, **kw):
+    rec = dataclasses.replace(load_recipe("resnet18_full"), plan=plan)
+    return with_overrides(rec, data=str(tiny_data), pretrained=False, size=32, bs=8, **kw)
+
+
+class _Snapshots(Callback):
+    "The stem's conv weight and BatchNorm running mean after each epoch, and which parameters trained in it."
+    order = 99
+
+    def before_fit(self):
+        body = self.learn.model[0].model
+        self.conv, self.bn = [body.conv1.weight.detach().clone()], [body.bn1.running_mean.clone()]
+        self.grad = []
+
+    def before_train(self): self.grad.append(all(p.requires_grad for p in self.learn.model.parameters()))
+
+    def after_epoch(self):
+        body = self.learn.model[0].model
+        self.conv.append(body.conv1.weight.detach().clone())
+        self.bn.append(body.bn1.running_mean.clone())
+
+
+def test_freeze_epochs_unfreezes_everything_at_its_epoch(tiny_data):
+    "freeze_to(3, freeze_epochs=2): the stem is fixed for 2 epochs, then trains (its BatchNorm statistics too)."
+    learn, _ = recipe_learner(_thawing(tiny_data, plans.freeze_to(3, freeze_epochs=2), bn_freeze=True))
+    assert set(learn.trainable) == _under(learn, "layer3", "layer4") | HEAD  # as freeze_to(3) until epoch 2
+    snap = _Snapshots()
+    learn.fit_one_cycle(3, 1e-2, cbs=snap)
+    assert snap.grad == [False, False, True]
+    same = [bool((a == b).all()) for a, b in zip(snap.conv, snap.conv[1:])]
+    assert same == [True, True, False]
+    same_bn = [bool((a == b).all()) for a, b in zip(snap.bn, snap.bn[1:])]
+    assert same_bn == [True, True, False]  # BnFreeze held the frozen stem's statistics, then let them train
+
+
+def test_freeze_epochs_is_recorded_and_read_back(tiny_data):
+    rec = _thawing(tiny_data, plans.head(freeze_epochs=1))
+    assert rec.plan.describe() == "head only for 1 epoch(s), then entire network"
+    assert recipe_from_dict(dataclasses.asdict(rec)).plan == rec.plan
+    learn, _ = recipe_learner(rec)
+    assert [type(c) for c in learn.cbs].count(plans.Thaw) == 1
+    plans.apply_plan(learn, plans.head())  # a plan applied again replaces the last, Thaw included
+    assert not any(isinstance(c, plans.Thaw) for c in learn.cbs)
+
+
+def test_a_plan_that_thaws_is_never_cached(tiny_data):
+    "head(freeze_epochs=1) starts with a frozen body, but the body trains later: cached features would be wrong."
+    learn, _ = recipe_learner(_thawing(tiny_data, plans.head(freeze_epochs=1), bn_freeze=True))
+    assert use_feature_cache(learn, "on") == (False, "the plan unfreezes the body after 1 epoch(s)")
+    learn, _ = recipe_learner(_thawing(tiny_data, plans.head(), bn_freeze=True))
+    assert use_feature_cache(learn, "on")[0]
+
+
+def test_freeze_epochs_errors(tiny_data):
+    with pytest.raises(UserError, match="unfreezes its model after 3 epoch.*trains 3.*--epochs 4"):
+        recipe_learner(_thawing(tiny_data, plans.freeze_to(3, freeze_epochs=3), epochs=3))
+    with pytest.raises(UserError, match="full\\(\\) has nothing to freeze"):
+        plans.Plan("full", freeze_epochs=1)
+    with pytest.raises(UserError, match="freeze_epochs=0 is below 1"):
+        plans.freeze_to(3, freeze_epochs=0)
