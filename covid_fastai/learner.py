@@ -11,10 +11,10 @@ from .callbacks import BF16Autocast, ChannelsLast, ProgressiveResize, bf16_suppo
 from .augment import make_aug
 from .data import find_xray_folders, xray_dls
 from .demo import demo_data
+from .errors import RecipeError
 from .labels import fine_label_getter
 from .models import xray_learner
 from .plans import apply_plan
-from .errors import RecipeError
 from .recipes import Recipe
 
 __all__ = ["resolve_data", "folders_learner", "recipe_learner"]

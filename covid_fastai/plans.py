@@ -20,7 +20,7 @@ training mode either way, as in the seed.
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from .callbacks import FitOnlyCallback
 from .errors import RecipeError
@@ -42,6 +42,12 @@ class Plan:
                                                   "drop freeze_epochs, or freeze part of the model first")
         if int(self.freeze_epochs) < 1: raise RecipeError(f"freeze_epochs={self.freeze_epochs} is below 1",
                                                          "give 1 or more epochs, or None to keep the plan")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Plan":
+        "The Plan that `dataclasses.asdict` wrote to JSON: its tuple comes back as a list; other keys are dropped."
+        kw = {f.name: d[f.name] for f in fields(cls) if f.name in d}
+        return cls(**{**kw, "patterns": tuple(kw.get("patterns") or ())})
 
     def describe(self) -> str:
         if self.kind == "head": what = "head only"

@@ -189,7 +189,7 @@ def recipe_from_dict(d: dict) -> Recipe:
     d = dict(d)
     p = d.pop("plan")
     fields = {f.name for f in dataclasses.fields(Recipe)} - {"plan"}
-    return Recipe(plan=plans.Plan(p["kind"], tuple(p.get("patterns") or ()), p.get("n"), p.get("freeze_epochs")),
+    return Recipe(plan=plans.Plan.from_dict(p),
                   **{k: v for k, v in d.items() if k in fields})
 
 
