@@ -9,9 +9,11 @@ and every plot.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import pandas as pd
 import torch
@@ -117,6 +119,18 @@ def _save(fig: Figure, path, tight: bool = True) -> Path:
     return Path(path)
 
 
+def _titles_at_top(figure_fn):
+    """A figure builder whose axes titles sit at the top of their axes (rc `axes.titley` = 1.0) rather than being
+    placed automatically. Auto placement only moves a title above ticks or labels drawn on top, which none of
+    these figures have, so the image is the same; but it measures every axis's ticks for every title at each
+    draw, most of a grid's drawing time. rc_context: the process's settings stay as they were."""
+    @functools.wraps(figure_fn)
+    def _fn(*args, **kwargs):
+        with matplotlib.rc_context({"axes.titley": 1.0}): return figure_fn(*args, **kwargs)
+    return _fn
+
+
+@_titles_at_top
 def confusion_matrix_figure(ev: Evaluation, title: str) -> Figure:
     "Counts, rows = true class: fastai's `plot_confusion_matrix` look, on a Figure of its own (fastai's uses pyplot)."
     cm = skm.confusion_matrix(ev.targs, ev.preds, labels=list(range(len(ev.classes))))
@@ -137,6 +151,7 @@ def plot_confusion_matrix(ev: Evaluation, path, title: str) -> Path:
     return _save(confusion_matrix_figure(ev, title), path)
 
 
+@_titles_at_top
 def curves_figure(history: pd.DataFrame, title: str) -> Figure:
     "Loss and accuracy per epoch, train and valid, from `history.csv`."
     fig = Figure(figsize=(10, 3.8))
@@ -181,6 +196,7 @@ def rank_by_loss(ev: Evaluation, k: int = 8) -> dict:
     return ranked
 
 
+@_titles_at_top
 def extremes_figure(ev: Evaluation, kind: str, cls: str, chosen, note: str = "", learn=None) -> Figure:
     """The images `chosen` (indices into `ev`) of true class `cls`, one per column, titled with the prediction,
     its probability, p(positive) and the loss; with `learn`, a second row shows the Grad-CAM heatmap of the
@@ -225,6 +241,7 @@ def plot_extremes(ev: Evaluation, out_dir, k: int = 8, note: str = "", learn=Non
     return files
 
 
+@_titles_at_top
 def roc_pr_figure(ev: Evaluation, threshold: float, title: str) -> Figure:
     "ROC and precision-recall curves of the positive view, with the 0.5 and chosen operating points."
     name, p, y = ev.positive()
@@ -259,6 +276,7 @@ def plot_roc_pr(ev: Evaluation, threshold: float, path, title: str) -> Path:
     return _save(roc_pr_figure(ev, threshold, title), path)
 
 
+@_titles_at_top
 def calibration_figure(ev: Evaluation, title: str, bins: int = 10) -> Figure:
     "Reliability curve of p(positive) (quantile bins) over a histogram of the probabilities."
     name, p, y = ev.positive()
@@ -280,6 +298,7 @@ def plot_calibration(ev: Evaluation, path, title: str, bins: int = 10) -> Path:
     return _save(calibration_figure(ev, title, bins), path)
 
 
+@_titles_at_top
 def confusion_matrices_figure(ev: Evaluation, threshold: float, title: str) -> Figure:
     "Counts and row-normalised confusion matrices at argmax (= 0.5 for two classes) and at the chosen threshold."
     name, p, y = ev.positive()

@@ -115,3 +115,27 @@ def test_evaluation_plots_show_its_predictions(ev, tmp_path, saved):
     at_t = skm.confusion_matrix(1 - y, (p < t).astype(int), labels=[0, 1])  # positive first, as the labels read
     assert np.array_equal(both[2].images[0].get_array(), at_t) and "infected at t = 0.400" in both[2].get_title()
     assert np.allclose(both[3].images[0].get_array(), at_t / at_t.sum(1, keepdims=True))
+
+
+def test_titles_clear_their_axes_and_leave_matplotlib_settings_alone(ev, tmp_path, saved):
+    """The figures place axes titles at the top of their axes (not matplotlib's automatic placement, which measures
+    every tick at every draw): that holds only while no tick, tick label or axis label sits above an axes."""
+    import matplotlib
+    before = dict(matplotlib.rcParams)
+    write_evaluation(tmp_path, ev, {"value": 0.4, "rule": "0.4"}, "run X", gradcam=False)
+    plot_curves(pd.DataFrame({"epoch": [0, 1], "train_loss": [0.9, 0.6], "valid_loss": [0.8, 0.7]}),
+                tmp_path / "curves.png", "run X")
+    assert dict(matplotlib.rcParams) == before
+    titled = 0
+    for name, fig in saved.items():
+        fig.draw_without_rendering()
+        renderer = fig._get_renderer()
+        for ax in fig.axes:
+            if not ax.get_title(): continue
+            titled += 1
+            title = ax.title.get_window_extent(renderer)
+            assert title.y0 >= ax.get_window_extent(renderer).y1, name  # above the axes' frame
+            for axis in (ax.xaxis, ax.yaxis):
+                box = axis.get_tightbbox(renderer)
+                assert box is None or box.y1 <= title.y0 or not box.overlaps(title), (name, ax.get_title())
+    assert titled >= 13  # 1 + 2 + 1 + 4 + 2 + extremes' 7 images
