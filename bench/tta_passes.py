@@ -4,7 +4,9 @@ python bench/tta_passes.py CV_DIR [CV_DIR ...] [--n 0,1,2,4] -> bench/results-tt
 Each finished fold run of each cv folder is rebuilt from its config.json and model.safetensors (as `evaluate`
 rebuilds a run) and re-scores its own held-out fold: with no TTA (n = 0: one plain pass) and with fastai's
 `Learner.tta` at n augmented passes (n + 1 passes: the mean of n augmented predictions mixed 0.75 / 0.25 with the
-plain one; recipes run n = 4). The same trained models, so every difference is the TTA's alone, paired by fold;
+plain one; recipes run n = 4). `N:AUG` draws the augmented passes from augmentation policy AUG instead of the
+recipe's (`4:xray`: `best`'s crops and rotations without its erasing and contrast jitter; the plain pass is the same,
+as every policy evaluates alike). The same trained models, so every difference is the TTA's alone, paired by fold;
 seconds are the prediction passes only. One row per n: mean over folds of accuracy (0.5), ROC AUC and sensitivity at
 specificity 0.95, the paired difference to the recipes' n = 4, and the ROC AUC within each source, pooled.
 """
@@ -29,52 +31,75 @@ def fold_runs(cv_dir: Path) -> list[tuple[str, Path]]:
             if isinstance(r["run"], str) and (cv_dir / r["run"] / "model.safetensors").is_file()]
 
 
-def score_fold(run_dir: Path, ns: list[int], seed: int = 42) -> list[dict]:
-    "One row per n: the fold model's predictions on its held-out fold, with their metrics, seconds and sources."
+def parse_setting(s: str) -> tuple[int, str | None]:
+    "'4' -> (4, None): the recipe's augmentation; '4:xray' -> (4, 'xray')."
+    n, _, aug = s.strip().partition(":")
+    return int(n), aug or None
+
+
+def score_fold(run_dir: Path, settings: list[str], seed: int = 42) -> list[dict]:
+    """One row per TTA setting ('4', '4:xray', see `parse_setting`): the fold model's predictions on its held-out fold,
+    with their metrics, seconds and sources."""
     from fastai.torch_core import set_seed
 
     from covid_fastai.ensemble import valid_learner
     from covid_fastai.evaluate import load_run
     from covid_fastai.learner import resolve_data
     from covid_fastai.metrics import binary_metrics, positive_view
+    from covid_fastai.recipes import with_overrides
     d, cfg, rec = load_run(run_dir)
     fold_dir = Path(resolve_data(rec.data))
-    learn = valid_learner(d, cfg, rec)
-    dl = learn.dls.valid
+    learners = {}  # one Learner per augmentation policy (the model's weights are the run's in each)
+
+    def learner(aug):
+        if aug not in learners:
+            learners[aug] = valid_learner(d, cfg, rec if aug is None else with_overrides(rec, aug=aug))
+        return learners[aug]
+    items = list(learner(None).dls.valid.items)
     labels = pd.read_csv(fold_dir / "labels.csv", keep_default_na=False)
     source = dict(zip(labels["file"], labels["source"]))
-    films = [source.get(str(Path(f).relative_to(fold_dir)), "") for f in dl.items]
+    films = [source.get(str(Path(f).relative_to(fold_dir)), "") for f in items]
     rows = []
-    for n in ns:
+    for setting in settings:
+        n, aug = parse_setting(setting)
+        learn = learner(aug)
+        dl = learn.dls.valid
+        assert list(dl.items) == items, "another augmentation policy split the films differently"
         set_seed(seed)  # the augmented passes draw their crops and erasing from the global generators
         t = time.perf_counter()
         probs, targs = learn.tta(dl=dl, n=n) if n else learn.get_preds(dl=dl)
         seconds = time.perf_counter() - t
         _, p, y = positive_view(list(dl.vocab), probs.float().numpy(), targs.numpy())
         m = binary_metrics(y, p)
-        rows.append({"n": n, "seconds": seconds, "films": len(y), "accuracy": m["accuracy"], "auc": m["roc_auc"],
-                     "sens95": m["sens_at_spec95"], "y": y, "p": p, "source": films,
-                     "files": [str(f) for f in dl.items]})
+        rows.append({"setting": setting, "n": n, "aug": aug, "seconds": seconds, "films": len(y),
+                     "accuracy": m["accuracy"], "auc": m["roc_auc"], "sens95": m["sens_at_spec95"], "y": y, "p": p,
+                     "source": films, "files": [str(f) for f in items]})
     return rows
 
 
-def summarise(rows: pd.DataFrame, ns: list[int], ref: int) -> list[str]:
-    "Markdown rows: per n, means over folds, paired differences to n = `ref`, seconds, pooled within-source AUC."
+def label(setting: str) -> str:
+    n, aug = parse_setting(setting)
+    return "none" if n == 0 else f"n={n}" + (f", aug {aug}" if aug else "")
+
+
+def summarise(rows: pd.DataFrame, settings: list[str], ref: str) -> list[str]:
+    """Markdown rows: per TTA setting, means over folds, paired differences to setting `ref`, seconds, pooled
+    within-source AUC."""
     from covid_fastai.cv_report import _source_differences, _source_rows, paired
     sources = sorted({s for ss in rows["source"] for s in ss if s})
-    out = ["| TTA | passes | accuracy (0.5) | ROC AUC | sens at spec 0.95 | accuracy − n=4 (ahead/behind, p) | "
-           "ROC AUC − n=4 (ahead/behind, p) | prediction s (all folds) | within-source ROC AUC, pooled: "
+    out = [f"| TTA | passes | accuracy (0.5) | ROC AUC | sens at spec 0.95 | accuracy − {label(ref)} (ahead/behind, p) | "
+           f"ROC AUC − {label(ref)} (ahead/behind, p) | prediction s (all folds) | within-source ROC AUC, pooled: "
            + " / ".join(sources) + " |", "|---|---|---|---|---|---|---|---|---|"]
 
     def folds(n): return {"folds": [{"fold": f"{r.cv}/{r.fold}", "accuracy": r.accuracy, "auc": r.auc}
-                                    for r in rows[rows["n"] == n].itertuples()]}
+                                    for r in rows[rows["setting"] == n].itertuples()]}
 
     def frames(n):  # one (file, source, y, p) frame per fold, as cv_report pools a cv's folds
         return [pd.DataFrame({"file": r.files, "source": r.source, "y": r.y, "p": r.p})
-                for r in rows[rows["n"] == n].itertuples()]
+                for r in rows[rows["setting"] == n].itertuples()]
 
-    for n in ns:
-        part = rows[rows["n"] == n]
+    for n in settings:
+        part = rows[rows["setting"] == n]
         pooled = {r["source"]: r["ROC AUC pooled"] for r in _source_rows(frames(n))}
         within = ["n/a" if pooled.get(s) is None else f"{pooled[s]:.3f}" for s in sources]
         diffs = []
@@ -83,31 +108,33 @@ def summarise(rows: pd.DataFrame, ns: list[int], ref: int) -> list[str]:
             d = paired(folds(ref), folds(n), metric)
             diffs.append(f"{d['mean']:+.4f} ({d['ahead']}/{d['behind']}, p {d['p']:.2f})" if d["p"] is not None
                          else f"{d['mean']:+.4f} ({d['ahead']}/{d['behind']})")
-        out.append(f"| {'none' if n == 0 else f'n={n}'} | {n + 1 if n else 1} | {part['accuracy'].mean():.4f} | "
+        passes = parse_setting(n)[0] + 1
+        out.append(f"| {label(n)} | {passes} | {part['accuracy'].mean():.4f} | "
                    f"{part['auc'].mean():.4f} | {part['sens95'].mean():.4f} | {diffs[0]} | {diffs[1]} | "
                    f"{part['seconds'].sum():.0f} | {' / '.join(within)} |")
     # the same films under two TTA settings: a bootstrap of films within each source, paired (cv_report's)
-    out += ["", f"Within-source ROC AUC minus n={ref}'s, pooled over folds, with its paired 95% bootstrap interval:", "",
+    out += ["", f"Within-source ROC AUC minus {label(ref)}'s, pooled over folds, with its paired 95% bootstrap interval:", "",
             "| TTA | " + " | ".join(sources) + " |", "|---|" + "---|" * len(sources)]
     base = pd.concat(frames(ref), ignore_index=True)
-    for n in ns:
+    for n in settings:
         if n == ref: continue
         d = _source_differences(base, pd.concat(frames(n), ignore_index=True))
         cells = ["n/a" if d.get(s, {}).get("difference") is None else
                  f"{d[s]['difference']:+.3f} [{d[s]['low']:+.3f}, {d[s]['high']:+.3f}]" for s in sources]
-        out.append(f"| {'none' if n == 0 else f'n={n}'} | " + " | ".join(cells) + " |")
+        out.append(f"| {label(n)} | " + " | ".join(cells) + " |")
     return out
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("cv_dirs", nargs="+")
-    ap.add_argument("--n", default="0,1,2,4", help="augmented passes to try (0: no TTA)")
+    ap.add_argument("--n", default="0,1,2,4", help="augmented passes to try (0: no TTA); N:AUG draws them from "
+                                                  "augmentation policy AUG (4:xray)")
     ap.add_argument("--label", default="", help="how the CPU ran, e.g. 'AVX2 emulated' (the section heading)")
     ap.add_argument("--out", default=str(OUT), help="the markdown file the section is appended to")
     a = ap.parse_args(argv)
-    ns = [int(x) for x in a.n.split(",")]
-    ref = 4 if 4 in ns else ns[-1]
+    settings = [x.strip() for x in a.n.split(",")]
+    ref = "4" if "4" in settings else settings[-1]
     from covid_fastai.callbacks import cpu_kind
     records, listed = [], []
     for cv in map(Path, a.cv_dirs):
@@ -115,18 +142,18 @@ def main(argv=None):
         title = json.loads((cv / "cv.json").read_text()).get("title", cv.name)
         listed.append(f"`{cv}` ({title}; {len(runs)} folds)")
         for fold, run in runs:
-            for r in score_fold(run, ns):
+            for r in score_fold(run, settings):
                 records.append({"cv": cv.name, "fold": fold, **r})
-                print(f"{cv.name} {fold} n={r['n']}: accuracy {r['accuracy']:.4f}, AUC {r['auc']:.4f}, "
+                print(f"{cv.name} {fold} {label(r['setting'])}: accuracy {r['accuracy']:.4f}, AUC {r['auc']:.4f}, "
                       f"{r['seconds']:.1f} s", flush=True)
     rows = pd.DataFrame(records)
     append_results(a.out, [f"## {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "",
                          f"CPU kind `{cpu_kind()}`{f' ({a.label})' if a.label else ''}. {machine()}.", "",
                          command_line("bench/tta_passes.py", argv, a.label), "",
-                         f"Fold models of {', '.join(listed)}; {len(rows) // len(ns)} folds, "
-                         f"{rows[rows['n'] == ns[0]]['films'].sum()} held-out films. Differences are paired by "
-                         f"fold against the recipes' n = {ref} (paired t-test p).", "",
-                         *summarise(rows, ns, ref), ""])
+                         f"Fold models of {', '.join(listed)}; {len(rows) // len(settings)} folds, "
+                         f"{rows[rows['setting'] == settings[0]]['films'].sum()} held-out films. Differences are "
+                         f"paired by fold against {label(ref)} (paired t-test p).", "",
+                         *summarise(rows, settings, ref), ""])
     return rows
 
 

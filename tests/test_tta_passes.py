@@ -1,5 +1,6 @@
 """bench/tta_passes.py: fold models rebuilt from a cv re-score their own held-out films (no TTA reproduces the
-run's predictions.csv exactly), TTA passes really augment, and the table has one row per n."""
+run's predictions.csv exactly), TTA passes really augment (from another augmentation policy when asked), and the
+table has one row per setting."""
 import json
 import os
 from pathlib import Path
@@ -18,8 +19,8 @@ def test_fold_models_rescore_their_held_out_films(tmp_path, one_thread):
     run_cv(RECIPE, folds=2, out=tmp_path, data=str(data), **TINY)
     (cv_dir,) = (tmp_path / "cv" / RECIPE).iterdir()
     out = tmp_path / "tta.md"
-    rows = bench_module("tta_passes").main([str(cv_dir), "--n", "0,1,4", "--out", str(out)])
-    assert len(rows) == 2 * 3 and set(rows["n"]) == {0, 1, 4}
+    rows = bench_module("tta_passes").main([str(cv_dir), "--n", "0,1,4,4:none", "--out", str(out)])
+    assert len(rows) == 2 * 4 and list(rows["setting"][:4]) == ["0", "1", "4", "4:none"]
     for fold, part in rows.groupby("fold"):
         run = cv_dir / pd.read_csv(cv_dir / "cv.csv").set_index("fold").loc[fold, "run"]
         pred = pd.read_csv(run / "predictions.csv")
@@ -30,9 +31,12 @@ def test_fold_models_rescore_their_held_out_films(tmp_path, one_thread):
         assert len(plain["p"]) == len(own)
         assert np.allclose(plain["p"], [own[os.path.realpath(f)] for f in plain["files"]], atol=1e-5)
         assert not np.allclose(plain["p"], aug["p"])  # the augmented pass sees other pixels
+        # passes drawn from the 'none' policy see the plain pixels: 4 of them mix back to the plain prediction
+        assert np.allclose(plain["p"], part[part["setting"] == "4:none"].iloc[0]["p"], atol=1e-5)
         labels = pd.read_csv(Path(json.loads((run / "config.json").read_text())["data"]["path"]) / "labels.csv",
                              keep_default_na=False)
         held = labels[labels["file"].str.startswith("valid/")]
         assert sorted(plain["source"]) == sorted(held["source"])
     text = out.read_text()
     assert "| none | 1 |" in text and "| n=1 | 2 |" in text and "| n=4 | 5 |" in text and "ahead/behind" in text
+    assert "| n=4, aug none | 5 |" in text
