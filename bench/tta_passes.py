@@ -87,41 +87,42 @@ def summarise(rows: pd.DataFrame, settings: list[str], ref: str) -> list[str]:
     within-source AUC."""
     from covid_fastai.cv_report import _source_differences, _source_rows, paired
     sources = sorted({s for ss in rows["source"] for s in ss if s})
-    out = [f"| TTA | passes | accuracy (0.5) | ROC AUC | sens at spec 0.95 | accuracy − {label(ref)} (ahead/behind, p) | "
-           f"ROC AUC − {label(ref)} (ahead/behind, p) | prediction s (all folds) | within-source ROC AUC, pooled: "
-           + " / ".join(sources) + " |", "|---|---|---|---|---|---|---|---|---|"]
+    out = [f"| TTA | passes | accuracy (0.5) | ROC AUC | sens at spec 0.95 | "
+           f"accuracy − {label(ref)} (ahead/behind, p) | ROC AUC − {label(ref)} (ahead/behind, p) | "
+           "prediction s (all folds) | within-source ROC AUC, pooled: " + " / ".join(sources) + " |", "|---|---|---|---|---|---|---|---|---|"]
 
-    def folds(n): return {"folds": [{"fold": f"{r.cv}/{r.fold}", "accuracy": r.accuracy, "auc": r.auc}
-                                    for r in rows[rows["setting"] == n].itertuples()]}
+    def folds(setting):
+        return {"folds": [{"fold": f"{r.cv}/{r.fold}", "accuracy": r.accuracy, "auc": r.auc}
+                          for r in rows[rows["setting"] == setting].itertuples()]}
 
-    def frames(n):  # one (file, source, y, p) frame per fold, as cv_report pools a cv's folds
+    def frames(setting):  # one (file, source, y, p) frame per fold, as cv_report pools a cv's folds
         return [pd.DataFrame({"file": r.files, "source": r.source, "y": r.y, "p": r.p})
-                for r in rows[rows["setting"] == n].itertuples()]
+                for r in rows[rows["setting"] == setting].itertuples()]
 
-    for n in settings:
-        part = rows[rows["setting"] == n]
-        pooled = {r["source"]: r["ROC AUC pooled"] for r in _source_rows(frames(n))}
+    for setting in settings:
+        part = rows[rows["setting"] == setting]
+        pooled = {r["source"]: r["ROC AUC pooled"] for r in _source_rows(frames(setting))}
         within = ["n/a" if pooled.get(s) is None else f"{pooled[s]:.3f}" for s in sources]
         diffs = []
         for metric in ("accuracy", "auc"):
-            if n == ref: diffs.append("—"); continue
-            d = paired(folds(ref), folds(n), metric)
+            if setting == ref: diffs.append("—"); continue
+            d = paired(folds(ref), folds(setting), metric)
             diffs.append(f"{d['mean']:+.4f} ({d['ahead']}/{d['behind']}, p {d['p']:.2f})" if d["p"] is not None
                          else f"{d['mean']:+.4f} ({d['ahead']}/{d['behind']})")
-        passes = parse_setting(n)[0] + 1
-        out.append(f"| {label(n)} | {passes} | {part['accuracy'].mean():.4f} | "
+        out.append(f"| {label(setting)} | {parse_setting(setting)[0] + 1} | {part['accuracy'].mean():.4f} | "
                    f"{part['auc'].mean():.4f} | {part['sens95'].mean():.4f} | {diffs[0]} | {diffs[1]} | "
                    f"{part['seconds'].sum():.0f} | {' / '.join(within)} |")
     # the same films under two TTA settings: a bootstrap of films within each source, paired (cv_report's)
-    out += ["", f"Within-source ROC AUC minus {label(ref)}'s, pooled over folds, with its paired 95% bootstrap interval:", "",
+    out += ["", f"Within-source ROC AUC minus {label(ref)}'s, pooled over folds, with its paired 95% bootstrap "
+                "interval:", "",
             "| TTA | " + " | ".join(sources) + " |", "|---|" + "---|" * len(sources)]
     base = pd.concat(frames(ref), ignore_index=True)
-    for n in settings:
-        if n == ref: continue
-        d = _source_differences(base, pd.concat(frames(n), ignore_index=True))
+    for setting in settings:
+        if setting == ref: continue
+        d = _source_differences(base, pd.concat(frames(setting), ignore_index=True))
         cells = ["n/a" if d.get(s, {}).get("difference") is None else
                  f"{d[s]['difference']:+.3f} [{d[s]['low']:+.3f}, {d[s]['high']:+.3f}]" for s in sources]
-        out.append(f"| {label(n)} | " + " | ".join(cells) + " |")
+        out.append(f"| {label(setting)} | " + " | ".join(cells) + " |")
     return out
 
 
