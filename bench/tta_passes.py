@@ -89,7 +89,8 @@ def summarise(rows: pd.DataFrame, settings: list[str], ref: str) -> list[str]:
     sources = sorted({s for ss in rows["source"] for s in ss if s})
     out = [f"| TTA | passes | accuracy (0.5) | ROC AUC | sens at spec 0.95 | "
            f"accuracy − {label(ref)} (ahead/behind, p) | ROC AUC − {label(ref)} (ahead/behind, p) | "
-           "prediction s (all folds) | within-source ROC AUC, pooled: " + " / ".join(sources) + " |", "|---|---|---|---|---|---|---|---|---|"]
+           "prediction s (all folds) | within-source ROC AUC, pooled: " + " / ".join(sources) + " |",
+           "|---|---|---|---|---|---|---|---|---|"]
 
     def folds(setting):
         return {"folds": [{"fold": f"{r.cv}/{r.fold}", "accuracy": r.accuracy, "auc": r.auc}
