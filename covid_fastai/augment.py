@@ -18,7 +18,8 @@ from PIL import Image
 
 from .errors import MissingExtra, RecipeError
 
-__all__ = ["XrayAugment", "AUGMENTATIONS", "make_aug", "ASSIGNMENT_RESIZE_RATIO", "BorderErase", "ContrastJitter"]
+__all__ = ["XrayAugment", "AUGMENTATIONS", "make_aug", "tta_dl", "ASSIGNMENT_RESIZE_RATIO", "BorderErase",
+           "ContrastJitter"]
 
 
 def _uniform(lo: float, hi: float) -> float:  # torch's RNG, which fastai's set_seed seeds, like torchvision's ops
@@ -128,8 +129,21 @@ class XrayAugment:
 
     def item_tfms(self):
         "The pipelines after their first op, Resize, which `DecodeOnce` applies when it decodes."
-        tail = lambda c: T.Compose(c.transforms[1:])
-        return [TorchvisionTfm(tail(self.train_tfm()), tail(self.eval_tfm()))]
+        return [TorchvisionTfm(_after_resize(self.train_tfm()), _after_resize(self.eval_tfm()))]
+
+
+def _after_resize(pipeline: T.Compose) -> T.Compose: return T.Compose(pipeline.transforms[1:])
+
+
+def tta_dl(dl, aug: XrayAugment | None = None):
+    """`dl` for `Learner.tta`, its augmented passes drawn from `aug`'s training pipeline (None: `dl` as it is, the
+    passes from its own training augmentation). The plain pass keeps `dl`'s evaluation pipeline; images keep the
+    short side `dl` decodes them at, so `aug` should be made at that `resize`."""
+    if aug is None: return dl
+    swap = lambda t: TorchvisionTfm(_after_resize(aug.train_tfm()), t.valid) if isinstance(t, TorchvisionTfm) else t
+    # A new loader, not `Learner.tta(item_tfms=...)`: that one passes after_batch=None to `dl.new`, which leaves the
+    # loader without its batch transforms (IntToFloatTensor, Normalize).
+    return dl.new(after_item=[swap(t) for t in dl.after_item.fs])
 
 
 

@@ -21,7 +21,8 @@ from .files import write_json
 from .images import scan_images
 from .interpret import CachedInterpretation, Evaluation, predictions_frame, write_evaluation
 from .labels import fine_label_getter
-from .learner import resolve_data
+from .augment import tta_dl
+from .learner import resolve_data, tta_aug
 from .metrics import choose_threshold
 from .rundir import OUTPUTS, new_run_dir
 
@@ -74,7 +75,7 @@ def valid_learner(d, cfg, rec):
 def _valid_evaluation(d, cfg, rec, tta) -> Evaluation:
     "A run's predictions on its validation split, rebuilt as training split the data (test/ never read)."
     learn = valid_learner(d, cfg, rec)
-    return Evaluation.of(learn, learn.dls.valid, "valid", tta=rec.tta if tta is None else tta)
+    return Evaluation.of(learn, learn.dls.valid, "valid", tta=rec.tta if tta is None else tta, tta_aug=tta_aug(rec))
 
 
 def ensemble_threshold(runs, tta: bool | None = None, rule: str | None = None) -> dict:
@@ -117,7 +118,7 @@ def evaluate_ensemble(run_dirs, data, tta: bool | None = None, threshold=None, o
     for d, cfg, rec in runs:
         learn = run_learner(d, cfg, rec, folders, _getter(rec, folders, files))
         dl = learn.dls.test_dl(files, with_labels=True)
-        evs.append(Evaluation.of(learn, dl, split_dir.name, tta=rec.tta if tta is None else tta))
+        evs.append(Evaluation.of(learn, dl, split_dir.name, tta=rec.tta if tta is None else tta, tta_aug=tta_aug(rec)))
     ev = average(evs, split_dir.name, learn, dl)
     out_dir = new_run_dir(Path(out) if out else OUTPUTS, "ensembles")
     synthetic = folders.synthetic
@@ -165,7 +166,8 @@ def predict_ensemble(run_dirs, paths, out=None, tta: bool | None = None, thresho
         learn = run_learner(d, cfg, rec, folders, get_y=lambda f: classes[0])
         dl = learn.dls.test_dl(files)
         use_tta = rec.tta if tta is None else tta
-        probs.append((learn.tta(dl=dl)[0] if use_tta else learn.get_preds(dl=dl)[0]).float().numpy())
+        probs.append((learn.tta(dl=tta_dl(dl, tta_aug(rec)))[0] if use_tta else learn.get_preds(dl=dl)[0])
+                     .float().numpy())
     df = predictions_frame(files, runs[0][1]["data"]["classes"], np.mean(probs, axis=0), thr["value"])
     if unreadable:
         df["error"] = ""

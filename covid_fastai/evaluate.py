@@ -24,7 +24,8 @@ from .images import get_xray_files, scan_images
 from .interpret import Evaluation, cam_images, predictions_frame, write_evaluation
 from .labels import fine_label_getter
 from .recipes import Recipe
-from .learner import folders_learner
+from .augment import tta_dl
+from .learner import folders_learner, tta_aug
 from .rundir import RunDir, new_run_dir
 
 __all__ = ["load_run", "run_learner", "eval_folders", "evaluate_run", "predict_run"]
@@ -131,7 +132,7 @@ def evaluate_run(run_dir, data, tta: bool | None = None, threshold: float | None
     tta = rec.tta if tta is None else bool(tta)
     if tta != rec.tta and threshold is None:  # TTA shifts probabilities: the run's threshold may not transfer
         thr["note"] += f"; chosen with TTA {'on' if rec.tta else 'off'}, applied here with TTA {'on' if tta else 'off'}"
-    ev = Evaluation.of(learn, learn.dls.test_dl(files, with_labels=True), split_dir.name, tta=tta)
+    ev = Evaluation.of(learn, learn.dls.test_dl(files, with_labels=True), split_dir.name, tta=tta, tta_aug=tta_aug(rec))
     out_dir = new_run_dir(Path(out) if out else d, "evaluations")
     synthetic = folders.synthetic
     note = f" {SYNTHETIC_BANNER}" if synthetic else ""
@@ -180,7 +181,8 @@ def predict_run(run_dir, paths, out=None, heatmaps: bool = False, tta: bool | No
     folders = XrayFolders(files[0].parent, {"train": {classes[0]: files}}, classes=[classes[0]])
     learn = run_learner(d, cfg, rec, folders, get_y=lambda f: classes[0])  # labels unused: predictions only
     dl = learn.dls.test_dl(files)
-    probs = (learn.tta(dl=dl)[0] if (rec.tta if tta is None else tta) else learn.get_preds(dl=dl)[0]).float().numpy()
+    use_tta = rec.tta if tta is None else tta
+    probs = (learn.tta(dl=tta_dl(dl, tta_aug(rec)))[0] if use_tta else learn.get_preds(dl=dl)[0]).float().numpy()
     thr = t if t is not None else (cfg.get("threshold") or {"value": 0.5})["value"]
     df = predictions_frame(files, classes, probs, thr)
     if out is None:

@@ -23,6 +23,7 @@ from sklearn import metrics as skm
 from sklearn.calibration import calibration_curve
 
 from . import metrics as M
+from .augment import tta_dl
 from .images import open_xray
 from .labels import join_labels
 from .progress import phase
@@ -57,16 +58,18 @@ class Evaluation:
     tta: bool = False        # predictions averaged with fastai's test-time augmentation
 
     @classmethod
-    def of(cls, learn, dl, split: str, tta: bool = False) -> "Evaluation":
+    def of(cls, learn, dl, split: str, tta: bool = False,
+           tta_aug=None,  # an `XrayAugment` for TTA's augmented passes (None: the training augmentation)
+           ) -> "Evaluation":
         with phase(f"predict the {split} split" + (" (test-time augmentation: 5 passes)" if tta else "")):
-            return cls._predict(learn, dl, split, tta)
+            return cls._predict(learn, dl, split, tta, tta_aug)
 
     @classmethod
-    def _predict(cls, learn, dl, split: str, tta: bool) -> "Evaluation":
+    def _predict(cls, learn, dl, split: str, tta: bool, tta_aug=None) -> "Evaluation":
         if tta:
             # fastai's tta: 4 passes with the training augmentation (the dataset's split_idx set to 0, which
-            # TorchvisionTfm reads), averaged, then mixed 0.75/0.25 with the plain prediction.
-            probs, targs = learn.tta(dl=dl)
+            # TorchvisionTfm reads) or `tta_aug`'s, averaged, then mixed 0.75/0.25 with the plain prediction.
+            probs, targs = learn.tta(dl=tta_dl(dl, tta_aug))
             losses = torch.nn.functional.nll_loss(probs.float().clamp_min(1e-12).log(), targs.long(), reduction="none")
         else:
             probs, targs, losses = learn.get_preds(dl=dl, with_loss=True)

@@ -8,7 +8,7 @@ from fastcore.meta import delegates
 from fastai.vision.all import set_seed
 
 from .callbacks import BF16Autocast, ChannelsLast, ProgressiveResize, bf16_supported, parse_progressive
-from .augment import make_aug
+from .augment import XrayAugment, make_aug
 from .data import find_xray_folders, xray_dls
 from .demo import demo_data
 from .errors import RecipeError
@@ -17,12 +17,18 @@ from .models import xray_learner
 from .plans import apply_plan
 from .recipes import Recipe
 
-__all__ = ["resolve_data", "folders_learner", "recipe_learner"]
+__all__ = ["resolve_data", "folders_learner", "recipe_learner", "tta_aug"]
 
 
 def resolve_data(data: str) -> Path:
     "'demo' -> the synthetic set in the user cache; anything else is a folder path."
     return demo_data() if str(data) == "demo" else Path(data).expanduser().resolve()
+
+
+def tta_aug(recipe: Recipe) -> XrayAugment | None:
+    "The augmentation of the recipe's TTA passes: policy `tta_aug` at `aug`'s short side; None: `aug` itself."
+    if not recipe.tta_aug: return None
+    return make_aug(recipe.tta_aug, recipe.size, make_aug(recipe.aug, recipe.size, recipe.resize).resize_to)
 
 
 @delegates(xray_dls, but=["folders", "aug", "bs", "seed", "valid_pct", "num_workers"])

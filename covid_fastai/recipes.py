@@ -53,6 +53,13 @@ def _threshold_rule(key, v, raw):
 def _cache_rule(key, v, raw): return cache_mode(raw)
 
 
+def _tta_aug_rule(key, v, raw):
+    if v and v not in _augmentations():
+        raise RecipeError(f"--{key} must be one of {', '.join(sorted(_augmentations()))}, or \"\" for the training "
+                          f"augmentation, got {raw!r}")
+    return v
+
+
 def _progressive_rule(key, v, raw):
     from .callbacks import parse_progressive
     parse_progressive(v)  # raises a RecipeError on a bad schedule
@@ -133,6 +140,8 @@ class Recipe:
     # evaluation
     threshold: Annotated[str, _threshold_rule] = "youden"  # on p(infected), chosen on valid: youden | sens:0.95 | 0.3
     tta: bool = False               # test-time augmentation (fastai tta) for valid/test predictions
+    # augmentation policy TTA's augmented passes draw from, at `aug`'s short side; "" (default): `aug`, the training one
+    tta_aug: Annotated[str, _tta_aug_rule] = ""
     labels: Literal["fine_label", "folders"] = "folders"  # classes from folders, or <data>/labels.csv's fine_label
     source: Annotated[str, FIXED] = field(default="", compare=False)  # the file the recipe came from (set on load)
 

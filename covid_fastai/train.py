@@ -33,7 +33,7 @@ from .errors import Command, RunFolderError, RunInterrupted, UserError, note_fix
 from .export import export_learner
 from .fit import deterministic, find_lr, fit_recipe, fitting_learner
 from .interpret import Evaluation, plot_curves, write_evaluation
-from .learner import recipe_learner
+from .learner import recipe_learner, tta_aug
 from .metrics import binary_metrics, choose_threshold
 from .modelcard import write_model_card
 from .progress import interactive, phase, phase_lines
@@ -205,8 +205,9 @@ def _finish(r: _Run):
     # decision threshold is chosen on valid.
     split = "test" if folders.has_test and r.evaluate_on == "test" else "valid"
     dl = learn.dls.test_dl(folders.files("test"), with_labels=True) if split == "test" else learn.dls.valid
-    ev = Evaluation.of(learn, dl, split, tta=rec.tta)
-    valid_ev = ev if split == "valid" else Evaluation.of(learn, learn.dls.valid, "valid", tta=rec.tta)
+    ev = Evaluation.of(learn, dl, split, tta=rec.tta, tta_aug=tta_aug(rec))
+    valid_ev = (ev if split == "valid"
+                else Evaluation.of(learn, learn.dls.valid, "valid", tta=rec.tta, tta_aug=tta_aug(rec)))
     _, pv, yv = valid_ev.positive()
     threshold = choose_threshold(yv, pv, rec.threshold)
     threshold["chosen_on"] = "recipe" if threshold["note"] == "fixed" else "valid"  # a fixed number saw no data

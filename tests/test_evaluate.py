@@ -240,6 +240,43 @@ def test_tta_augments_and_is_recorded(run_dir, tiny_data):
     assert np.allclose(tta.probs.sum(1), 1, atol=1e-5) and (tta.losses > 0).all()
 
 
+def test_tta_aug_draws_the_passes_from_its_policy(run_dir, tiny_data, tmp_path):
+    """A recipe's `tta_aug`: passes from 'none' mix back to the plain prediction (fails if the swap is dropped or the
+    new loader loses its batch transforms); the training policy's own passes equal plain TTA; read from config.json."""
+    from fastai.vision.all import set_seed
+    from covid_fastai.augment import TorchvisionTfm, tta_dl
+    from covid_fastai.evaluate import eval_folders, evaluate_run, load_run, run_learner
+    from covid_fastai.interpret import Evaluation
+    from covid_fastai.learner import tta_aug
+    from covid_fastai.recipes import with_overrides
+    d, cfg, rec = load_run(run_dir)
+    folders, _ = eval_folders(tiny_data, cfg)
+    learn = run_learner(d, cfg, rec, folders)
+    dl = learn.dls.test_dl(folders.files("train"), with_labels=True)
+    assert tta_aug(rec) is None and tta_dl(dl) is dl
+
+    def tta(aug=None):
+        set_seed(7)
+        return Evaluation.of(learn, dl, "test", tta=True, tta_aug=aug).probs
+    plain = Evaluation.of(learn, dl, "test").probs
+    none = tta_aug(with_overrides(rec, tta_aug="none"))
+    assert not none.random and none.resize_to == cfg["data"]["resize"]  # at the run's short side
+    assert np.allclose(tta(none), plain, atol=1e-5)
+    own = tta_aug(with_overrides(rec, tta_aug=rec.aug))
+    assert np.allclose(tta(own), tta(), atol=1e-6) and np.abs(tta() - plain).max() > 1e-4
+    (t,) = [t for t in dl.after_item.fs if isinstance(t, TorchvisionTfm)]
+    assert all(u is not t for u in tta_dl(dl, none).after_item.fs)  # a new loader; `dl` keeps its own
+    # evaluate reads it from the run's config.json
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    c = json.loads((copy / "config.json").read_text())
+    c["recipe"]["tta_aug"] = "none"
+    (copy / "config.json").write_text(json.dumps(c))
+    on, off = (pd.read_csv(evaluate_run(copy, tiny_data, tta=t, out=tmp_path / str(t)) / "predictions.csv")
+               for t in (True, False))
+    assert np.allclose(on["p_infected"], off["p_infected"], atol=1e-5)
+
+
 def test_three_class_fine_label_mode_with_tta(fine_labelled, tmp_path):
     data, files = fine_labelled.root, fine_labelled.files
     # a plan that trains the body (no feature cache), with TTA: fastai's tta fires before_fit/after_fit, which
