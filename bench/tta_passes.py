@@ -5,8 +5,8 @@ Each finished fold run of each cv folder is rebuilt from its config.json and mod
 rebuilds a run) and re-scores its own held-out fold: with no TTA (n = 0: one plain pass) and with fastai's
 `Learner.tta` at n augmented passes (n + 1 passes: the mean of n augmented predictions mixed 0.75 / 0.25 with the
 plain one; recipes run n = 4). `N:AUG` draws the augmented passes from augmentation policy AUG instead of the
-recipe's (`4:xray`: `best`'s crops and rotations without its erasing and contrast jitter; the plain pass is the same,
-as every policy evaluates alike). The same trained models, so every difference is the TTA's alone, paired by fold;
+recipe's (its `tta_aug`, else its training augmentation; `4:xray`: `best`'s crops and rotations without the erasing
+and contrast jitter of its training; the plain pass is the same). The same trained models, so every difference is the TTA's alone, paired by fold;
 seconds are the prediction passes only. One row per n: mean over folds of accuracy (0.5), ROC AUC and sensitivity at
 specificity 0.95, the paired difference to the recipes' n = 4, and the ROC AUC within each source, pooled.
 """
@@ -42,29 +42,23 @@ def score_fold(run_dir: Path, settings: list[str], seed: int = 42) -> list[dict]
     with their metrics, seconds and sources."""
     from fastai.torch_core import set_seed
 
+    from covid_fastai.augment import tta_dl
     from covid_fastai.ensemble import valid_learner
     from covid_fastai.evaluate import load_run
-    from covid_fastai.learner import resolve_data
+    from covid_fastai.learner import resolve_data, tta_aug
     from covid_fastai.metrics import binary_metrics, positive_view
     from covid_fastai.recipes import with_overrides
     d, cfg, rec = load_run(run_dir)
     fold_dir = Path(resolve_data(rec.data))
-    learners = {}  # one Learner per augmentation policy (the model's weights are the run's in each)
-
-    def learner(aug):
-        if aug not in learners:
-            learners[aug] = valid_learner(d, cfg, rec if aug is None else with_overrides(rec, aug=aug))
-        return learners[aug]
-    items = list(learner(None).dls.valid.items)
+    learn = valid_learner(d, cfg, rec)
+    items = list(learn.dls.valid.items)
     labels = pd.read_csv(fold_dir / "labels.csv", keep_default_na=False)
     source = dict(zip(labels["file"], labels["source"]))
     films = [source.get(str(Path(f).relative_to(fold_dir)), "") for f in items]
     rows = []
     for setting in settings:
         n, aug = parse_setting(setting)
-        learn = learner(aug)
-        dl = learn.dls.valid
-        assert list(dl.items) == items, "another augmentation policy split the films differently"
+        dl = tta_dl(learn.dls.valid, tta_aug(rec if aug is None else with_overrides(rec, tta_aug=aug)))
         set_seed(seed)  # the augmented passes draw their crops and erasing from the global generators
         t = time.perf_counter()
         probs, targs = learn.tta(dl=dl, n=n) if n else learn.get_preds(dl=dl)
