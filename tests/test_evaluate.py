@@ -202,6 +202,8 @@ def test_evaluate_bad_run_dir_is_one_line(run_dir, tiny_data, tmp_path, capsys, 
     (["recipe", "resnet18_head", "--threshold", "sens:1.5"], "target sensitivity must be a number in (0, 1]"),
     (["recipe", "resnet18_head", "--labels", "fine"], "--labels must be one of fine_label, folders"),
     (["recipe", "resnet18_head", "--tta", "maybe"], "--tta must be true or false"),
+    (["recipe", "resnet18_head", "--tta_aug", "xray_shortcuts"], "--tta_aug must be one of none, seed, xray, "
+                                                                 "xray_shortcut, or \"\" for the training"),
     (["predict", "/no/run"], "predict needs image files or folders"),
 ])
 def test_evaluation_options_bad_input_is_one_line(args, message, tmp_path, capsys):
