@@ -111,6 +111,7 @@ class XrayAugment:
     random: bool = True       # False = the eval pipeline for training too (no augmentation)
     erase: float = 0.0        # probability of a BorderErase (a border strip or corner filled), training only
     contrast: float = 0.0     # probability of a ContrastJitter (gamma or CLAHE), training only
+    name: str = ""            # the policy's name in AUGMENTATIONS (`make_aug` sets it), for the record
 
     @property
     def resize_to(self) -> int: return self.resize or round(self.size * self.resize_ratio)
@@ -175,4 +176,4 @@ def make_aug(aug: str, size: int, resize: int | None = None) -> XrayAugment:
     if settings.get("contrast"):
         try: import skimage.exposure  # noqa: F401 (CLAHE)
         except ImportError: raise MissingExtra("scikit-image", "aug", f"--aug {aug} (CLAHE)") from None
-    return XrayAugment(size=size, resize=resize, **settings)
+    return XrayAugment(size=size, resize=resize, name=aug, **settings)

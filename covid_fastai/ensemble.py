@@ -63,7 +63,7 @@ def average(evs: list[Evaluation], split: str, learn=None, dl=None) -> Evaluatio
     preds = p.argmax(1)
     interp = CachedInterpretation(learn, dl, torch.as_tensor(losses), preds, targs) if learn is not None else None
     return Evaluation(split, list(evs[0].items), evs[0].classes, p, targs, losses, preds, interp,
-                      any(e.tta for e in evs))
+                      any(e.tta for e in evs), ", ".join(sorted({e.tta_aug for e in evs if e.tta_aug})))
 
 
 def valid_learner(d, cfg, rec):

@@ -56,6 +56,7 @@ class Evaluation:
     preds: np.ndarray        # (n,) predicted class indices (argmax)
     interp: CachedInterpretation
     tta: bool = False        # predictions averaged with fastai's test-time augmentation
+    tta_aug: str = ""        # the augmentation policy of TTA's passes, when not the training one
 
     @classmethod
     def of(cls, learn, dl, split: str, tta: bool = False,
@@ -76,7 +77,7 @@ class Evaluation:
         decoded = probs.argmax(1)
         interp = CachedInterpretation(learn, dl, losses, decoded.numpy(), targs.numpy())
         return cls(split, list(dl.items), list(dl.vocab), probs.float().numpy(), targs.numpy(),
-                   losses.float().numpy(), decoded.numpy(), interp, tta)
+                   losses.float().numpy(), decoded.numpy(), interp, tta, tta_aug.name if tta and tta_aug else "")
 
     def metrics(self) -> dict: return classification_metrics(self.targs, self.preds, self.classes)
 
@@ -346,7 +347,7 @@ def assess(ev: Evaluation, threshold: dict, labels: pd.DataFrame | None = None, 
     the positive view at 0.5 and at `threshold` (a `choose_threshold` result) with bootstrap 95% CIs,
     one-vs-rest per class with 3+ classes, and per-source / per-fine-label breakdowns from labels.csv."""
     name, p, y = ev.positive()
-    out = {"split": ev.split, **ev.metrics(), "tta": ev.tta, "positive_class": name,
+    out = {"split": ev.split, **ev.metrics(), "tta": ev.tta, "tta_aug": ev.tta_aug or None, "positive_class": name,
            # undefined with one class present (sklearn would warn and give that class's recall)
            "balanced_accuracy": float(skm.balanced_accuracy_score(ev.targs, ev.preds))
            if len(np.unique(ev.targs)) > 1 else None, "threshold": threshold}

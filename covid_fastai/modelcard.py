@@ -150,7 +150,9 @@ def _metrics(metrics: dict) -> list[str]:
         L += ["**No test folder: these are validation-split numbers**, and the threshold was chosen on the same "
               "split (optimistic).", ""]
     L += [f"`{pos}` vs the rest; 95% intervals are percentile bootstrap over images (1000 resamples, seeded); "
-          f"n/a = undefined on this data. Test-time augmentation {'on' if metrics.get('tta') else 'off'}.", "",
+          f"n/a = undefined on this data. Test-time augmentation {'on' if metrics.get('tta') else 'off'}"
+          + (f", its augmented passes from `{metrics['tta_aug']}`." if metrics.get("tta") and metrics.get("tta_aug")
+             else "."), "",
           f"| metric | at threshold {_f(thr['value'])} | 95% CI | at 0.5 | 95% CI |", "|---|---|---|---|---|"]
     for k, name in _METRICS:
         L.append(f"| {name} | {_f(b.get(k))} | {_ci(b['ci95'].get(k))} | {_f(a.get(k))} | {_ci(a['ci95'].get(k))} |")

@@ -55,6 +55,12 @@ _CHOSEN = {"valid": "the run's validation split", None: "the run's validation sp
 def _ci(ci) -> str: return "n/a" if not ci else f"{ci[0]:.3f}-{ci[1]:.3f}"
 
 
+def tta_words(metrics: dict) -> str:
+    "'off', 'on (fastai tta)', or 'on (fastai tta, augmented passes from `xray`)'."
+    if not metrics.get("tta"): return "off"
+    return f"on (fastai tta, augmented passes from `{metrics['tta_aug']}`)" if metrics.get("tta_aug") else "on (fastai tta)"
+
+
 def evaluation_md(metrics: dict, split_note: str = "") -> list[str]:
     "Markdown lines: clinical metrics at 0.5 and at the chosen threshold with CIs, plots, one-vs-rest, breakdowns."
     pos, thr, split = metrics["positive_class"], metrics["threshold"], metrics["split"]
@@ -63,7 +69,7 @@ def evaluation_md(metrics: dict, split_note: str = "") -> list[str]:
          f"Decision threshold on p({pos}): **{thr['value']:.4f}**, chosen on "
          f"{_CHOSEN.get(thr.get('chosen_on'), thr.get('chosen_on'))} by `{thr['rule']}` ({thr['note']}) and applied "
          f"unchanged here{split_note}. A case is called "
-         f"{pos} when p >= threshold. Test-time augmentation: {'on (fastai tta)' if metrics.get('tta') else 'off'}. "
+         f"{pos} when p >= threshold. Test-time augmentation: {tta_words(metrics)}. "
          "95% intervals: percentile bootstrap over images (1000 resamples, seeded); n/a = undefined on this data.",
          "", f"| metric | at 0.5 | 95% CI | at {thr['value']:.3f} | 95% CI |", "|---|---|---|---|---|"]
     for k, name in _METRIC_NAMES.items():

@@ -274,9 +274,12 @@ def test_tta_aug_draws_the_passes_from_its_policy(run_dir, tiny_data, tmp_path):
     c = json.loads((copy / "config.json").read_text())
     c["recipe"]["tta_aug"] = "none"
     (copy / "config.json").write_text(json.dumps(c))
-    on, off = (pd.read_csv(evaluate_run(copy, tiny_data, tta=t, out=tmp_path / str(t)) / "predictions.csv")
-               for t in (True, False))
-    assert np.allclose(on["p_infected"], off["p_infected"], atol=1e-5)
+    on, off = (evaluate_run(copy, tiny_data, tta=t, out=tmp_path / str(t)) for t in (True, False))
+    assert np.allclose(pd.read_csv(on / "predictions.csv")["p_infected"],
+                       pd.read_csv(off / "predictions.csv")["p_infected"], atol=1e-5)
+    m = json.loads((on / "metrics.json").read_text())
+    assert m["tta"] and m["tta_aug"] == "none" and json.loads((off / "metrics.json").read_text())["tta_aug"] is None
+    assert "Test-time augmentation: on (fastai tta, augmented passes from `none`)" in (on / "report.md").read_text()
 
 
 def test_three_class_fine_label_mode_with_tta(fine_labelled, tmp_path):
