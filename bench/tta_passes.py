@@ -7,8 +7,9 @@ rebuilds a run) and re-scores its own held-out fold: with no TTA (n = 0: one pla
 plain one; recipes run n = 4). `N:AUG` draws the augmented passes from augmentation policy AUG instead of the
 recipe's (its `tta_aug`, else its training augmentation; `4:xray`: `best`'s crops and rotations without the erasing
 and contrast jitter of its training; the plain pass is the same). The same trained models, so every difference is
-the TTA's alone, paired by fold; seconds are the prediction passes only. One row per n: mean over folds of accuracy (0.5), ROC AUC and sensitivity at
-specificity 0.95, the paired difference to the recipes' n = 4, and the ROC AUC within each source, pooled.
+the TTA's alone, paired by fold; seconds are the prediction passes only. One row per n: mean over folds of accuracy
+(0.5), ROC AUC and sensitivity at specificity 0.95, the paired difference to the recipes' n = 4, and the ROC AUC
+within each source, pooled.
 """
 from __future__ import annotations
 
