@@ -205,9 +205,9 @@ def _finish(r: _Run):
     # decision threshold is chosen on valid.
     split = "test" if folders.has_test and r.evaluate_on == "test" else "valid"
     dl = learn.dls.test_dl(folders.files("test"), with_labels=True) if split == "test" else learn.dls.valid
-    ev = Evaluation.of(learn, dl, split, tta=rec.tta, tta_aug=tta_aug(rec))
-    valid_ev = (ev if split == "valid"
-                else Evaluation.of(learn, learn.dls.valid, "valid", tta=rec.tta, tta_aug=tta_aug(rec)))
+    passes = tta_aug(rec)
+    ev = Evaluation.of(learn, dl, split, tta=rec.tta, tta_aug=passes)
+    valid_ev = ev if split == "valid" else Evaluation.of(learn, learn.dls.valid, "valid", tta=rec.tta, tta_aug=passes)
     _, pv, yv = valid_ev.positive()
     threshold = choose_threshold(yv, pv, rec.threshold)
     threshold["chosen_on"] = "recipe" if threshold["note"] == "fixed" else "valid"  # a fixed number saw no data
