@@ -16,12 +16,12 @@ import torch
 
 from .data import XrayFolders, find_xray_folders
 from .errors import DataError, RecipeError
-from .evaluate import _fixed_threshold, _image_files, eval_folders, given_threshold, load_run, run_learner
+from .evaluate import (_fixed_threshold, _image_files, eval_folders, given_threshold, load_run, predict_probs,
+                       run_learner)
 from .files import write_json
 from .images import scan_images
 from .interpret import CachedInterpretation, Evaluation, predictions_frame, write_evaluation
 from .labels import fine_label_getter
-from .augment import tta_dl
 from .learner import resolve_data, tta_aug
 from .metrics import choose_threshold
 from .rundir import OUTPUTS, new_run_dir
@@ -165,9 +165,7 @@ def predict_ensemble(run_dirs, paths, out=None, tta: bool | None = None, thresho
         folders = XrayFolders(files[0].parent, {"train": {classes[0]: files}}, classes=[classes[0]])
         learn = run_learner(d, cfg, rec, folders, get_y=lambda f: classes[0])
         dl = learn.dls.test_dl(files)
-        use_tta = rec.tta if tta is None else tta
-        probs.append((learn.tta(dl=tta_dl(dl, tta_aug(rec)))[0] if use_tta else learn.get_preds(dl=dl)[0])
-                     .float().numpy())
+        probs.append(predict_probs(learn, dl, rec, tta))
     df = predictions_frame(files, runs[0][1]["data"]["classes"], np.mean(probs, axis=0), thr["value"])
     if unreadable:
         df["error"] = ""

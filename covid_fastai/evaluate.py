@@ -159,6 +159,12 @@ def _image_files(paths) -> list[Path]:
     return out
 
 
+def predict_probs(learn, dl, rec: Recipe, tta: bool | None = None):
+    "Class probabilities of `dl` (no labels needed), with the run's TTA and its passes' augmentation unless `tta`."
+    use_tta = rec.tta if tta is None else tta
+    return (learn.tta(dl=tta_dl(dl, tta_aug(rec)))[0] if use_tta else learn.get_preds(dl=dl)[0]).float().numpy()
+
+
 def predict_run(run_dir, paths, out=None, heatmaps: bool = False, tta: bool | None = None,
                 threshold: float | None = None) -> Path:
     """CSV of file, p_infected, label at the run's threshold (or `threshold`) for image files/folders (written to
@@ -181,8 +187,7 @@ def predict_run(run_dir, paths, out=None, heatmaps: bool = False, tta: bool | No
     folders = XrayFolders(files[0].parent, {"train": {classes[0]: files}}, classes=[classes[0]])
     learn = run_learner(d, cfg, rec, folders, get_y=lambda f: classes[0])  # labels unused: predictions only
     dl = learn.dls.test_dl(files)
-    use_tta = rec.tta if tta is None else tta
-    probs = (learn.tta(dl=tta_dl(dl, tta_aug(rec)))[0] if use_tta else learn.get_preds(dl=dl)[0]).float().numpy()
+    probs = predict_probs(learn, dl, rec, tta)
     thr = t if t is not None else (cfg.get("threshold") or {"value": 0.5})["value"]
     df = predictions_frame(files, classes, probs, thr)
     if out is None:
