@@ -6,8 +6,10 @@ rebuilds a run) and re-scores its own held-out fold: with no TTA (n = 0: one pla
 `Learner.tta` at n augmented passes (n + 1 passes: the mean of n augmented predictions mixed 0.75 / 0.25 with the
 plain one; recipes run n = 4). `N:AUG` draws the augmented passes from augmentation policy AUG instead of the
 recipe's (its `tta_aug`, else its training augmentation; `4:xray`: `best`'s crops and rotations without the erasing
-and contrast jitter of its training; the plain pass is the same). The same trained models, so every difference is
-the TTA's alone, paired by fold; seconds are the prediction passes only. One row per n: mean over folds of accuracy
+and contrast jitter of its training; the plain pass is the same). `...@SIZE` evaluates at SIZE px instead of the
+run's size (`4:xray@256`: the whole film at 256 px, FixRes's larger test resolution; the network is convolutional
+with global pooling, so the same weights take it). The same trained models, so every difference is the evaluation's
+alone, paired by fold; seconds are the prediction passes only. One row per n: mean over folds of accuracy
 (0.5), ROC AUC and sensitivity at specificity 0.95, the paired difference to the recipes' n = 4, and the ROC AUC
 within each source, pooled.
 """
@@ -32,10 +34,11 @@ def fold_runs(cv_dir: Path) -> list[tuple[str, Path]]:
             if isinstance(r["run"], str) and (cv_dir / r["run"] / "model.safetensors").is_file()]
 
 
-def parse_setting(s: str) -> tuple[int, str | None]:
-    "'4' -> (4, None): the recipe's augmentation; '4:xray' -> (4, 'xray')."
-    n, _, aug = s.strip().partition(":")
-    return int(n), aug or None
+def parse_setting(s: str) -> tuple[int, str | None, int | None]:
+    "'4' -> (4, None, None): the recipe's augmentation and size; '4:xray' -> (4, 'xray', None); '0@256' -> (0, None, 256)."
+    s, _, size = s.strip().partition("@")
+    n, _, aug = s.partition(":")
+    return int(n), aug or None, int(size) if size else None
 
 
 def score_fold(run_dir: Path, settings: list[str], seed: int = 42) -> list[dict]:
@@ -51,30 +54,37 @@ def score_fold(run_dir: Path, settings: list[str], seed: int = 42) -> list[dict]
     from covid_fastai.recipes import with_overrides
     d, cfg, rec = load_run(run_dir)
     fold_dir = Path(resolve_data(rec.data))
-    learn = valid_learner(d, cfg, rec)
-    items = list(learn.dls.valid.items)
+    at_size = {None: (rec, valid_learner(d, cfg, rec))}  # size -> (recipe, Learner) evaluating at that size
+    items = list(at_size[None][1].dls.valid.items)
     labels = pd.read_csv(fold_dir / "labels.csv", keep_default_na=False)
     source = dict(zip(labels["file"], labels["source"]))
     films = [source.get(str(Path(f).relative_to(fold_dir)), "") for f in items]
     rows = []
     for setting in settings:
-        n, aug = parse_setting(setting)
-        dl = tta_dl(learn.dls.valid, tta_aug(rec if aug is None else with_overrides(rec, tta_aug=aug)))
+        n, aug, size = parse_setting(setting)
+        if size not in at_size:
+            # a run that recorded its short side keeps its ratio to the crop (the seed policy's 256 / 224)
+            rec_at = with_overrides(rec, size=size, **({} if rec.resize is None else
+                                                       {"resize": round(rec.resize * size / rec.size)}))
+            at_size[size] = rec_at, valid_learner(d, cfg, rec_at)
+        rec_at, learn = at_size[size]
+        assert list(learn.dls.valid.items) == items  # the same films, in the same order, at every size
+        dl = tta_dl(learn.dls.valid, tta_aug(rec_at if aug is None else with_overrides(rec_at, tta_aug=aug)))
         set_seed(seed)  # the augmented passes draw their crops and erasing from the global generators
         t = time.perf_counter()
         probs, targs = learn.tta(dl=dl, n=n) if n else learn.get_preds(dl=dl)
         seconds = time.perf_counter() - t
         _, p, y = positive_view(list(dl.vocab), probs.float().numpy(), targs.numpy())
         m = binary_metrics(y, p)
-        rows.append({"setting": setting, "n": n, "aug": aug, "seconds": seconds, "films": len(y),
+        rows.append({"setting": setting, "n": n, "aug": aug, "size": size, "seconds": seconds, "films": len(y),
                      "accuracy": m["accuracy"], "auc": m["roc_auc"], "sens95": m["sens_at_spec95"], "y": y, "p": p,
                      "source": films, "files": [str(f) for f in items]})
     return rows
 
 
 def label(setting: str) -> str:
-    n, aug = parse_setting(setting)
-    return "none" if n == 0 else f"n={n}" + (f", aug {aug}" if aug else "")
+    n, aug, size = parse_setting(setting)
+    return ("none" if n == 0 else f"n={n}" + (f", aug {aug}" if aug else "")) + (f", {size} px" if size else "")
 
 
 def summarise(rows: pd.DataFrame, settings: list[str], ref: str) -> list[str]:
@@ -126,7 +136,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("cv_dirs", nargs="+")
     ap.add_argument("--n", default="0,1,2,4", help="augmented passes to try (0: no TTA); N:AUG draws them from "
-                                                  "augmentation policy AUG (4:xray)")
+                                                  "augmentation policy AUG (4:xray); @SIZE evaluates at "
+                                                  "SIZE px (4:xray@256)")
     ap.add_argument("--label", default="", help="how the CPU ran, e.g. 'AVX2 emulated' (the section heading)")
     ap.add_argument("--out", default=str(OUT), help="the markdown file the section is appended to")
     a = ap.parse_args(argv)

@@ -12,6 +12,8 @@ reference. Appends to bench/results-ttacc.md (`--out`).
 Configurations (`--config`, repeated): `NAME[:fastai][:key=value...]`, e.g. `best`, `best:fastai`,
 `effnet_lite0_full:policy=modern`, `best:progressive=128:2,160:2`.
 `--short`: a smoke run (2 epochs on the first images of each class of train, and of valid with --short-valid).
+`--budget SECONDS`: stop each configuration's run at that wall clock and record the epochs it reached ("what does this
+recipe reach in N minutes"; a run stopped mid-schedule is not the recipe's end result, and its row says so).
 To see an AVX2-only fp32 CPU on an AVX-512/AMX machine, run it under
 `ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2` ("AVX2 emulated"; a proxy, not the same machine).
 """
@@ -52,8 +54,9 @@ def parse_config(spec: str) -> tuple[str, dict]:
     return name, kw
 
 
-def epoch_clock():
-    "A fastai callback: after each fit epoch, (seconds since T0, valid accuracy, valid ROC AUC) from its own preds."
+def epoch_clock(progress: Path | None = None):
+    """A fastai callback: after each fit epoch, (seconds since T0, valid accuracy, valid ROC AUC) from its own preds;
+    the rows so far are also written to `progress` (JSON), so a run stopped at a budget keeps its curve."""
     import numpy as np
     import torch
     from sklearn.metrics import roc_auc_score
@@ -80,6 +83,7 @@ def epoch_clock():
             auc = float(roc_auc_score(yp, pp)) if len(np.unique(yp)) == 2 else float("nan")
             self.rows.append({"epoch": len(self.rows), "seconds": time.perf_counter() - T0,
                               "valid_accuracy": float((p.argmax(1) == y).mean()), "valid_auc": auc})
+            if progress is not None: progress.write_text(json.dumps(self.rows))
 
     return EpochClock()
 
@@ -88,7 +92,7 @@ def worker(name: str, kw: dict, out: Path, result: Path):
     "One run in this process; writes its per-epoch rows, wall time and speed record to `result` (JSON)."
     from covid_fastai.recipes import load_recipe, with_overrides
     from covid_fastai.train import run
-    clock = epoch_clock()
+    clock = epoch_clock(progress_file(result))
     rec = with_overrides(load_recipe(name), **kw)
     d = run(rec, out=out, cbs=[clock])
     cfg = json.loads((d / "config.json").read_text())
@@ -97,6 +101,25 @@ def worker(name: str, kw: dict, out: Path, result: Path):
     result.write_text(json.dumps({"rows": clock.rows, "wall": time.perf_counter() - T0, "final": met["valid"]["at_0.5"],
                                   "run_wall": met["wall_seconds"], "train_seconds": met["train_seconds"],
                                   "speed": cfg.get("speed"), "run_dir": str(d)}))
+
+
+def progress_file(result: Path) -> Path: return result.with_suffix(".rows.json")
+
+
+def run_worker(args: list[str], budget: float | None) -> tuple[int | None, str]:
+    """(return code, stderr) of one worker process; None when it was stopped at `budget` seconds (SIGTERM, then
+    SIGKILL after 30 s)."""
+    w = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _, err = w.communicate(timeout=budget)
+        return w.returncode, err
+    except subprocess.TimeoutExpired:
+        w.terminate()
+        try: _, err = w.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            w.kill()
+            _, err = w.communicate()
+        return None, err
 
 
 def subset(data: Path, n_per_class: int | None, dest: Path, n_valid: int | None = None) -> Path:
@@ -128,6 +151,16 @@ def cpu_line() -> str:
             + (f", bf16 {mm(p16)}." if p16 else "; bf16: not supported, fp32 only."))
 
 
+def speed_cell(speed: dict | None) -> str:
+    sp = speed or {}
+    return f"bf16 {sp.get('bf16_autocast')}, channels-last {sp.get('channels_last')}"
+
+
+def curve_cell(rows: list[dict]) -> str:
+    return "<br>".join(f"{x['epoch']}: {x['seconds']:.0f} s → {x['valid_accuracy']:.4f} / {x['valid_auc']:.4f}"
+                       for x in rows)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", action="append", default=None)  # one configuration, repeatable; default best, best:fastai
@@ -135,6 +168,7 @@ def main(argv=None):
     p.add_argument("--short", action="store_true")  # 2 epochs on a subset of train: a smoke run
     p.add_argument("--short-train", type=int, default=64)  # training images per class in --short
     p.add_argument("--short-valid", type=int, default=None)  # validation images per class in --short (None: all)
+    p.add_argument("--budget", type=float, default=None)  # seconds per configuration: stop there, keep its epochs
     p.add_argument("--set", action="append", default=[])  # KEY=VALUE for every configuration (e.g. pretrained=false)
     p.add_argument("--out", default=str(OUT))
     p.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)  # internal: NAME KW_JSON OUT RESULT
@@ -160,17 +194,24 @@ def main(argv=None):
         name, kw = parse_config(spec)
         kw = {"data": str(data), **common, **kw}
         res = tmp / f"{len(lines)}.json"
-        r = subprocess.run([sys.executable, __file__, "--worker", name, json.dumps(kw), str(tmp / "runs"), str(res)],
-                           cwd=ROOT, capture_output=True, text=True)
-        if r.returncode:
-            lines.append(f"| {spec} | failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode} | | | | |")
-            print(r.stderr[-3000:], file=sys.stderr)
+        code, err = run_worker([sys.executable, __file__, "--worker", name, json.dumps(kw), str(tmp / "runs"),
+                                str(res)], a.budget)
+        if code is None:  # stopped at the budget: the curve so far, no end-of-run scores
+            rows = json.loads(progress_file(res).read_text()) if progress_file(res).is_file() else []
+            cfgs = sorted((tmp / "runs").glob("*/*/config.json"), key=lambda f: f.stat().st_mtime)  # this run's: newest
+            sp = json.loads(cfgs[-1].read_text()).get("speed") if cfgs else None
+            lines.append(f"| {spec} | {speed_cell(sp)} | {curve_cell(rows) or 'no epoch finished'} | "
+                         f"stopped at the budget ({a.budget:.0f} s) after {len(rows)} epochs: not the recipe's end | "
+                         f"— | {a.budget:.0f} |")
+            print(lines[-1], flush=True)
+            continue
+        if code:
+            lines.append(f"| {spec} | failed: {err.strip().splitlines()[-1] if err.strip() else code} | | | | |")
+            print(err[-3000:], file=sys.stderr)
             continue
         o = json.loads(res.read_text())
-        sp = o["speed"] or {}
-        speed = f"bf16 {sp.get('bf16_autocast')}, channels-last {sp.get('channels_last')}"
-        curve = "<br>".join(f"{x['epoch']}: {x['seconds']:.0f} s → {x['valid_accuracy']:.4f} / {x['valid_auc']:.4f}"
-                            for x in o["rows"])
+        speed = speed_cell(o["speed"])
+        curve = curve_cell(o["rows"])
         fin = f"{o['final']['accuracy']:.4f} / {o['final']['roc_auc']:.4f}"
         lines.append(f"| {spec} | {speed} | {curve} | {fin} | {o['train_seconds']:.0f} | {o['wall']:.0f} |")
         print(lines[-1], flush=True)

@@ -1,5 +1,6 @@
 """bench/tta_passes.py: fold models rebuilt from a cv re-score their own held-out films (no TTA reproduces the
-run's predictions.csv exactly), TTA passes really augment (from another augmentation policy when asked), and the
+run's predictions.csv exactly), TTA passes really augment (from another augmentation policy when asked), another evaluation size changes the
+pixels and not the films, and the
 table has one row per setting."""
 import json
 import os
@@ -19,8 +20,8 @@ def test_fold_models_rescore_their_held_out_films(tmp_path, one_thread):
     run_cv(RECIPE, folds=2, out=tmp_path, data=str(data), **TINY)
     (cv_dir,) = (tmp_path / "cv" / RECIPE).iterdir()
     out = tmp_path / "tta.md"
-    rows = bench_module("tta_passes").main([str(cv_dir), "--n", "0,1,4,4:none", "--out", str(out)])
-    assert len(rows) == 2 * 4 and list(rows["setting"][:4]) == ["0", "1", "4", "4:none"]
+    rows = bench_module("tta_passes").main([str(cv_dir), "--n", "0,1,4,4:none,0@40", "--out", str(out)])
+    assert len(rows) == 2 * 5 and list(rows["setting"][:5]) == ["0", "1", "4", "4:none", "0@40"]
     for fold, part in rows.groupby("fold"):
         run = cv_dir / pd.read_csv(cv_dir / "cv.csv").set_index("fold").loc[fold, "run"]
         pred = pd.read_csv(run / "predictions.csv")
@@ -33,10 +34,13 @@ def test_fold_models_rescore_their_held_out_films(tmp_path, one_thread):
         assert not np.allclose(plain["p"], aug["p"])  # the augmented pass sees other pixels
         # passes drawn from the 'none' policy see the plain pixels: 4 of them mix back to the plain prediction
         assert np.allclose(plain["p"], part[part["setting"] == "4:none"].iloc[0]["p"], atol=1e-5)
+        # the same films at another evaluation size: the same weights, other pixels, other predictions
+        larger = part[part["setting"] == "0@40"].iloc[0]
+        assert larger["files"] == plain["files"] and not np.allclose(plain["p"], larger["p"])
         labels = pd.read_csv(Path(json.loads((run / "config.json").read_text())["data"]["path"]) / "labels.csv",
                              keep_default_na=False)
         held = labels[labels["file"].str.startswith("valid/")]
         assert sorted(plain["source"]) == sorted(held["source"])
     text = out.read_text()
     assert "| none | 1 |" in text and "| n=1 | 2 |" in text and "| n=4 | 5 |" in text and "ahead/behind" in text
-    assert "| n=4, aug none | 5 |" in text
+    assert "| n=4, aug none | 5 |" in text and "| none, 40 px | 1 |" in text
