@@ -6,44 +6,52 @@
 finished runs (`evaluate_run`, `predict_run`) and ensembles of them (`evaluate_ensemble`,
 `predict_ensemble`), balanced sampling (`balance_weights`), EMA of weights (`WeightsEMA`), sweeps (`run_sweep`, `resume_sweep`, `compare_runs`),
 cross-validation (`run_cv`, `plan_cv`) and reports.
+
+The names load on first use (PEP 562), so `python -m covid_fastai list` and a command's one-line errors do not wait
+for fastai's import (about 8 s on 2 cores); `from covid_fastai import *` loads them all.
 """
 __version__ = "0.1.0"
 
-import re
-import warnings
+import importlib
 
-# fastai's import calls torch.jit.script, which torch 2.14 deprecates with a FutureWarning on every command.
-# The filter holds while this package imports fastai and comes off again after: the process's filters stay as
-# they were (a user's own torch.jit.script still warns), and those fastai and torch add stay in place.
-_JIT_DEPRECATION = ("ignore", re.compile(r".*torch\.jit\.script.*is deprecated", re.I), FutureWarning, None, 0)
-_jit_filter_added = _JIT_DEPRECATION not in warnings.filters
-if _jit_filter_added: warnings.filters.insert(0, _JIT_DEPRECATION)
+from .quiet import fastai_import_quiet
 
-try:  # the filter comes off however the imports end (a broken optional install must not leave it behind)
-    from .errors import *  # noqa: E402,F401,F403
-    from .images import open_xray, scan_images, UnreadableImage  # noqa: E402,F401
-    from .augment import *  # noqa: E402,F401,F403
-    from .data import *  # noqa: E402,F401,F403
-    from .labels import read_labels, read_labels_csv  # noqa: E402,F401
-    from .demo import demo_data, make_demo_data  # noqa: E402,F401
-    from .models import *  # noqa: E402,F401,F403
-    from .plans import *  # noqa: E402,F401,F403
-    from .recipes import *  # noqa: E402,F401,F403
-    from .callbacks import *  # noqa: E402,F401,F403
-    from .interpret import *  # noqa: E402,F401,F403
-    from .rundir import *  # noqa: E402,F401,F403
-    from .learner import *  # noqa: E402,F401,F403
-    from .checkpoint import EpochCheckpoint  # noqa: E402,F401
-    from .export import load_export  # noqa: E402,F401
-    from .train import *  # noqa: E402,F401,F403
-    from .evaluate import evaluate_run, predict_run  # noqa: E402,F401
-    from .ensemble import evaluate_ensemble, predict_ensemble  # noqa: E402,F401
-    from .sampling import balance_weights  # noqa: E402,F401
-    from .ema import WeightsEMA  # noqa: E402,F401
-    from .sweep import compare_runs, resume_sweep, run_sweep  # noqa: E402,F401
-    from .audit import audit_data, audit_run  # noqa: E402,F401
-    from .cv import plan_cv, run_cv  # noqa: E402,F401
-    from .modelcard import model_card, write_model_card  # noqa: E402,F401
-finally:
-    if _jit_filter_added: warnings.filters.remove(_JIT_DEPRECATION)
-del _jit_filter_added
+# Modules whose whole __all__ the package exports, lightest first: a name is looked up in this order, so a recipe
+# file's `from covid_fastai import Recipe, freeze_to` imports recipes and plans, not fastai.
+_STAR = ("errors", "plans", "recipes", "augment", "data", "models", "callbacks", "interpret", "rundir", "learner",
+         "train")
+# Single names from other modules.
+_NAMED = {"open_xray": "images", "scan_images": "images", "UnreadableImage": "images",
+          "read_labels": "labels", "read_labels_csv": "labels", "demo_data": "demo", "make_demo_data": "demo",
+          "EpochCheckpoint": "checkpoint", "load_export": "export", "evaluate_run": "evaluate",
+          "predict_run": "evaluate", "evaluate_ensemble": "ensemble", "predict_ensemble": "ensemble",
+          "balance_weights": "sampling", "WeightsEMA": "ema", "compare_runs": "sweep", "resume_sweep": "sweep",
+          "run_sweep": "sweep", "audit_data": "audit", "audit_run": "audit", "plan_cv": "cv", "run_cv": "cv",
+          "model_card": "modelcard", "write_model_card": "modelcard"}
+
+
+def _module(name: str):
+    with fastai_import_quiet(): return importlib.import_module(f".{name}", __name__)
+
+
+def _exported() -> list[str]:
+    "Every exported name, in the order the eager package exported them (all modules imported)."
+    return [n for m in _STAR for n in _module(m).__all__] + list(_NAMED)
+
+
+def __getattr__(name: str):
+    if name == "__all__":
+        value = _exported()
+    elif name.startswith("_"):  # tools probe dunders (`__wrapped__`, IPython's): no import for those
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    elif name in _NAMED:
+        value = getattr(_module(_NAMED[name]), name)
+    else:
+        module = next((m for m in map(_module, _STAR) if name in m.__all__), None)
+        if module is None: raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        value = getattr(module, name)
+    globals()[name] = value  # looked up once
+    return value
+
+
+def __dir__() -> list[str]: return sorted(set(globals()) | set(_exported()))

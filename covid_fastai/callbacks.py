@@ -10,7 +10,7 @@ from fastai.callback.progress import CSVLogger
 from fastai.torch_core import to_float
 
 __all__ = ["BF16Autocast", "ChannelsLast", "ProgressiveResize", "parse_progressive", "cpu_kind", "TrainThroughput",
-           "bf16_supported", "FitOnlyCallback", "OneClassWarning",
+           "bf16_supported", "FitOnlyCallback", "Thaw", "OneClassWarning",
            "one_class_message", "HistoryCSV", "plain_epoch_log"]
 
 
@@ -110,6 +110,20 @@ class FitOnlyCallback(Callback):
     def __call__(self, event_name):
         if any(isinstance(c, GatherPredsCallback) for c in self.learn.cbs): return
         return super().__call__(event_name)
+
+
+class Thaw(FitOnlyCallback):
+    """fastai's `unfreeze` before epoch `epoch` of a fit (a plan's `freeze_epochs`, covid_fastai.plans): every
+    parameter trains from then on, at the rate the fit's schedule has reached. A fit resumed at a later epoch
+    unfreezes at its first. BatchNorm layers leave `BnFreeze`'s eval mode with their parameters (its before_train
+    follows this before_epoch). A fit of no more than `epoch` epochs never unfreezes (a recipe's run refuses that:
+    learner.check_plan_epochs)."""
+    order = 5
+
+    def __init__(self, epoch: int): self.thaw_epoch = int(epoch)
+
+    def before_epoch(self):
+        if self.epoch >= self.thaw_epoch: self.learn.unfreeze()
 
 
 class TrainThroughput(FitOnlyCallback):

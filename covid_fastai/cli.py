@@ -14,14 +14,15 @@ from pathlib import Path
 
 from .errors import Command, DataError, RecipeError, RunFolderError
 from .shell import bools_by_type, fire_command, spell  # noqa: F401 (spell: the shell spelling, for callers)
-from .rundir import run_summary
 
 __all__ = ["main", "script_main", "Commands", "spell"]
 
 
 def _print_summary(run_dir: Path | None):
     "A finished run's one line; None: another process of a data-parallel run (rank 0 prints it)."
-    if run_dir is not None: print(run_summary(run_dir))
+    if run_dir is None: return
+    from .rundir import run_summary
+    print(run_summary(run_dir))
 
 
 def _eval_summary(d: Path) -> str:

@@ -35,8 +35,8 @@ from torch import nn
 from .cache import cache_dir
 from .cache import sha256_file
 from .files import atomic_path
-from .plans import Thaw
 from .progress import phase
+from .callbacks import Thaw
 
 __all__ = ["body_is_frozen", "bn_in_training_mode", "use_feature_cache", "CACHE_SAFE_AUGS", "feature_cache_key", "split_head", "body_features", "head_learner", "FeatureViews"]
 

@@ -22,11 +22,9 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass, fields
 
-from .callbacks import FitOnlyCallback
 from .errors import RecipeError
 
-__all__ = ["Plan", "head", "layers", "full", "freeze_to", "apply_plan", "trainable_names", "body_module_names",
-           "Thaw"]
+__all__ = ["Plan", "head", "layers", "full", "freeze_to", "apply_plan", "trainable_names", "body_module_names"]
 
 
 @dataclass(frozen=True)
@@ -65,19 +63,6 @@ def freeze_to(n: int, freeze_epochs: int | None = None) -> Plan:
     return Plan("freeze_to", n=int(n), freeze_epochs=freeze_epochs)
 
 
-class Thaw(FitOnlyCallback):
-    """fastai's `unfreeze` before epoch `epoch` of a fit: every parameter trains from then on, at the rate the
-    fit's schedule has reached. A fit resumed at a later epoch unfreezes at its first. BatchNorm layers leave
-    `BnFreeze`'s eval mode with their parameters (its before_train follows this before_epoch). A fit of no more
-    than `epoch` epochs never unfreezes (a recipe's run refuses that: learner.check_plan_epochs)."""
-    order = 5
-
-    def __init__(self, epoch: int): self.thaw_epoch = int(epoch)
-
-    def before_epoch(self):
-        if self.epoch >= self.thaw_epoch: self.learn.unfreeze()
-
-
 def body_module_names(body) -> list[str]:
     "Names of the body's modules that hold parameters (what a `layers` pattern may name)."
     return [n for n, m in body.named_modules() if n and any(True for _ in m.parameters(recurse=False))]
@@ -104,6 +89,7 @@ def apply_plan(learn, plan: Plan) -> list[str]:
     """Set `requires_grad` for `plan` (through fastai's optimizer freeze logic), and add its `Thaw` callback when it
     has `freeze_epochs`; returns the names trainable now."""
     if learn.opt is None: learn.create_opt()
+    from .callbacks import Thaw  # here, not at the top: a recipe file imports plans without fastai
     learn.remove_cbs([c for c in learn.cbs if isinstance(c, Thaw)])  # a plan applied again replaces the last
     if plan.freeze_epochs is not None: learn.add_cb(Thaw(plan.freeze_epochs))
     if plan.kind == "full": learn.unfreeze()

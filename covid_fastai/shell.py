@@ -20,6 +20,7 @@ import fire
 
 from .errors import Command, RecipeError, RunInterrupted, UserError
 from .options import parse_value
+from .quiet import fastai_import_quiet
 
 __all__ = ["spell", "bools_by_type", "fire_command"]
 
@@ -106,7 +107,7 @@ def fire_command(component, argv):
     except ValueError: old = None  # not the main thread: leave signals alone
     try:
         _check_command(component, argv)
-        fire.Fire(component, command=argv, name="covid_fastai")
+        with fastai_import_quiet(): fire.Fire(component, command=argv, name="covid_fastai")  # commands import fastai
     except UserError as e:
         if debug: raise
         print(f"error: {e.message(spell)}", file=sys.stderr)

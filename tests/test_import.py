@@ -1,11 +1,14 @@
 """Importing covid_fastai changes nothing global: the matplotlib backend, the warning filters and the process
-settings stay as the user had them, and the torch.jit.script deprecation fastai's import triggers stays quiet."""
+settings stay as the user had them, and the torch.jit.script deprecation fastai's import triggers stays quiet; the
+names load on first use."""
 import json
 import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,3 +42,39 @@ def test_import_leaves_backend_warning_filters_and_settings_alone():
     assert before["backend"] == "pdf" and after == before and figures == []
     # why the package touched warnings at all: fastai's import calls the deprecated torch.jit.script
     assert r.stderr == "", r.stderr[-3000:]
+
+
+# The names load on first use: a recipe file's own imports and `list` need no fastai (about 8 s of a command's
+# start on 2 cores); the one-line check below fails if a module on that path imports fastai at its top again.
+LIGHT_PATH = textwrap.dedent("""
+    import json, sys
+    from covid_fastai import MODERN_POLICY, Recipe, freeze_to
+    from covid_fastai.cli import main, script_main
+    after_recipe_imports = "fastai" in sys.modules
+    main(["list"])
+    print(json.dumps([after_recipe_imports, "fastai" in sys.modules, "timm" in sys.modules]))
+""")
+
+
+def test_list_and_a_recipe_files_imports_do_not_import_fastai():
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, "-c", LIGHT_PATH], capture_output=True, text=True, cwd=ROOT, env=env,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    *listing, flags = r.stdout.strip().splitlines()
+    assert json.loads(flags) == [False, False, False]
+    assert any(line.startswith("best ") for line in listing) and r.stderr == ""
+
+
+def test_every_exported_name_resolves_from_one_module():
+    import importlib
+
+    import covid_fastai
+    names = covid_fastai.__all__
+    assert len(names) == len(set(names))  # one home per name: the lookup order cannot shadow one with another
+    for name in names: assert getattr(covid_fastai, name) is not None
+    for module in covid_fastai._STAR:  # each module's exports, from that module
+        m = importlib.import_module(f"covid_fastai.{module}")
+        assert all(getattr(covid_fastai, n) is getattr(m, n) for n in m.__all__)
+    assert "Evaluation" in dir(covid_fastai) and "run_cv" in names
+    with pytest.raises(AttributeError, match="no attribute 'no_such_name'"): covid_fastai.no_such_name

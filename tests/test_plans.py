@@ -6,6 +6,7 @@ import pytest
 from fastai.vision.all import Callback
 
 from covid_fastai import plans
+from covid_fastai.callbacks import Thaw
 from covid_fastai.errors import UserError
 from covid_fastai.features import use_feature_cache
 from covid_fastai.recipes import load_recipe, recipe_files, recipe_from_dict, with_overrides
@@ -165,9 +166,9 @@ def test_freeze_epochs_is_recorded_and_read_back(tiny_data):
     assert rec.plan.describe() == "head only for 1 epoch(s), then entire network"
     assert recipe_from_dict(dataclasses.asdict(rec)).plan == rec.plan
     learn, _ = recipe_learner(rec)
-    assert [type(c) for c in learn.cbs].count(plans.Thaw) == 1
+    assert [type(c) for c in learn.cbs].count(Thaw) == 1
     plans.apply_plan(learn, plans.head())  # a plan applied again replaces the last, Thaw included
-    assert not any(isinstance(c, plans.Thaw) for c in learn.cbs)
+    assert not any(isinstance(c, Thaw) for c in learn.cbs)
 
 
 def test_a_plan_that_thaws_is_never_cached(tiny_data):
