@@ -60,9 +60,10 @@ class Commands:
         if resume is not None:
             return _resume_as(name, Path(name).stem, run_dir=resume, export=export, out=out, overrides=overrides,
                               track=track)
-        from .train import run_recipe
-        run_dir = run_recipe(name, out=out, export=export, track=track, **overrides)
-        _print_summary(run_dir)
+        from .recipes import load_recipe, with_overrides
+        rec = with_overrides(load_recipe(name), **overrides)  # a bad name or value is refused before fastai loads
+        from .train import run
+        _print_summary(run(rec, out=out, export=export, track=track))
 
     @bools_by_type
     def resume(self, run_dir: str, export: bool = False, track: str | None = None):

@@ -313,7 +313,7 @@ def test_run_interrupted_prints_how_to_go_on_and_exits_130(monkeypatch, tmp_path
 
     def stopped(*a, **k):  # what a run raises after marking its folder interrupted
         raise RunInterrupted(tmp_path / "run", 2, "continue it with {command}", Command("resume", (tmp_path / "run",)))
-    monkeypatch.setattr(covid_fastai.train, "run_recipe", stopped)
+    monkeypatch.setattr(covid_fastai.train, "run", stopped)
     with pytest.raises(SystemExit) as e:
         main(["recipe", "vgg16_head"])
     assert e.value.code == 130

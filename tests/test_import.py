@@ -52,18 +52,21 @@ LIGHT_PATH = textwrap.dedent("""
     from covid_fastai.cli import main, script_main
     after_recipe_imports = "fastai" in sys.modules
     main(["list"])
+    try: main(["recipe", "best", "--epochs", "x"])  # refused before the run (and fastai) starts
+    except SystemExit as e: assert e.code == 2
     print(json.dumps([after_recipe_imports, "fastai" in sys.modules, "timm" in sys.modules]))
 """)
 
 
-def test_list_and_a_recipe_files_imports_do_not_import_fastai():
+def test_list_a_recipe_files_imports_and_a_bad_option_do_not_import_fastai():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     r = subprocess.run([sys.executable, "-c", LIGHT_PATH], capture_output=True, text=True, cwd=ROOT, env=env,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     *listing, flags = r.stdout.strip().splitlines()
     assert json.loads(flags) == [False, False, False]
-    assert any(line.startswith("best ") for line in listing) and r.stderr == ""
+    assert any(line.startswith("best ") for line in listing)
+    assert r.stderr == "error: --epochs must be a positive whole number, got 'x'\n"
 
 
 def test_every_exported_name_resolves_from_one_module():
