@@ -110,7 +110,7 @@ def test_10000px_jpeg_decodes_at_reduced_scale_in_little_memory(tmp_path):
     Image.new("L", (10000, 10000), 90).save(f, "JPEG", quality=50)
     del_code = textwrap.dedent(f"""
         import resource, sys
-        from covid_fastai.images import open_xray
+        from covid_fastai import open_xray  # the package name: fastai's import-time jit warning held back
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         im = open_xray({str(f)!r}, min_side=256)
         grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
