@@ -35,7 +35,7 @@ def _module(name: str):
 
 
 def _exported() -> list[str]:
-    "Every exported name, in the order the eager package exported them (all modules imported)."
+    "Every exported name (imports every module that exports one)."
     return [n for m in _STAR for n in _module(m).__all__] + list(_NAMED)
 
 
