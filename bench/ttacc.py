@@ -5,7 +5,7 @@ the seconds since the process started (imports, data and model included) and the
 (p(infected), all validation images, no TTA); then the run's end-of-run valid accuracy and AUC (with the
 recipe's TTA) and its wall time to its end (evaluation, TTA and plots
 included). The test split is never read for anything here. Beside each recipe, `NAME:fastai` is the same recipe
-with fastai's defaults for speed (fp32, NCHW: `--bf16 false --channels_last false`). Each run of this script also
+with fastai's defaults for speed (fp32, NCHW, one size: `--bf16 false --channels_last false --fp32_size none`). Each run of this script also
 records the CPU it ran on (ISA flags, bf16 yes/no) and that run's fp32 and bf16 GEMM peaks as the physical
 reference. Appends to bench/results-ttacc.md (`--out`).
 
@@ -26,6 +26,7 @@ T0 = time.perf_counter()  # the worker's clock starts before its imports, as a u
 import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
+import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -35,11 +36,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))  # bench.py's helpers, imported where used (after T0's imports are counted)
 DATA = Path(os.environ.get("COVID_FASTAI_REAL_DATA", ROOT.parent / "shared/data/cxr"))
 OUT = ROOT / "bench" / "results-ttacc.md"
-FASTAI_DEFAULTS = {"bf16": "false", "channels_last": "false"}  # fastai's own speed defaults: fp32, NCHW
+# fastai's own speed defaults: fp32, NCHW, the recipe's size on every CPU
+FASTAI_DEFAULTS = {"bf16": "false", "channels_last": "false", "fp32_size": "none"}
 
 
 def parse_config(spec: str) -> tuple[str, dict]:
-    "'best:fastai:epochs=3' -> ('best', {'bf16': 'false', 'channels_last': 'false', 'epochs': '3'})"
+    "'best:fastai:epochs=3' -> ('best', {**FASTAI_DEFAULTS, 'epochs': '3'})"
     name, *parts = spec.split(":")
     rest = []
     for r in parts:  # a value may hold ':' itself (progressive=128:2,160:2): a part without '=' continues it
@@ -153,7 +155,9 @@ def cpu_line() -> str:
 
 def speed_cell(speed: dict | None) -> str:
     sp = speed or {}
-    return f"bf16 {sp.get('bf16_autocast')}, channels-last {sp.get('channels_last')}"
+    f = sp.get("fp32_size")
+    return (f"bf16 {sp.get('bf16_autocast')}, channels-last {sp.get('channels_last')}"
+            + (f", fp32_size {f['size']} px" if f and f.get("used") else ""))
 
 
 def curve_cell(rows: list[dict]) -> str:
@@ -176,7 +180,13 @@ def main(argv=None):
     if a.worker:
         name, kw, out, res = a.worker
         return worker(name, json.loads(kw), Path(out), Path(res))
-    tmp = Path(tempfile.mkdtemp(prefix="ttacc-"))
+    tmp = Path(tempfile.mkdtemp(prefix="ttacc-"))  # the runs and their weights: removed at the end
+    try: measure(a, argv, tmp)
+    finally: shutil.rmtree(tmp, ignore_errors=True)
+
+
+def measure(a, argv, tmp: Path):
+    "Run each configuration of `a` in a fresh process under `tmp`, and append the table to `a.out`."
     data = Path(a.data)
     # train and valid only: each run then evaluates on valid (with TTA where the recipe has it); test is never read
     data = subset(data, a.short_train if a.short else None, tmp / "data", a.short_valid if a.short else None)

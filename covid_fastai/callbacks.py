@@ -9,8 +9,8 @@ from fastai.callback.core import Callback, GatherPredsCallback
 from fastai.callback.progress import CSVLogger
 from fastai.torch_core import to_float
 
-__all__ = ["BF16Autocast", "ChannelsLast", "ProgressiveResize", "parse_progressive", "cpu_kind", "TrainThroughput",
-           "bf16_supported", "FitOnlyCallback", "Thaw", "OneClassWarning",
+__all__ = ["BF16Autocast", "ChannelsLast", "ProgressiveResize", "parse_progressive", "cpu_kind", "fp32_cpu",
+           "TrainThroughput", "bf16_supported", "FitOnlyCallback", "Thaw", "OneClassWarning",
            "one_class_message", "HistoryCSV", "plain_epoch_log"]
 
 
@@ -19,6 +19,11 @@ def bf16_supported(device_type: str = "cpu") -> bool:
     if device_type == "cuda": return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     try: return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError): return False
+
+
+def fp32_cpu() -> bool:
+    "Whether training here runs on a CPU without bf16 units (no CUDA device; AVX2-only, or AVX-512 without bf16)."
+    return not torch.cuda.is_available() and not bf16_supported("cpu")
 
 
 def cpu_kind() -> str:

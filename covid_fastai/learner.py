@@ -1,13 +1,14 @@
 """Learner assembly: a recipe's data, model, speed callbacks and fine-tune plan as one fastai `Learner`."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
 from fastcore.meta import delegates
 from fastai.vision.all import set_seed
 
-from .callbacks import BF16Autocast, ChannelsLast, ProgressiveResize, bf16_supported, parse_progressive
+from .callbacks import BF16Autocast, ChannelsLast, ProgressiveResize, bf16_supported, fp32_cpu, parse_progressive
 from .augment import XrayAugment, make_aug
 from .data import find_xray_folders, xray_dls
 from .demo import demo_data
@@ -17,12 +18,19 @@ from .models import xray_learner
 from .plans import apply_plan
 from .recipes import Recipe
 
-__all__ = ["resolve_data", "folders_learner", "recipe_learner", "tta_aug"]
+__all__ = ["resolve_data", "folders_learner", "recipe_learner", "tta_aug", "for_this_cpu"]
 
 
 def resolve_data(data: str) -> Path:
     "'demo' -> the synthetic set in the user cache; anything else is a folder path."
     return demo_data() if str(data) == "demo" else Path(data).expanduser().resolve()
+
+
+def for_this_cpu(recipe: Recipe) -> Recipe:
+    """The recipe as training runs it on this machine: at its `fp32_size` on a CPU without bf16 units, else as
+    written. For training only: evaluation reads the size its run recorded."""
+    if recipe.fp32_size is None or recipe.fp32_size == recipe.size or not fp32_cpu(): return recipe
+    return dataclasses.replace(recipe, size=recipe.fp32_size)
 
 
 def tta_aug(recipe: Recipe) -> XrayAugment | None:
@@ -57,6 +65,7 @@ def folders_learner(recipe: Recipe, folders,
 
 def recipe_learner(recipe: Recipe, path=None, cbs=None):
     "(Learner with the recipe's plan applied, XrayFolders) — for REPL use; `run` adds the run folder."
+    recipe = for_this_cpu(recipe)
     check_plan_epochs(recipe)
     folders = find_xray_folders(resolve_data(recipe.data))
     set_seed(recipe.seed)

@@ -85,6 +85,9 @@ class Recipe:
     # data
     data: str = "demo"              # a folder in ImageFolder layout, or 'demo' (synthetic)
     size: PositiveInt = 224         # network input size (crop)
+    # input size where training runs on a CPU without bf16 units (AVX2-only: fp32, about 2x the time of a bf16 step,
+    # docs/speed.md); None: `size` there too. An explicit --size sets both
+    fp32_size: PositiveInt | None = None
     resize: PositiveInt | None = None  # short side before cropping (default: the aug's, see augment.AUGMENTATIONS)
     aug: Annotated[str, one_of(_augmentations)] = "seed"  # augmentation policy: 'seed' is the assignment's pipeline
     bs: PositiveInt = 128           # batch size
@@ -157,7 +160,7 @@ class Recipe:
 # augmentation keep their recorded names, 'seed'.
 ASSIGNMENT_POLICY = dict(policy="assignment", head="seed", hidden=380, dropout=0.5, opt="sgd", lr=1e-3,
                          lr_find=False, lr_mult=1.0, mom=0.9, wd=0.0, schedule="constant", epochs=10, bs=128, size=224,
-                         aug="seed", train_bn=False, bn_freeze=False, label_smoothing=0.0, tta=False)
+                         fp32_size=None, aug="seed", train_bn=False, bn_freeze=False, label_smoothing=0.0, tta=False)
 SEED_POLICY = ASSIGNMENT_POLICY  # former name
 
 # fastai practice: AdamW with one-cycle, label smoothing, fastai's head, frozen BatchNorm statistics in frozen parts,
@@ -167,8 +170,8 @@ SEED_POLICY = ASSIGNMENT_POLICY  # former name
 # lr_find is a switch (`--lr_find true`), off by default: on this data its valley (one epoch of mock training)
 # suggested 1e-5..4e-4 and lost to a fixed 1e-3.
 MODERN_POLICY = dict(policy="modern", head="fastai", hidden=512, dropout=0.5, opt="adamw", lr=1e-3, lr_find=False,
-                     lr_mult=100.0, mom=None, wd=0.01, schedule="one_cycle", epochs=10, bs=64, size=224, aug="xray",
-                     train_bn=False, bn_freeze=True, label_smoothing=0.1, tta=True)
+                     lr_mult=100.0, mom=None, wd=0.01, schedule="one_cycle", epochs=10, bs=64, size=224, fp32_size=None,
+                     aug="xray", train_bn=False, bn_freeze=True, label_smoothing=0.1, tta=True)
 
 POLICIES = {"assignment": ASSIGNMENT_POLICY, "modern": MODERN_POLICY}
 POLICY_ALIASES = {"seed": "assignment"}  # former policy names, still read from options, sweeps and old runs
@@ -216,6 +219,7 @@ def with_overrides(recipe: Recipe, **overrides) -> Recipe:
                           if hint else f": options are {', '.join('--' + o for o in OVERRIDABLE)}"))
     checked = {k: parse_value(k, v, _HINTS[k]) for k, v in overrides.items()}
     if "policy" in checked: recipe = dataclasses.replace(recipe, **POLICIES[checked["policy"]])
+    if "size" in checked: checked.setdefault("fp32_size", None)  # the size asked for, on every CPU
     out = dataclasses.replace(recipe, **checked)
     if out.weights and not out.pretrained:
         raise RecipeError(f"--weights {out.weights} is loaded only with pretrained weights on",

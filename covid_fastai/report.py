@@ -175,6 +175,13 @@ def _lr(config: dict) -> str:
     return f"lr {f['lr']:.3g} (lr_find's valley, {f['iterations']} iterations; lr_find.png)"
 
 
+def _fp32_size_note(config: dict) -> str:
+    "Why the input size is the recipe's fp32_size: the run trained on a CPU without bf16 units."
+    f = config.get("speed", {}).get("fp32_size")
+    return (f" (the recipe's fp32_size: {config['speed'].get('cpu_kind')} CPU without bf16 units)"
+            if f and f["used"] else "")
+
+
 def _cache_note(config) -> str:
     cf = config["speed"].get("cached_features")
     if not cf: return ""
@@ -217,7 +224,7 @@ def write_report(run_dir, config: dict, metrics: dict, history: pd.DataFrame, fi
           f"- Layer groups: {' | '.join(config['layer_groups'])}",
           f"- Optimiser {rec['opt']} {_lr(config)} (lr_mult {rec['lr_mult']}) momentum {_momentum(config)} wd {rec['wd']}, "
           f"schedule {rec['schedule']}, {rec['epochs']} epochs, batch {rec['bs']}",
-          f"- Input {rec['size']} px, augmentation `{rec['aug']}`, head `{rec['head']}` "
+          f"- Input {rec['size']} px{_fp32_size_note(config)}, augmentation `{rec['aug']}`, head `{rec['head']}` "
           f"({head_summary(rec['head'], rec['hidden'], rec['dropout'])}), seed {rec['seed']}",
           *_options_lines(rec),
           f"- Data: `{data['path']}`; counts {data['counts']}; validation: {data['valid']}; "

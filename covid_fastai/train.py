@@ -25,7 +25,7 @@ from fastai.learner import Learner
 from fastai.vision.all import ProgressCallback
 from safetensors.torch import save_file
 
-from .callbacks import HistoryCSV, OneClassWarning, TrainThroughput, plain_epoch_log
+from .callbacks import HistoryCSV, OneClassWarning, TrainThroughput, cpu_kind, plain_epoch_log
 from . import distributed
 from .checkpoint import EpochCheckpoint, load_checkpoint, restore_fit_state
 from .data import XrayFolders
@@ -33,7 +33,7 @@ from .errors import Command, RunFolderError, RunInterrupted, UserError, note_fix
 from .export import export_learner
 from .fit import deterministic, find_lr, fit_recipe, fitting_learner
 from .interpret import Evaluation, plot_curves, write_evaluation
-from .learner import recipe_learner, tta_aug
+from .learner import for_this_cpu, recipe_learner, tta_aug
 from .metrics import binary_metrics, choose_threshold
 from .modelcard import write_model_card
 from .progress import interactive, phase, phase_lines
@@ -84,7 +84,12 @@ def run(recipe: Recipe, out=None, resume=None, export: bool = False, cbs=None, s
     t_start = time.perf_counter()
     distributed.setup()  # one of several processes (torchrun, accelerate launch): join them
     if resume is not None: distributed.check_resume_world(RunDir.open(resume).config, resume)  # as many as before
-    if not distributed.is_main(): return _follow(recipe, resume)
+    here = for_this_cpu(recipe)  # a resumed run's recipe already holds the size it started with
+    if not distributed.is_main(): return _follow(here, resume)
+    if here is not recipe:
+        print(f"this CPU has no bf16 units ({cpu_kind()}): training at {here.size} px, the recipe's fp32_size "
+              f"({recipe.size} px elsewhere; --size {recipe.size} trains at that size here too)", flush=True)
+    recipe = here
     record = RunDir.open(resume).config.get("tracking") if resume is not None else None
     tracking = Tracking.of(track, Path(resume).parent.parent if resume is not None else out or OUTPUTS, record)
     learn, folders = recipe_learner(recipe)

@@ -4,6 +4,7 @@ EfficientNet-Lite0 from genuine ImageNet weights, trained for 5 epochs at batch 
 block stages frozen (fastai's freeze_to(4)), under the modern policy with one rate for all layers, plain
 cross-entropy, timm's classifier shape for the head (pool, Dropout 0.2, one Linear) and the augmentation against
 source shortcuts (border and corner erasing, gamma/CLAHE); its test-time augmentation draws from the milder `xray`.
+On a CPU without bf16 units (AVX2-only: fp32) it trains at 192 px instead of 224 (`fp32_size`).
 Why each setting, run by run: docs/experiments.md, "Why `best` is what it is".
 Run: python -m covid_fastai recipe best --data ../shared/data/cxr
 """
@@ -16,7 +17,7 @@ recipe = Recipe(
     arch="tf_efficientnet_lite0.in1k",
     plan=freeze_to(4),
     **{**MODERN_POLICY, "lr_mult": 1.0, "label_smoothing": 0.0, "epochs": 5, "bs": 32, "head": "linear",
-       "dropout": 0.2, "aug": "xray_shortcut", "tta_aug": "xray"},
+       "dropout": 0.2, "aug": "xray_shortcut", "tta_aug": "xray", "fp32_size": 192},
 )
 
 if __name__ == "__main__":

@@ -266,3 +266,55 @@ def test_progressive_resize_trains_small_then_full_and_evaluates_full(tiny_data,
     assert {s for e, t, s in sizes if t and e == 1} == {(32, 32)}
     assert {s for e, t, s in sizes if not t} == {(32, 32)}  # validation at full size, resized or not
     assert _config(d)["speed"]["progressive"] == "16:1" and _config(d)["speed"]["cpu_kind"]
+
+
+def test_fp32_size_is_the_size_on_a_cpu_without_bf16(tiny_data, tmp_path, monkeypatch, capsys):
+    import dataclasses
+    import covid_fastai.provenance as P
+    from fastai.callback.core import Callback
+    rec = with_overrides(load_recipe("resnet18_full"), data=str(tiny_data), epochs=1, bs=8, size=64,
+                         pretrained=False, tta=False)
+    rec = dataclasses.replace(rec, fp32_size=32)  # as a recipe file sets it
+    # an explicit size, or another policy, is that size on every CPU; fp32_size given with it stays
+    assert with_overrides(rec, size=48).fp32_size is None and with_overrides(rec, policy="modern").fp32_size is None
+    assert with_overrides(rec, size=48, fp32_size=40).fp32_size == 40 and with_overrides(rec, epochs=2).fp32_size == 32
+    monkeypatch.setattr(L, "fp32_cpu", lambda: False)  # bf16 units (or a GPU): the recipe as written
+    assert L.for_this_cpu(rec) is rec
+    for mod in (L, P): monkeypatch.setattr(mod, "fp32_cpu", lambda: True)  # AVX2-only: fp32_size, once
+    here = L.for_this_cpu(rec)
+    assert here.size == 32 and L.for_this_cpu(here) is here
+    assert L.for_this_cpu(dataclasses.replace(rec, fp32_size=None)).size == 64
+
+    sizes = set()
+
+    class Spy(Callback):
+        order = 50
+        def before_batch(self): sizes.add(tuple(self.xb[0].shape[-2:]))
+    d = run_recipe(rec, out=tmp_path, cbs=[Spy()])
+    assert sizes == {(32, 32)}  # training and validation at fp32_size
+    assert "training at 32 px, the recipe's fp32_size (64 px elsewhere" in capsys.readouterr().out
+    cfg = _config(d)
+    assert cfg["recipe"]["size"] == 32 and cfg["speed"]["fp32_size"] == {"size": 32, "used": True}
+    assert "Input 32 px (the recipe's fp32_size" in (d / "report.md").read_text()
+    # evaluation keeps the size its run trained at, whatever this CPU is and whatever fp32_size says
+    import covid_fastai.evaluate as E
+    cfg["recipe"]["fp32_size"] = 16  # as if trained at 32 px on a CPU with bf16 units, fp32_size 16
+    (d / "config.json").write_text(json.dumps(cfg))
+    seen, real_of = [], E.Evaluation.of
+    monkeypatch.setattr(E.Evaluation, "of", lambda learn, dl, *a, **k: seen.append(dl.one_batch()[0].shape[-1])
+                        or real_of(learn, dl, *a, **k))
+    E.evaluate_run(d, tiny_data / "test")
+    assert seen == [32]
+
+
+def test_cpu_limits_make_an_fp32_cpu():
+    "The documented emulation of an AVX2-only CPU (docs/speed.md) is what `fp32_cpu` and `cpu_kind` detect."
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    out = subprocess.run([sys.executable, "-c", "import covid_fastai as c; print(c.fp32_cpu(), c.cpu_kind())"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    if torch.cuda.is_available(): assert out.stdout.split()[0] == "False"
+    else: assert out.stdout.split() in (["True", "avx2"], ["True", "default"])  # 'default': a CPU below AVX2

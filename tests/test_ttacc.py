@@ -14,7 +14,7 @@ def test_configuration_syntax():
     t = _ttacc()
     assert t.parse_config("best") == ("best", {})
     assert t.parse_config("best:fastai:epochs=3") == ("best", {"bf16": "false", "channels_last": "false",
-                                                               "epochs": "3"})
+                                                               "fp32_size": "none", "epochs": "3"})
     assert t.parse_config("best:progressive=128:2,160:2:seed=1") == ("best", {"progressive": "128:2,160:2",
                                                                             "seed": "1"})
 
