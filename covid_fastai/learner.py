@@ -27,8 +27,8 @@ def resolve_data(data: str) -> Path:
 
 
 def for_this_cpu(recipe: Recipe) -> Recipe:
-    """The recipe as training runs it on this machine: at its `fp32_size` on a CPU without bf16 units, else as
-    written. For training only: evaluation reads the size its run recorded."""
+    """The recipe as a new training run takes it on this machine: at its `fp32_size` on a CPU without bf16 units,
+    else as written. `run` applies it; a resumed run, `evaluate` and `predict` keep the size the run recorded."""
     if recipe.fp32_size is None or recipe.fp32_size == recipe.size or not fp32_cpu(): return recipe
     return dataclasses.replace(recipe, size=recipe.fp32_size)
 
@@ -64,8 +64,8 @@ def folders_learner(recipe: Recipe, folders,
 
 
 def recipe_learner(recipe: Recipe, path=None, cbs=None):
-    "(Learner with the recipe's plan applied, XrayFolders) — for REPL use; `run` adds the run folder."
-    recipe = for_this_cpu(recipe)
+    """(Learner with the recipe's plan applied, XrayFolders) — for REPL use; `run` adds the run folder, and first
+    sizes a new run for this CPU (`for_this_cpu`)."""
     check_plan_epochs(recipe)
     folders = find_xray_folders(resolve_data(recipe.data))
     set_seed(recipe.seed)

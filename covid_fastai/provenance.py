@@ -11,7 +11,7 @@ import torch
 
 from . import __version__
 from .augment import make_aug
-from .callbacks import cpu_kind, fp32_cpu
+from .callbacks import cpu_kind
 from .data import patients_of
 from .fit import momentum_used
 from .recipes import Recipe
@@ -60,8 +60,9 @@ def run_facts(recipe: Recipe, learn, folders, trainer) -> dict:
         "momentum": momentum_used(recipe.schedule, recipe.mom),
         "trainable": {"parameters": n_train, "tensors": len(learn.trainable), "names": learn.trainable},
         "speed": {"cpu_kind": cpu_kind(), "bf16_autocast": learn.bf16_used, "channels_last": recipe.channels_last,
-                  # the recipe's size on a CPU without bf16 units (recipe.size holds the size this run trained at)
-                  "fp32_size": {"size": recipe.fp32_size, "used": fp32_cpu()} if recipe.fp32_size else None,
+                  # the recipe's size on a CPU without bf16 units; used: this run trains at it (recipe.size says so)
+                  "fp32_size": ({"size": recipe.fp32_size, "used": getattr(learn, "fp32_size_used", False)}
+                                if recipe.fp32_size else None),
                   "progressive": recipe.progressive or None,
                   "torch_threads": torch.get_num_threads(), "loader_workers": learn.dls.train.fake_l.num_workers,
                   "cached_features": ({"views": trainer.feature_views, "from_disk": trainer.features_from_disk,

@@ -83,16 +83,21 @@ def run(recipe: Recipe, out=None, resume=None, export: bool = False, cbs=None, s
         raise ValueError(f"evaluate_on must be 'test' or 'valid', got {evaluate_on!r}")
     t_start = time.perf_counter()
     distributed.setup()  # one of several processes (torchrun, accelerate launch): join them
-    if resume is not None: distributed.check_resume_world(RunDir.open(resume).config, resume)  # as many as before
-    here = for_this_cpu(recipe)  # a resumed run's recipe already holds the size it started with
+    before = RunDir.open(resume).config if resume is not None else None
+    if before is not None: distributed.check_resume_world(before, resume)  # as many processes as before
+    # the size on this CPU (the recipe's fp32_size where it has no bf16 units); a resumed run keeps its own size
+    here = for_this_cpu(recipe) if before is None else recipe
     if not distributed.is_main(): return _follow(here, resume)
     if here is not recipe:
         print(f"this CPU has no bf16 units ({cpu_kind()}): training at {here.size} px, the recipe's fp32_size "
               f"({recipe.size} px elsewhere; --size {recipe.size} trains at that size here too)", flush=True)
+    fp32_size_used = (here is not recipe if before is None
+                      else bool(((before.get("speed") or {}).get("fp32_size") or {}).get("used")))
     recipe = here
     record = RunDir.open(resume).config.get("tracking") if resume is not None else None
     tracking = Tracking.of(track, Path(resume).parent.parent if resume is not None else out or OUTPUTS, record)
     learn, folders = recipe_learner(recipe)
+    learn.fp32_size_used = fp32_size_used  # config.json's speed.fp32_size.used
     folders.labels  # a bad labels.csv (used after training, for the breakdowns) fails now, not then
     if resume is not None:
         rd = RunDir.open(resume)

@@ -270,7 +270,6 @@ def test_progressive_resize_trains_small_then_full_and_evaluates_full(tiny_data,
 
 def test_fp32_size_is_the_size_on_a_cpu_without_bf16(tiny_data, tmp_path, monkeypatch, capsys):
     import dataclasses
-    import covid_fastai.provenance as P
     from fastai.callback.core import Callback
     rec = with_overrides(load_recipe("resnet18_full"), data=str(tiny_data), epochs=1, bs=8, size=64,
                          pretrained=False, tta=False)
@@ -280,7 +279,7 @@ def test_fp32_size_is_the_size_on_a_cpu_without_bf16(tiny_data, tmp_path, monkey
     assert with_overrides(rec, size=48, fp32_size=40).fp32_size == 40 and with_overrides(rec, epochs=2).fp32_size == 32
     monkeypatch.setattr(L, "fp32_cpu", lambda: False)  # bf16 units (or a GPU): the recipe as written
     assert L.for_this_cpu(rec) is rec
-    for mod in (L, P): monkeypatch.setattr(mod, "fp32_cpu", lambda: True)  # AVX2-only: fp32_size, once
+    monkeypatch.setattr(L, "fp32_cpu", lambda: True)  # AVX2-only: fp32_size, once
     here = L.for_this_cpu(rec)
     assert here.size == 32 and L.for_this_cpu(here) is here
     assert L.for_this_cpu(dataclasses.replace(rec, fp32_size=None)).size == 64
@@ -305,6 +304,34 @@ def test_fp32_size_is_the_size_on_a_cpu_without_bf16(tiny_data, tmp_path, monkey
                         or real_of(learn, dl, *a, **k))
     E.evaluate_run(d, tiny_data / "test")
     assert seen == [32]
+
+
+def test_a_resumed_run_keeps_the_size_it_started_at(tiny_data, tmp_path, monkeypatch):
+    "Started on a CPU with bf16 units, resumed on one without: the run goes on at its own size, not at fp32_size."
+    import dataclasses
+    from fastai.callback.core import Callback
+    from covid_fastai.errors import RunInterrupted
+    from covid_fastai.train import resume
+    rec = dataclasses.replace(with_overrides(load_recipe("resnet18_full"), data=str(tiny_data), epochs=2, bs=8,
+                                             size=64, pretrained=False, tta=False), fp32_size=32)
+    sizes = []
+
+    class Spy(Callback):
+        order = 50
+        def before_batch(self): sizes.append((self.epoch, tuple(self.xb[0].shape[-2:])))
+
+    class StopAfterFirst(Callback):
+        order = 95
+        def after_epoch(self):
+            if self.epoch == 0: raise KeyboardInterrupt
+
+    monkeypatch.setattr(L, "fp32_cpu", lambda: False)
+    with pytest.raises(RunInterrupted) as e: run_recipe(rec, out=tmp_path, cbs=[Spy(), StopAfterFirst()])
+    monkeypatch.setattr(L, "fp32_cpu", lambda: True)
+    d = resume(e.value.run_dir, cbs=[Spy()])
+    assert {s for ep, s in sizes} == {(64, 64)} and {ep for ep, s in sizes} == {0, 1}
+    cfg = _config(d)
+    assert cfg["recipe"]["size"] == 64 and cfg["speed"]["fp32_size"] == {"size": 32, "used": False}
 
 
 def test_cpu_limits_make_an_fp32_cpu():
