@@ -76,11 +76,12 @@ def fold_predictions(item: dict, table: pd.DataFrame) -> pd.DataFrame:
 def _fold_row(item: dict, cv_dir: Path) -> dict:
     d = Path(item["run_dir"])
     m = json.loads((d / "metrics.json").read_text())
+    size = json.loads((d / "config.json").read_text())["recipe"]["size"]  # fp32_size makes it the CPU's choice
     a = m["at_0.5"]
     f = item["fold"]
     return {"fold": item["tag"], "held out": f["held_out"], "n train": f["n_train"], "n held out": m["n"],
             "positives": a["n_positive"], **{METRICS[k]: (m if k == "accuracy" else a)[k] for k in METRICS},
-            "split scored": m["split"], "run": os.path.relpath(d, cv_dir)}  # runs/<recipe>/<timestamp>
+            "size (px)": size, "split scored": m["split"], "run": os.path.relpath(d, cv_dir)}  # runs/<recipe>/<ts>
 
 
 def _source_rows(preds: list[pd.DataFrame]) -> list[dict]:
@@ -144,6 +145,11 @@ def _markdown(title, manifest, table, folds, summary, sources, synthetic, loso) 
                  if merged else "") + ". Patients never cross folds; folds.csv lists every image's fold.", ""]
     show = [c for c in folds[0] if c not in ("split scored",)]
     L += ["## Per fold", "", _md_table(pd.DataFrame(folds)[show]), ""]
+    sizes = sorted({r["size (px)"] for r in folds if r.get("size (px)")})
+    if len(sizes) > 1:  # folds run on CPUs with and without bf16 units, under a recipe with fp32_size
+        L += [f"**The folds trained at different input sizes ({', '.join(map(str, sizes))} px)**: the recipe's "
+              "`fp32_size` applies on CPUs without bf16 units, and these folds ran on both kinds. The mean mixes "
+              "two recipes; run the cv on one kind of CPU, or pass --size to fix one size everywhere.", ""]
     L += ["## Mean ± sd over folds", "", "| " + " | ".join(summary) + " |", "|" + "---|" * len(summary),
           "| " + " | ".join(_pm(s, len(folds)) for s in summary.values()) + " |", ""]
     if sources:
@@ -168,6 +174,11 @@ def _read_cv(d: Path) -> tuple[dict, dict, pd.DataFrame]:
                              command=Command("resume", (str(d),)))
     return manifest, json.loads((d / "cv.json").read_text()), pd.read_csv(d / "folds.csv", dtype=str,
                                                                            keep_default_na=False)
+
+
+def _sizes(cv: dict) -> set:
+    "The input sizes a cv's folds trained at (none for a cv recorded before its folds said so)."
+    return {f["size (px)"] for f in cv.get("folds", []) if f.get("size (px)")}
 
 
 def cv_label(manifest: dict) -> str:
@@ -321,16 +332,19 @@ def compare_cv(cv_dirs, out=None, ensemble: bool | tuple | str = False) -> Path:
                                  f"run both with the same --folds/--by and --fold_seed on the same data", path=d)
     names = [f"{i}: {cv_label(m)}" for i, (_, m, _, _) in enumerate(cvs)]
     pooled = [_pooled_predictions(d, m, t) for d, m, _, t in cvs]
+    sizes = [_sizes(c) for _, _, c, _ in cvs]
     members = ensemble_members(ensemble, len(cvs))
     if members:
+        sizes.append(set().union(*(sizes[i] for i in members)))
         summary, mean = ensemble_summary([pooled[i] for i in members], base_t)
         said = f"0-{len(cvs) - 1}" if members == list(range(len(cvs))) else ", ".join(map(str, members))
         names.append(f"E: mean of the probabilities of cvs {said}")
         cvs.append((Path("(computed from the cvs above)"), base_m, summary, base_t))
         pooled.append(mean)
     means = [{"cv": n, "folder": str(d), "folds": f"{c['folds_finished']} of {c['folds_planned']}",
-              **{k: _pm(c["mean_sd"][k], c["folds_finished"]) for k in METRICS.values()}}
-             for n, (d, m, c, _) in zip(names, cvs)]
+              **{k: _pm(c["mean_sd"][k], c["folds_finished"]) for k in METRICS.values()},
+              "size (px)": ", ".join(map(str, sorted(z))) or "n/a"}
+             for n, (d, m, c, _), z in zip(names, cvs, sizes)]
     diffs = {n: {k: paired(cvs[0][2], c, k) for k in METRICS.values()} for n, (_, _, c, _) in zip(names[1:], cvs[1:])}
     src_rows = _sources_side_by_side(names, [c for _, _, c, _ in cvs])
     src_diffs = {n: _source_differences(pooled[0], p) for n, p in zip(names[1:], pooled[1:])}

@@ -140,9 +140,11 @@ def links_of(view: Path, split: str) -> set:
     return {os.path.realpath(p) for p in (view / split).rglob("*.png")}
 
 
-def test_cv_runs_every_fold_on_its_held_out_part_and_resumes(cv_data, tmp_path, capsys, one_thread):
+def test_cv_runs_every_fold_on_its_held_out_part_and_resumes(cv_data, tmp_path, capsys, one_thread, monkeypatch):
+    import covid_fastai.learner as L
+    monkeypatch.setattr(L, "fp32_cpu", lambda: False)  # begun on a CPU with bf16 units ...
     with pytest.raises(RunInterrupted):
-        run_cv(RECIPE, folds=2, out=tmp_path, cbs=[StopSecondRun()], data=str(cv_data), **TINY)
+        run_cv(RECIPE, folds=2, out=tmp_path, cbs=[StopSecondRun()], data=str(cv_data), **TINY, fp32_size=24)
     (cv_dir,) = (tmp_path / "cv" / RECIPE).iterdir()
     m = json.loads((cv_dir / SWEEP_FILE).read_text())
     assert m["kind"] == "cv" and m["status"] == "interrupted" and len(m["runs"]) == 2
@@ -151,6 +153,7 @@ def test_cv_runs_every_fold_on_its_held_out_part_and_resumes(cv_data, tmp_path, 
     assert "1 of 2 folds finished" in (cv_dir / "cv.md").read_text()
     capsys.readouterr()
 
+    monkeypatch.setattr(L, "fp32_cpu", lambda: True)  # ... resumed on one without: fold 2 trains at fp32_size
     main(["resume", str(cv_dir)])  # the sweep loop carries on: fold 1 kept, fold 2 runs
     assert f"cv: {cv_dir / 'cv.md'}" in capsys.readouterr().out
     m = json.loads((cv_dir / SWEEP_FILE).read_text())
@@ -180,6 +183,7 @@ def test_cv_runs_every_fold_on_its_held_out_part_and_resumes(cv_data, tmp_path, 
     md = (cv_dir / "cv.md").read_text()
     assert "## Mean ± sd over folds" in md and f"{np.mean(accs):.4f} ± {np.std(accs, ddof=1):.4f}" in md
     assert "the test split was not read" in md and (cv_dir / "cv.html").is_file() and (cv_dir / "cv.csv").is_file()
+    assert [f["size (px)"] for f in summary["folds"]] == [32, 24] and "different input sizes (24, 32 px)" in md
     by_source = {r["source"]: r for r in summary["sources"]}
     assert set(by_source) == {"a", "b", "c"} and by_source["c"]["ROC AUC pooled"] is None  # c: infected only
     assert by_source["a"]["n"] == (pool(cv_data)["source"] == "a").sum()
@@ -256,6 +260,7 @@ def test_compare_puts_cvs_side_by_side_paired_by_fold_and_refuses_other_folds(cv
     md = (out / "cv_comparison.md").read_text()
     assert "## Difference from the baseline, fold by fold" in md and "| a | " in md and (out / "cv_comparison.html").is_file()
     assert "## Within each source: ROC AUC difference from the baseline" in md
+    assert [m["size (px)"] for m in got["means"]] == ["32", "32"]  # the size each cv's folds trained at
     assert set(got["source_auc_differences"][label]) == {"a", "b"}  # c is infected only
     # --ensemble: one more row, the mean of the two cvs' probabilities, film by film, scored per fold
     main(["compare", str(a), str(b), "--ensemble", "--out", str(tmp_path / "e")])
