@@ -275,7 +275,8 @@ def sweep_row(run_dir, config: dict, metrics: dict) -> dict:
     row = {"recipe": rec["name"], "policy": canonical_policy(rec.get("policy", "assignment")), "arch": rec["arch"],
            "experiment": rec["description"],
            "trainable layers": rec["plan"]["description"], "trainable params": config["trainable"]["parameters"],
-           "weights": config["weights"].get("source"), "split": metrics["split"], "accuracy": metrics["accuracy"]}
+           "weights": config["weights"].get("source"), "size (px)": rec["size"],  # fp32_size: the CPU's choice
+           "split": metrics["split"], "accuracy": metrics["accuracy"]}
     for c in classes: row[f"F1 ({c})"] = metrics["per_class"][c]["f1"]
     if "at_threshold" in metrics:
         t = metrics["at_threshold"]

@@ -169,6 +169,7 @@ def test_sweep_row_gives_per_source_accuracy_and_the_roc_point(finished):
     row = sweep_row(seed, config, metrics)
     assert row["accuracy (t) by source"] == "big 0.900 (10), small 0.667 (3)"
     assert row["sensitivity at specificity >= 0.95"] == metrics["at_threshold"]["sens_at_spec95"]
+    assert row["size (px)"] == config["recipe"]["size"]  # the size it trained at (fp32_size: the CPU's choice)
 
 
 def test_the_plan_holds_each_recipe_exactly():
