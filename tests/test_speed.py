@@ -1,6 +1,7 @@
 """Speed features behave as stated: bf16 autocast really casts, channels-last really applies, fp32 fallback, and
 the feature cache is used, reused and invalidated."""
 import json
+import platform
 import shutil
 import time
 
@@ -334,7 +335,7 @@ def test_a_resumed_run_keeps_the_size_it_started_at(tiny_data, tmp_path, monkeyp
     assert cfg["recipe"]["size"] == 64 and cfg["speed"]["fp32_size"] == {"size": 32, "used": False}
 
 
-@pytest.mark.skipif(__import__("platform").machine().lower() not in ("x86_64", "amd64"),
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
                     reason="the AVX2 limits are x86 settings")
 def test_cpu_limits_make_an_fp32_cpu():
     "The documented emulation of an AVX2-only CPU (docs/speed.md) is what `fp32_cpu` and `cpu_kind` detect."
