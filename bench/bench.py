@@ -57,10 +57,16 @@ def machine() -> str:
             f"bf16 via oneDNN: {torch.ops.mkldnn._is_mkldnn_bf16_supported()}")
 
 
+CPU_LIMITS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")  # the variables that emulate another CPU kind
+
+
 def command_line(script: str, argv=None, label: str = "") -> str:
-    "How a bench script was started, quoted so it reproduces as written (an AVX2 label names the emulation's variables)."
-    return (f"Command: `{shlex.join(['python', script, *(argv if argv is not None else sys.argv[1:])])}`"
-            + (" (under `ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2`)" if "AVX2" in label else ""))
+    """How a bench script was started, quoted so it reproduces as written, with the CPU limits it ran under (an AVX2
+    label without them set names the emulation's variables)."""
+    env = [f"{k}={shlex.quote(os.environ[k])}" for k in CPU_LIMITS if os.environ.get(k)]
+    cmd = " ".join(env + [shlex.join(["python", script, *(argv if argv is not None else sys.argv[1:])])])
+    return (f"Command: `{cmd}`"
+            + (" (under `ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2`)" if "AVX2" in label and not env else ""))
 
 
 def append_results(path, lines: list[str]) -> None:

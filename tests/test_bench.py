@@ -15,3 +15,14 @@ def test_data_path_measurement_runs_on_a_tiny_set(tiny_data, monkeypatch):
     assert [r.split(" | ")[0] for r in rows[:3]] == ["| 0 workers", "| 1 workers", "| 2 workers"]
     assert all(float(r.split(" | ")[-1].rstrip(" |").split(" / ")[-1]) > 0 for r in rows)
     assert any("augmentation only: PIL" in r for r in rows)
+
+
+def test_command_line_carries_the_cpu_limits_it_ran_under(monkeypatch):
+    b = bench_module("bench")
+    for k in b.CPU_LIMITS: monkeypatch.delenv(k, raising=False)
+    assert b.command_line("bench/ttacc.py", ["--config", "best:seed=1"]) == \
+        "Command: `python bench/ttacc.py --config best:seed=1`"
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert b.command_line("bench/ttacc.py", ["--config", "best"], label="AVX2 emulated") == \
+        "Command: `ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python bench/ttacc.py --config best`"
