@@ -94,7 +94,7 @@ def run(recipe: Recipe, out=None, resume=None, export: bool = False, cbs=None, s
     fp32_size_used = (here is not recipe if before is None
                       else bool(((before.get("speed") or {}).get("fp32_size") or {}).get("used")))
     recipe = here
-    record = RunDir.open(resume).config.get("tracking") if resume is not None else None
+    record = before.get("tracking") if before is not None else None
     tracking = Tracking.of(track, Path(resume).parent.parent if resume is not None else out or OUTPUTS, record)
     learn, folders = recipe_learner(recipe)
     learn.fp32_size_used = fp32_size_used  # config.json's speed.fp32_size.used
