@@ -20,15 +20,24 @@ def _rel(p, base: Path) -> str:
     except ValueError: return str(p)
 
 
+def _trained_size(run_dir) -> int | None:
+    "The input size a trial's run trained at (config.json: `fp32_size` makes it its CPU's choice); None: no config."
+    try: return int(json.loads((Path(run_dir) / "config.json").read_text())["recipe"]["size"])
+    except (TypeError, OSError, ValueError, KeyError): return None
+
+
 def trials_frame(study, tune_dir) -> pd.DataFrame:
-    "One row per trial: number, state (COMPLETE, PRUNED, FAIL, RUNNING), its settings, value, epochs, run folder."
+    """One row per trial: number, state (COMPLETE, PRUNED, FAIL, RUNNING), its settings, value, epochs, the input size
+    it trained at, run folder."""
     rows = []
     for t in study.get_trials(deepcopy=False):
         steps = sorted(t.intermediate_values)
+        run_dir = t.user_attrs.get("run_dir")
         rows.append({"trial": t.number, "state": t.state.name, **t.params, "value": t.value,
                      "epochs reported": len(steps),
                      "last epoch value": t.intermediate_values[steps[-1]] if steps else None,
-                     "run folder": _rel(t.user_attrs.get("run_dir"), Path(tune_dir)),
+                     "size (px)": _trained_size(run_dir) if run_dir else None,
+                     "run folder": _rel(run_dir, Path(tune_dir)),
                      "note": t.user_attrs.get("error", "")})
     return pd.DataFrame(rows)
 
@@ -147,6 +156,11 @@ def write_tune_report(tune_dir, plan: dict, study) -> Path:
         L += ["## Best trial (on valid)", "",
               f"Trial {b['trial']}: valid {plan['metric']} **{b['value']:.4f}** with "
               + ", ".join(f"{k}={_cell(b[k])}" for k in plan["space"]) + f"; run folder `{b['run folder']}`.", ""]
+    sizes = sorted({int(v) for v in df["size (px)"].dropna()}) if len(df) and "size" not in plan["space"] else []
+    if len(sizes) > 1:  # trials on Ray workers with and without bf16 units, under a recipe with fp32_size
+        L += [f"**The trials trained at different input sizes ({', '.join(map(str, sizes))} px)**: the recipe's "
+              "`fp32_size` applies on CPUs without bf16 units, and these trials ran on both kinds, so their values "
+              "mix two sizes. Run the tune on one kind of CPU, or pass --size (or --proxy_size) to fix one size.", ""]
     L += ["## Test split", "", *_final_md(plan), "## Trials", "", "Also in trials.csv.", "", _md(df) if len(df) else "none yet", ""]
     L += ["## Plots", ""]
     for name, (file, note) in plots.items():

@@ -146,6 +146,19 @@ def test_proxies_leave_the_space_and_the_best_settings_rerun_at_full_settings(ti
     assert "size 24, epochs 1 for every trial" in (d / "tune.md").read_text()
 
 
+def test_trials_table_the_size_each_trial_trained_at_and_warns_when_they_differ(tiny_data, tmp_path, monkeypatch,
+                                                                                 one_thread):
+    # two Ray workers of two CPU kinds, simulated: the recipe's fp32_size applies on every other trial's "CPU"
+    import covid_fastai.learner as L
+    kinds = iter([True, False])
+    monkeypatch.setattr(L, "fp32_cpu", lambda: next(kinds))
+    d = tune("effnet_lite0_head", trials=2, out=tmp_path, space={"lr": ("log", 1e-4, 1e-2)}, pruner="none",
+             final="none", data=str(tiny_data), size=32, fp32_size=24, **{**TINY, "epochs": 1})
+    df = pd.read_csv(d / "trials.csv")
+    assert sorted(df["size (px)"]) == [24, 32]
+    assert "**The trials trained at different input sizes (24, 32 px)**" in (d / "tune.md").read_text()
+
+
 def test_space_checks_and_recipe_space(tmp_path):
     rec = load_recipe("effnet_lite0_head")
     assert check_space(SPACE, rec)["size"] == ["choice", [32, 40]]
