@@ -176,9 +176,16 @@ def _read_cv(d: Path) -> tuple[dict, dict, pd.DataFrame]:
                                                                            keep_default_na=False)
 
 
-def _sizes(cv: dict) -> set:
-    "The input sizes a cv's folds trained at (none for a cv recorded before its folds said so)."
-    return {f["size (px)"] for f in cv.get("folds", []) if f.get("size (px)")}
+def _sizes(cv: dict, cv_dir: Path) -> set:
+    "The input sizes a cv's folds trained at: cv.json's, or each fold run's config.json (cv.json before session 22)."
+    sizes = set()
+    for f in cv.get("folds", []):
+        size = f.get("size (px)")
+        if not size and f.get("run"):
+            try: size = json.loads((cv_dir / f["run"] / "config.json").read_text())["recipe"]["size"]
+            except (OSError, ValueError, KeyError): size = None
+        if size: sizes.add(size)
+    return sizes
 
 
 def cv_label(manifest: dict) -> str:
@@ -332,7 +339,7 @@ def compare_cv(cv_dirs, out=None, ensemble: bool | tuple | str = False) -> Path:
                                  f"run both with the same --folds/--by and --fold_seed on the same data", path=d)
     names = [f"{i}: {cv_label(m)}" for i, (_, m, _, _) in enumerate(cvs)]
     pooled = [_pooled_predictions(d, m, t) for d, m, _, t in cvs]
-    sizes = [_sizes(c) for _, _, c, _ in cvs]
+    sizes = [_sizes(c, d) for d, _, c, _ in cvs]
     members = ensemble_members(ensemble, len(cvs))
     if members:
         sizes.append(set().union(*(sizes[i] for i in members)))

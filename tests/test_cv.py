@@ -261,6 +261,13 @@ def test_compare_puts_cvs_side_by_side_paired_by_fold_and_refuses_other_folds(cv
     assert "## Difference from the baseline, fold by fold" in md and "| a | " in md and (out / "cv_comparison.html").is_file()
     assert "## Within each source: ROC AUC difference from the baseline" in md
     assert [m["size (px)"] for m in got["means"]] == ["32", "32"]  # the size each cv's folds trained at
+    old = json.loads((b / "cv.json").read_text())  # a cv.json written before it gave sizes: from the fold runs
+    (b / "cv.json").write_text(json.dumps({**old, "folds": [{k: v for k, v in f.items() if k != "size (px)"}
+                                                            for f in old["folds"]]}))
+    main(["compare", str(a), str(b), "--out", str(tmp_path / "o2")])
+    (o2,) = (tmp_path / "o2" / "comparisons").iterdir()
+    assert [m["size (px)"] for m in json.loads((o2 / "cv_comparison.json").read_text())["means"]] == ["32", "32"]
+    (b / "cv.json").write_text(json.dumps(old))
     assert set(got["source_auc_differences"][label]) == {"a", "b"}  # c is infected only
     # --ensemble: one more row, the mean of the two cvs' probabilities, film by film, scored per fold
     main(["compare", str(a), str(b), "--ensemble", "--out", str(tmp_path / "e")])
