@@ -177,7 +177,7 @@ def _read_cv(d: Path) -> tuple[dict, dict, pd.DataFrame]:
 
 
 def _sizes(cv: dict, cv_dir: Path) -> set:
-    "The input sizes a cv's folds trained at: cv.json's, or each fold run's config.json (cv.json before session 22)."
+    "The input sizes a cv's folds trained at: cv.json's, or each fold run's config.json (an older cv.json has none)."
     sizes = set()
     for f in cv.get("folds", []):
         size = f.get("size (px)")
