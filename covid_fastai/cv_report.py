@@ -20,7 +20,7 @@ from .labels import relative_name
 from .metrics import _boot_auc, binary_metrics
 from .report import SYNTHETIC_BANNER, _md_table, md_to_html
 from .errors import Command, RecipeError, RunFolderError
-from .rundir import OUTPUTS, new_run_dir, run_status
+from .rundir import OUTPUTS, new_run_dir, run_status, trained_size
 from .files import write_atomic, write_json
 
 __all__ = ["METRICS", "mean_sd", "fold_predictions", "write_cv_summary", "compare_cv", "paired", "paired_auc_difference",
@@ -76,12 +76,12 @@ def fold_predictions(item: dict, table: pd.DataFrame) -> pd.DataFrame:
 def _fold_row(item: dict, cv_dir: Path) -> dict:
     d = Path(item["run_dir"])
     m = json.loads((d / "metrics.json").read_text())
-    size = json.loads((d / "config.json").read_text())["recipe"]["size"]  # fp32_size makes it the CPU's choice
     a = m["at_0.5"]
     f = item["fold"]
     return {"fold": item["tag"], "held out": f["held_out"], "n train": f["n_train"], "n held out": m["n"],
             "positives": a["n_positive"], **{METRICS[k]: (m if k == "accuracy" else a)[k] for k in METRICS},
-            "size (px)": size, "split scored": m["split"], "run": os.path.relpath(d, cv_dir)}  # runs/<recipe>/<ts>
+            "size (px)": trained_size(d),  # fp32_size makes it the CPU's choice
+            "split scored": m["split"], "run": os.path.relpath(d, cv_dir)}  # runs/<recipe>/<ts>
 
 
 def _source_rows(preds: list[pd.DataFrame]) -> list[dict]:
@@ -178,14 +178,8 @@ def _read_cv(d: Path) -> tuple[dict, dict, pd.DataFrame]:
 
 def _sizes(cv: dict, cv_dir: Path) -> set:
     "The input sizes a cv's folds trained at: cv.json's, or each fold run's config.json (an older cv.json has none)."
-    sizes = set()
-    for f in cv.get("folds", []):
-        size = f.get("size (px)")
-        if not size and f.get("run"):
-            try: size = json.loads((cv_dir / f["run"] / "config.json").read_text())["recipe"]["size"]
-            except (OSError, ValueError, KeyError): size = None
-        if size: sizes.add(size)
-    return sizes
+    return {f.get("size (px)") or (trained_size(cv_dir / f["run"]) if f.get("run") else None)
+            for f in cv.get("folds", [])} - {None}
 
 
 def cv_label(manifest: dict) -> str:

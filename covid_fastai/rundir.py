@@ -17,8 +17,8 @@ from .files import folder_lock, write_json
 from .fit import mom_trained_with
 from .recipes import Recipe, recipe_from_dict
 
-__all__ = ["OUTPUTS", "CHECKPOINT", "CONFIG", "RunDir", "new_run_dir", "run_status", "recipe_from_config", "open_unfinished",
-           "run_summary"]
+__all__ = ["OUTPUTS", "CHECKPOINT", "CONFIG", "RunDir", "new_run_dir", "run_status", "trained_size",
+           "recipe_from_config", "open_unfinished", "run_summary"]
 
 OUTPUTS = Path(os.environ.get("COVID_FASTAI_OUTPUTS", "outputs"))
 CHECKPOINT = "checkpoint.pt"  # written after every finished epoch, removed once the run is complete
@@ -61,6 +61,14 @@ def run_status(run_dir) -> str | None:
     cfg = Path(run_dir) / CONFIG if run_dir else None
     if cfg is None or not cfg.is_file(): return None
     return json.loads(cfg.read_text()).get("status")
+
+
+def trained_size(run_dir) -> int | None:
+    """The input size a run trained at (config.json's `recipe.size`: a recipe's `fp32_size` makes it the CPU's choice),
+    None if it never wrote a config."""
+    cfg = Path(run_dir) / CONFIG if run_dir else None
+    if cfg is None or not cfg.is_file(): return None
+    return int(json.loads(cfg.read_text())["recipe"]["size"])
 
 
 def open_unfinished(folder, manifest: str, what: str, example: str, summary) -> tuple[Path, dict]:

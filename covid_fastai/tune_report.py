@@ -10,6 +10,7 @@ import pandas as pd
 
 from .errors import Command
 from .report import SYNTHETIC_BANNER, write_html
+from .rundir import trained_size
 
 __all__ = ["trials_frame", "write_tune_report"]
 
@@ -18,12 +19,6 @@ def _rel(p, base: Path) -> str:
     if not p: return ""
     try: return str(Path(p).relative_to(base))
     except ValueError: return str(p)
-
-
-def _trained_size(run_dir) -> int | None:
-    "The input size a trial's run trained at (config.json: `fp32_size` makes it its CPU's choice); None: no config."
-    try: return int(json.loads((Path(run_dir) / "config.json").read_text())["recipe"]["size"])
-    except (TypeError, OSError, ValueError, KeyError): return None
 
 
 def trials_frame(study, tune_dir) -> pd.DataFrame:
@@ -36,7 +31,7 @@ def trials_frame(study, tune_dir) -> pd.DataFrame:
         rows.append({"trial": t.number, "state": t.state.name, **t.params, "value": t.value,
                      "epochs reported": len(steps),
                      "last epoch value": t.intermediate_values[steps[-1]] if steps else None,
-                     "size (px)": _trained_size(run_dir) if run_dir else None,
+                     "size (px)": trained_size(run_dir),
                      "run folder": _rel(run_dir, Path(tune_dir)),
                      "note": t.user_attrs.get("error", "")})
     return pd.DataFrame(rows)
